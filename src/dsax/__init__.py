@@ -1,0 +1,3 @@
+"""dsax: DeepSeek Sparse Attention research in JAX."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,278 @@
+"""Typed, frozen configuration and strict dotted overrides.
+
+Configs are frozen dataclasses grouped by concern. ``override(cfg, {"a.b": "3"})``
+returns a new config; an unknown key, a value of the wrong type, or an impossible
+value raises ``ConfigError`` naming the key. Tuples of dataclasses that carry a
+``name`` field (the phases of a run) are addressed by that name or by index:
+``phases.warmup.steps=200`` or ``phases.1.steps=200``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from typing import Any
+
+
+class ConfigError(ValueError):
+  """A configuration key or value is invalid; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """YaRN context extension, as in DeepSeek-V3's inference code.
+
+  Applied only when ``enabled``: frequencies below the correction range are
+  divided by ``factor`` and the softmax scale is multiplied by ``mscale**2`` with
+  ``mscale = 0.1 * mscale_all_dim_coeff * ln(factor) + 1``.
+  """
+  enabled: bool = False
+  factor: float = 40.0
+  original_max_position: int = 4096
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  mscale: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexerConfig:
+  """Lightning indexer and top-k selection (DeepSeek-V3.2)."""
+  n_heads: int = 4           # I
+  head_dim: int = 32         # J
+  rope_dim: int = 16         # R_I: first R_I dims of q_I/k_I, half-split RoPE
+  topk: int = 64             # k
+  hadamard: bool = False     # rotate q_I/k_I by a normalised Hadamard matrix
+  fp8: bool = False          # simulate e4m3 quantisation, one scale per 128-vector
+  q_chunk: int = 256         # queries per chunk in scores/top-k/sparse attention
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A decoder-only MLA transformer with an optional lightning indexer."""
+  vocab_size: int = 256
+  d_model: int = 64          # D
+  n_layers: int = 2          # L
+  n_heads: int = 4           # N
+  q_lora_rank: int = 32      # Q; 0 = direct query projection (DeepSeek-V2-Lite)
+  kv_lora_rank: int = 32     # C
+  qk_nope_head_dim: int = 16 # H
+  qk_rope_head_dim: int = 8  # R
+  v_head_dim: int = 16       # E
+  d_ff: int = 128            # F
+  tie_embeddings: bool = False
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling = RopeScaling()
+  norm_eps: float = 1e-6
+  init_std: float = 0.02
+  param_dtype: str = "float32"    # "bfloat16" on accelerators
+  compute_dtype: str = "float32"  # matmul inputs; softmax and norms are f32
+  attn_q_chunk: int = 512         # queries per chunk in dense attention
+  remat: bool = False             # rematerialise each layer in the backward
+  indexer: IndexerConfig = IndexerConfig()
+
+  @property
+  def qk_head_dim(self) -> int:
+    return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+def _check_model(cfg: ModelConfig) -> None:
+  positive = ["vocab_size", "d_model", "n_layers", "n_heads", "kv_lora_rank",
+              "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "d_ff",
+              "attn_q_chunk"]
+  for name in positive:
+    if getattr(cfg, name) <= 0:
+      raise ConfigError(f"model.{name} must be > 0, got {getattr(cfg, name)}")
+  if cfg.q_lora_rank < 0:
+    raise ConfigError(f"model.q_lora_rank must be >= 0, got {cfg.q_lora_rank}")
+  if cfg.qk_rope_head_dim % 2:
+    raise ConfigError(
+        f"model.qk_rope_head_dim must be even, got {cfg.qk_rope_head_dim}")
+  for name in ("param_dtype", "compute_dtype"):
+    if getattr(cfg, name) not in ("float32", "bfloat16"):
+      raise ConfigError(f"model.{name} must be float32 or bfloat16, "
+                        f"got {getattr(cfg, name)!r}")
+  ix = cfg.indexer
+  for name in ("n_heads", "head_dim", "topk", "q_chunk"):
+    if getattr(ix, name) <= 0:
+      raise ConfigError(
+          f"model.indexer.{name} must be > 0, got {getattr(ix, name)}")
+  if ix.rope_dim % 2 or not 0 <= ix.rope_dim <= ix.head_dim:
+    raise ConfigError(f"model.indexer.rope_dim must be even and <= head_dim "
+                      f"({ix.head_dim}), got {ix.rope_dim}")
+  if ix.hadamard and ix.head_dim & (ix.head_dim - 1):
+    raise ConfigError(f"model.indexer.hadamard needs a power-of-two head_dim, "
+                      f"got {ix.head_dim}")
+  rs = cfg.rope_scaling
+  if rs.enabled and rs.factor <= 1.0:
+    raise ConfigError(
+        f"model.rope_scaling.factor must be > 1 when enabled, got {rs.factor}")
+
+
+def validate(cfg: Any) -> Any:
+  """Checks values that types cannot express; returns cfg unchanged."""
+  model = cfg if isinstance(cfg, ModelConfig) else getattr(cfg, "model", None)
+  if isinstance(model, ModelConfig):
+    _check_model(model)
+  check = getattr(cfg, "check", None)
+  if callable(check):
+    check()
+  return cfg
+
+
+# ----------------------------------------------------------------- overrides
+
+
+def _parse(value: Any, typ: Any, key: str) -> Any:
+  """Parses a command-line string (or passes a Python value) into ``typ``."""
+  origin = typing.get_origin(typ)
+  if origin is typing.Union:
+    args = [a for a in typing.get_args(typ) if a is not type(None)]
+    if value is None or (isinstance(value, str) and value.lower() == "none"):
+      return None
+    return _parse(value, args[0], key)
+  if typ is bool:
+    if isinstance(value, bool):
+      return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
+      return True
+    if isinstance(value, str) and value.lower() in ("false", "0", "no"):
+      return False
+    raise ConfigError(f"{key}: expected a bool, got {value!r}")
+  if typ is int:
+    if isinstance(value, bool):
+      raise ConfigError(f"{key}: expected an int, got {value!r}")
+    if isinstance(value, int):
+      return value
+    try:
+      return int(str(value).replace("_", ""))
+    except ValueError:
+      raise ConfigError(f"{key}: expected an int, got {value!r}") from None
+  if typ is float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    try:
+      return float(value)
+    except ValueError:
+      raise ConfigError(f"{key}: expected a float, got {value!r}") from None
+  if typ is str:
+    if not isinstance(value, str):
+      raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+  if origin is tuple:
+    if isinstance(value, str):
+      value = [v for v in value.split(",") if v.strip()]
+    args = typing.get_args(typ)
+    elem = args[0] if args else str
+    return tuple(_parse(v.strip() if isinstance(v, str) else v, elem, key)
+                 for v in value)
+  raise ConfigError(f"{key}: cannot override a field of type {typ}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+  return typing.get_type_hints(cls)
+
+
+def _set(obj: Any, parts: list[str], value: Any, full: str) -> Any:
+  if isinstance(obj, tuple):
+    head = parts[0]
+    index = None
+    if head.isdigit():
+      index = int(head)
+    else:
+      for i, item in enumerate(obj):
+        if getattr(item, "name", None) == head:
+          index = i
+    if index is None or index >= len(obj):
+      names = [getattr(o, "name", str(i)) for i, o in enumerate(obj)]
+      raise ConfigError(f"unknown key {full!r}: no entry {head!r} in {names}")
+    if len(parts) == 1:
+      raise ConfigError(f"{full}: cannot replace a whole entry")
+    items = list(obj)
+    items[index] = _set(items[index], parts[1:], value, full)
+    return tuple(items)
+  if not dataclasses.is_dataclass(obj):
+    raise ConfigError(f"unknown key {full!r}")
+  head = parts[0]
+  types = _field_types(type(obj))
+  if head not in types:
+    known = ", ".join(sorted(types))
+    raise ConfigError(f"unknown key {full!r} ({head!r} is not one of: {known})")
+  current = getattr(obj, head)
+  if len(parts) == 1:
+    if dataclasses.is_dataclass(current):
+      raise ConfigError(f"{full}: is a group; set one of its fields")
+    new = _parse(value, types[head], full)
+  else:
+    new = _set(current, parts[1:], value, full)
+  return dataclasses.replace(obj, **{head: new})
+
+
+def override(cfg: Any, overrides: dict[str, Any] | list[str] | None) -> Any:
+  """Applies dotted overrides (a dict, or ``["a.b=v", ...]``) and validates."""
+  if not overrides:
+    return validate(cfg)
+  if isinstance(overrides, (list, tuple)):
+    pairs = {}
+    for item in overrides:
+      if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value")
+      k, v = item.split("=", 1)
+      pairs[k.strip()] = v
+    overrides = pairs
+  for key, value in overrides.items():
+    cfg = _set(cfg, key.split("."), value, key)
+  return validate(cfg)
+
+
+def to_dict(cfg: Any) -> Any:
+  """A JSON-ready view of a config (nested dicts and lists)."""
+  if dataclasses.is_dataclass(cfg):
+    return {f.name: to_dict(getattr(cfg, f.name))
+            for f in dataclasses.fields(cfg)}
+  if isinstance(cfg, (list, tuple)):
+    return [to_dict(v) for v in cfg]
+  return cfg
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+  """Inverse of ``to_dict`` for a dataclass type; unknown keys are errors."""
+  types = _field_types(cls)
+  kwargs = {}
+  for key, value in data.items():
+    if key not in types:
+      raise ConfigError(f"unknown key {key!r} for {cls.__name__}")
+    typ = types[key]
+    if dataclasses.is_dataclass(typ):
+      kwargs[key] = from_dict(typ, value)
+    elif typing.get_origin(typ) is tuple:
+      elem = typing.get_args(typ)[0]
+      kwargs[key] = tuple(from_dict(elem, v) if dataclasses.is_dataclass(elem)
+                          else v for v in value)
+    else:
+      kwargs[key] = value
+  return cls(**kwargs)
+
+
+def dumps(cfg: Any) -> str:
+  return json.dumps(to_dict(cfg), indent=2, sort_keys=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Training and held-out text, tokenised and packed (see dsax.data)."""
+  source: str = "stdlib"          # "stdlib" | "files" | "hf"
+  paths: tuple[str, ...] = ()     # globs of .txt/.jsonl files for "files"
+  text_field: str = "text"        # JSONL / HF field holding the text
+  hf_name: str = ""               # a cached Hugging Face dataset for "hf"
+  hf_split: str = "train"
+  tokenizer: str = "bytes"        # "bytes" | "bpe"
+  bpe_vocab_size: int = 4096
+  seq_len: int = 1024             # tokens per packed sequence
+  batch_size: int = 8
+  val_fraction: float = 0.05      # share of documents held out
+  max_docs: int = 0               # 0: every document
+  seed: int = 0
+  retrieval_rate: float = 0.0     # share of sequences that are synthetic tasks
+  retrieval_tasks: tuple[str, ...] = ("passkey", "mqar")
+  cache_dir: str = ""             # tokenizer cache; "" = <workdir>/cache

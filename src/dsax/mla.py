@@ -1,0 +1,181 @@
+"""Multi-head latent attention (DeepSeek-V2/V3), pure functions.
+
+Projections (per token, x in R^D):
+  c_q   = RMSNorm(x W_qa)                         (rank Q; or q = x W_q if Q = 0)
+  q     = c_q W_qb = [q_nope (H) ; q_rope (R)] per head, RoPE (interleaved) on q_rope
+  [c_kv ; k_rope] = x W_kva,  c_kv <- RMSNorm(c_kv),  k_rope <- RoPE(k_rope)
+  [k_nope ; v] = c_kv W_kvb per head (H + E)
+
+Expanded ("MHA") form, used for training and prefill:
+  s[n,t,s] = (q_nope . k_nope + q_rope . k_rope) * scale, o = softmax(s) v
+Absorbed ("MQA") form, used for decode and sparse attention:
+  q_abs[n] = q_nope[n] W_kvb[:, n, :H]^T   (in R^C)
+  s[n,t,s] = (q_abs . c_kv + q_rope . k_rope) * scale
+  o[n] = (softmax(s) c_kv) W_kvb[:, n, H:]
+The two are equal; only [c_kv ; k_rope] (C + R per token) is cached.
+scale = (H + R)**-0.5 * mscale**2 in both forms.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from dsax import rope
+from dsax.config import ModelConfig
+
+NEG_INF = -1e30
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def softmax_scale(cfg: ModelConfig) -> float:
+  return cfg.qk_head_dim ** -0.5 * rope.softmax_mscale(cfg.rope_scaling)
+
+
+def mla_angles(positions_BT: jax.Array, cfg: ModelConfig) -> jax.Array:
+  inv = rope.inv_frequencies(cfg.qk_rope_head_dim, cfg.rope_theta,
+                             cfg.rope_scaling)
+  return rope.angles(positions_BT, inv)
+
+
+def project_q(p: dict[str, Any], x_BTD: jax.Array, ang_BTR: jax.Array,
+              cfg: ModelConfig):
+  """Returns (q_nope_BTNH, q_rope_BTNR, cq_BTQ); cq is the normalised q-latent
+  (None without one) that the indexer reads."""
+  cdt = jnp.dtype(cfg.compute_dtype)
+  x = x_BTD.astype(cdt)
+  if cfg.q_lora_rank:
+    cq_BTQ = rms_norm(x @ p["wq_a"].astype(cdt), p["q_norm"], cfg.norm_eps)
+    q_BTNK = jnp.einsum("btq,qnk->btnk", cq_BTQ, p["wq_b"].astype(cdt))
+  else:
+    cq_BTQ = None
+    q_BTNK = jnp.einsum("btd,dnk->btnk", x, p["wq"].astype(cdt))
+  q_nope = q_BTNK[..., :cfg.qk_nope_head_dim]
+  q_rope = rope.apply_interleaved(q_BTNK[..., cfg.qk_nope_head_dim:], ang_BTR)
+  return q_nope, q_rope, cq_BTQ
+
+
+def project_kv(p: dict[str, Any], x_BTD: jax.Array, ang_BTR: jax.Array,
+               cfg: ModelConfig):
+  """Returns (kv_BSC, k_rope_BSR): exactly what the latent cache holds."""
+  cdt = jnp.dtype(cfg.compute_dtype)
+  kva = x_BTD.astype(cdt) @ p["wkv_a"].astype(cdt)
+  kv_BSC = rms_norm(kva[..., :cfg.kv_lora_rank], p["kv_norm"], cfg.norm_eps)
+  k_rope_BSR = rope.apply_interleaved(kva[..., cfg.kv_lora_rank:], ang_BTR)
+  return kv_BSC, k_rope_BSR
+
+
+def attention_mask(q_index_T: jax.Array, k_index_S: jax.Array,
+                   q_seg_BT: jax.Array | None,
+                   k_seg_BS: jax.Array | None) -> jax.Array:
+  """[B or 1, T, S] bool: causal by index, and same segment when given."""
+  mask = (k_index_S[None, :] <= q_index_T[:, None])[None]
+  if q_seg_BT is not None:
+    mask = mask & (q_seg_BT[:, :, None] == k_seg_BS[:, None, :])
+  return mask
+
+
+def map_query_chunks(fn: Callable[..., Any], chunk: int, *xs_BT: jax.Array,
+                     remat: bool = True) -> Any:
+  """Applies ``fn(start, *x_chunks)`` to consecutive query chunks of size
+  ``chunk`` and stitches the outputs back along T.
+
+  Each x has leading axes [B, T]; each output leaf has leading [B, chunk]. T is
+  padded to a multiple of ``chunk`` (padded rows are computed and dropped).
+  With ``remat`` the chunk is recomputed in the backward, so nothing of size
+  T x S x (heads) is kept for the gradient.
+  """
+  b, t = xs_BT[0].shape[:2]
+  if t <= chunk:
+    return fn(jnp.int32(0), *xs_BT)
+  n = -(-t // chunk)
+  pad = n * chunk - t
+
+  def split(x):
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape((b, n, chunk) + x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+  body = jax.checkpoint(fn) if remat else fn
+  starts = jnp.arange(n, dtype=jnp.int32) * chunk
+  out = jax.lax.map(lambda a: body(a[0], *a[1:]),
+                    (starts,) + tuple(split(x) for x in xs_BT))
+
+  def join(y):
+    y = jnp.moveaxis(y, 0, 1)
+    return y.reshape((b, n * chunk) + y.shape[3:])[:, :t]
+
+  return jax.tree.map(join, out)
+
+
+def dense_attention(q_nope_BTNH: jax.Array, q_rope_BTNR: jax.Array,
+                    kv_BSC: jax.Array, k_rope_BSR: jax.Array,
+                    wkv_b_CNK: jax.Array, cfg: ModelConfig,
+                    segment_ids_BT: jax.Array | None = None) -> jax.Array:
+  """Causal expanded-form MLA over query chunks. Returns o_BTNE."""
+  cdt = jnp.dtype(cfg.compute_dtype)
+  h = cfg.qk_nope_head_dim
+  kvb = jnp.einsum("bsc,cnk->bsnk", kv_BSC.astype(cdt), wkv_b_CNK.astype(cdt))
+  k_nope_BSNH, v_BSNE = kvb[..., :h], kvb[..., h:]
+  scale = softmax_scale(cfg)
+  s_len = kv_BSC.shape[1]
+  k_index = jnp.arange(s_len)
+  seg_q = segment_ids_BT
+  args = (q_nope_BTNH, q_rope_BTNR) + ((seg_q,) if seg_q is not None else ())
+
+  def chunk_fn(start, qn, qr, *seg):
+    tq = qn.shape[1]
+    s = (jnp.einsum("btnh,bsnh->bnts", qn, k_nope_BSNH,
+                    preferred_element_type=jnp.float32)
+         + jnp.einsum("btnr,bsr->bnts", qr, k_rope_BSR.astype(cdt),
+                      preferred_element_type=jnp.float32)) * scale
+    mask = attention_mask(start + jnp.arange(tq), k_index,
+                          seg[0] if seg else None,
+                          segment_ids_BT if seg else None)
+    s = jnp.where(mask[:, None], s, NEG_INF)
+    prob = jax.nn.softmax(s, axis=-1)
+    return jnp.einsum("bnts,bsne->btne", prob.astype(cdt), v_BSNE)
+
+  return map_query_chunks(chunk_fn, cfg.attn_q_chunk, *args)
+
+
+def absorb_query(q_nope_BTNH: jax.Array, wkv_b_CNK: jax.Array,
+                 cfg: ModelConfig) -> jax.Array:
+  """q_abs[n] = q_nope[n] W_kvb[:, n, :H]^T, shape [B,T,N,C]."""
+  w = wkv_b_CNK[..., :cfg.qk_nope_head_dim].astype(q_nope_BTNH.dtype)
+  return jnp.einsum("btnh,cnh->btnc", q_nope_BTNH, w)
+
+
+def expand_output(o_BTNC: jax.Array, wkv_b_CNK: jax.Array,
+                  cfg: ModelConfig) -> jax.Array:
+  """o[n] = o_latent[n] W_kvb[:, n, H:], shape [B,T,N,E]."""
+  w = wkv_b_CNK[..., cfg.qk_nope_head_dim:].astype(o_BTNC.dtype)
+  return jnp.einsum("btnc,cne->btne", o_BTNC, w)
+
+
+def absorbed_attention(q_nope_BTNH: jax.Array, q_rope_BTNR: jax.Array,
+                       kv_BSC: jax.Array, k_rope_BSR: jax.Array,
+                       wkv_b_CNK: jax.Array, mask_BTS: jax.Array,
+                       cfg: ModelConfig) -> jax.Array:
+  """MQA-form attention against latent rows (the decode path). o_BTNE."""
+  cdt = jnp.dtype(cfg.compute_dtype)
+  q_abs = absorb_query(q_nope_BTNH, wkv_b_CNK, cfg)
+  s = (jnp.einsum("btnc,bsc->bnts", q_abs, kv_BSC.astype(cdt),
+                  preferred_element_type=jnp.float32)
+       + jnp.einsum("btnr,bsr->bnts", q_rope_BTNR, k_rope_BSR.astype(cdt),
+                    preferred_element_type=jnp.float32)) * softmax_scale(cfg)
+  s = jnp.where(mask_BTS[:, None], s, NEG_INF)
+  prob = jax.nn.softmax(s, axis=-1)
+  o_BTNC = jnp.einsum("bnts,bsc->btnc", prob.astype(cdt), kv_BSC.astype(cdt))
+  return expand_output(o_BTNC, wkv_b_CNK, cfg)
+
+
+def output_projection(o_BTNE: jax.Array, wo_NED: jax.Array) -> jax.Array:
+  return jnp.einsum("btne,ned->btd", o_BTNE, wo_NED.astype(o_BTNE.dtype))

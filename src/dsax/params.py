@@ -1,0 +1,172 @@
+"""Each parameter declared once: shape, dtype, logical axes, initialiser.
+
+``param_specs(cfg)`` returns a nested dict of ``ParamSpec``; ``init_params``
+turns it into arrays; ``logical_axes`` gives the matching tree of axis names that
+the sharding table (one place, ``dsax.sharding``) maps to mesh axes.
+
+Per-layer parameters are stacked on a leading ``layers`` axis and the forward
+scans over it. Logical axis names:
+
+  layers vocab embed mlp q_lora kv_lora kv_rope heads qk_dim v_dim norm
+  idx_heads idx_dim
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsax.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  init: str = "normal"       # "normal" | "ones" | "zeros"
+  std: float = 0.02
+  dtype: str | None = None   # None: the model's param_dtype
+
+  def __post_init__(self):
+    assert len(self.shape) == len(self.axes), (self.shape, self.axes)
+
+
+def _stack(layer: dict[str, Any], n_layers: int) -> dict[str, Any]:
+  out = {}
+  for k, v in layer.items():
+    if isinstance(v, dict):
+      out[k] = _stack(v, n_layers)
+    else:
+      out[k] = dataclasses.replace(
+          v, shape=(n_layers,) + v.shape, axes=("layers",) + v.axes)
+  return out
+
+
+def indexer_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
+  """Lightning indexer of one layer (DeepSeek-V3.2 names)."""
+  d, ix, std = cfg.d_model, cfg.indexer, cfg.init_std
+  q_in = cfg.q_lora_rank or d
+  q_axis = "q_lora" if cfg.q_lora_rank else "embed"
+  return {
+      "wq_b": ParamSpec((q_in, ix.n_heads, ix.head_dim),
+                        (q_axis, "idx_heads", "idx_dim"), std=std),
+      "wk": ParamSpec((d, ix.head_dim), ("embed", "idx_dim"), std=std),
+      "k_norm_scale": ParamSpec((ix.head_dim,), ("norm",), "ones"),
+      "k_norm_bias": ParamSpec((ix.head_dim,), ("norm",), "zeros"),
+      # weights_proj runs in f32 whatever the param dtype.
+      "weights_proj": ParamSpec((d, ix.n_heads), ("embed", "idx_heads"),
+                                std=std, dtype="float32"),
+  }
+
+
+def param_specs(cfg: ModelConfig) -> dict[str, Any]:
+  d, n, std = cfg.d_model, cfg.n_heads, cfg.init_std
+  out_std = std / math.sqrt(2 * cfg.n_layers)
+  attn: dict[str, ParamSpec] = {}
+  if cfg.q_lora_rank:
+    attn["wq_a"] = ParamSpec((d, cfg.q_lora_rank), ("embed", "q_lora"), std=std)
+    attn["q_norm"] = ParamSpec((cfg.q_lora_rank,), ("norm",), "ones")
+    attn["wq_b"] = ParamSpec((cfg.q_lora_rank, n, cfg.qk_head_dim),
+                             ("q_lora", "heads", "qk_dim"), std=std)
+  else:
+    attn["wq"] = ParamSpec((d, n, cfg.qk_head_dim),
+                           ("embed", "heads", "qk_dim"), std=std)
+  attn["wkv_a"] = ParamSpec((d, cfg.kv_lora_rank + cfg.qk_rope_head_dim),
+                            ("embed", "kv_rope"), std=std)
+  attn["kv_norm"] = ParamSpec((cfg.kv_lora_rank,), ("norm",), "ones")
+  attn["wkv_b"] = ParamSpec(
+      (cfg.kv_lora_rank, n, cfg.qk_nope_head_dim + cfg.v_head_dim),
+      ("kv_lora", "heads", "qk_dim"), std=std)
+  attn["wo"] = ParamSpec((n, cfg.v_head_dim, d), ("heads", "v_dim", "embed"),
+                         std=out_std)
+  layer = {
+      "attn_norm": ParamSpec((d,), ("norm",), "ones"),
+      "attn": attn,
+      "indexer": indexer_specs(cfg),
+      "mlp_norm": ParamSpec((d,), ("norm",), "ones"),
+      "mlp": {
+          "w_gate": ParamSpec((d, cfg.d_ff), ("embed", "mlp"), std=std),
+          "w_up": ParamSpec((d, cfg.d_ff), ("embed", "mlp"), std=std),
+          "w_down": ParamSpec((cfg.d_ff, d), ("mlp", "embed"), std=out_std),
+      },
+  }
+  specs: dict[str, Any] = {
+      "embed": ParamSpec((cfg.vocab_size, d), ("vocab", "embed"), std=1.0),
+      "layers": _stack(layer, cfg.n_layers),
+      "final_norm": ParamSpec((d,), ("norm",), "ones"),
+  }
+  if not cfg.tie_embeddings:
+    specs["head"] = ParamSpec((d, cfg.vocab_size), ("embed", "vocab"), std=std)
+  return specs
+
+
+def _is_spec(x: Any) -> bool:
+  return isinstance(x, ParamSpec)
+
+
+def _init_one(spec: ParamSpec, key: jax.Array, default_dtype: str) -> jax.Array:
+  dtype = jnp.dtype(spec.dtype or default_dtype)
+  if spec.init == "ones":
+    return jnp.ones(spec.shape, dtype)
+  if spec.init == "zeros":
+    return jnp.zeros(spec.shape, dtype)
+  x = jax.random.normal(key, spec.shape, jnp.float32) * spec.std
+  return x.astype(dtype)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> dict[str, Any]:
+  """Deterministic for a key: each leaf's key is the key folded with its index
+  in the (sorted-path) flatten order of the spec tree."""
+  specs = param_specs(cfg)
+  leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+  arrays = [_init_one(s, jax.random.fold_in(key, i), cfg.param_dtype)
+            for i, s in enumerate(leaves)]
+  return jax.tree.unflatten(treedef, arrays)
+
+
+def logical_axes(cfg: ModelConfig) -> dict[str, Any]:
+  return jax.tree.map(lambda s: s.axes, param_specs(cfg), is_leaf=_is_spec)
+
+
+def abstract_params(cfg: ModelConfig) -> dict[str, Any]:
+  return jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype or
+                                                        cfg.param_dtype)),
+      param_specs(cfg), is_leaf=_is_spec)
+
+
+def count_tree(params: Any) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def param_count(cfg: ModelConfig) -> int:
+  """Closed-form parameter count from the config (independent of the specs)."""
+  d, n, L = cfg.d_model, cfg.n_heads, cfg.n_layers
+  h, r, e = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+  q, c, f = cfg.q_lora_rank, cfg.kv_lora_rank, cfg.d_ff
+  ix = cfg.indexer
+  if q:
+    q_params = d * q + q + q * n * (h + r)
+  else:
+    q_params = d * n * (h + r)
+  kv_params = d * (c + r) + c + c * n * (h + e)
+  attn = q_params + kv_params + n * e * d
+  indexer = (q or d) * ix.n_heads * ix.head_dim + d * ix.head_dim \
+      + 2 * ix.head_dim + d * ix.n_heads
+  mlp = 3 * d * f
+  per_layer = attn + indexer + mlp + 2 * d
+  head = 0 if cfg.tie_embeddings else d * cfg.vocab_size
+  return cfg.vocab_size * d + L * per_layer + d + head
+
+
+def trainable_mask(params: Any, predicate: Callable[[str], bool]) -> Any:
+  """A bool tree: ``predicate('layers/attn/wq_a')`` per leaf path."""
+  def path_str(path):
+    return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: predicate(path_str(p)), params)
