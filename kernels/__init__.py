@@ -1,5 +1,45 @@
 """Pallas kernels for dsax, installed as ``dsax.kernels``.
 
-Each op has a kernel file and a jnp reference with the same signature; kernels
-import nothing from the rest of dsax.
+Each op has a jnp reference (``reference.py``) and a kernel with the same
+signature; the public wrappers here take ``impl``:
+  "reference" the jnp reference;  "pallas" the kernel;
+  "auto"      the kernel on GPU/TPU, the reference on CPU.
+Kernels import nothing from the rest of dsax.
 """
+
+from __future__ import annotations
+
+import jax
+
+from dsax.kernels import reference
+
+IMPLS = ("reference", "pallas", "auto")
+
+
+def resolve_impl(impl: str) -> str:
+  if impl not in IMPLS:
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+  if impl == "auto":
+    return "reference" if jax.default_backend() == "cpu" else "pallas"
+  return impl
+
+
+def sparse_mla(q_BTND, kv_BSD, idx_BTK, valid_BTK, scale, v_dim, *,
+               q_chunk=256, impl="auto"):
+  """Top-k sparse MLA (MQA form). Returns (o_BTNV, lse_BTN)."""
+  if resolve_impl(impl) == "pallas":
+    from dsax.kernels import sparse_mla as kernel
+    return kernel.sparse_mla(q_BTND, kv_BSD, idx_BTK, valid_BTK, scale, v_dim)
+  return reference.sparse_mla_reference(q_BTND, kv_BSD, idx_BTK, valid_BTK,
+                                        scale, v_dim, q_chunk)
+
+
+def indexer_topk(q_BTIJ, k_BSJ, w_BTI, topk, segment_ids_BT=None, *,
+                 q_chunk=256, impl="auto"):
+  """Causal, in-segment top-k of the lightning-indexer scores.
+  Returns (idx_BTK int32, valid_BTK bool)."""
+  if resolve_impl(impl) == "pallas":
+    from dsax.kernels import indexer as kernel
+    return kernel.indexer_topk(q_BTIJ, k_BSJ, w_BTI, topk, segment_ids_BT)
+  return reference.indexer_topk_reference(q_BTIJ, k_BSJ, w_BTI, topk,
+                                          segment_ids_BT, q_chunk)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from dsax import rope
 from dsax.config import ModelConfig
+from dsax.kernels.query_chunks import causal_segment_mask, map_query_chunks
 
 NEG_INF = -1e30
 
@@ -72,78 +73,45 @@ def project_kv(p: dict[str, Any], x_BTD: jax.Array, ang_BTR: jax.Array,
   return kv_BSC, k_rope_BSR
 
 
-def attention_mask(q_index_T: jax.Array, k_index_S: jax.Array,
-                   q_seg_BT: jax.Array | None,
-                   k_seg_BS: jax.Array | None) -> jax.Array:
-  """[B or 1, T, S] bool: causal by index, and same segment when given."""
-  mask = (k_index_S[None, :] <= q_index_T[:, None])[None]
-  if q_seg_BT is not None:
-    mask = mask & (q_seg_BT[:, :, None] == k_seg_BS[:, None, :])
-  return mask
-
-
-def map_query_chunks(fn: Callable[..., Any], chunk: int, *xs_BT: jax.Array,
-                     remat: bool = True) -> Any:
-  """Applies ``fn(start, *x_chunks)`` to consecutive query chunks of size
-  ``chunk`` and stitches the outputs back along T.
-
-  Each x has leading axes [B, T]; each output leaf has leading [B, chunk]. T is
-  padded to a multiple of ``chunk`` (padded rows are computed and dropped).
-  With ``remat`` the chunk is recomputed in the backward, so nothing of size
-  T x S x (heads) is kept for the gradient.
-  """
-  b, t = xs_BT[0].shape[:2]
-  if t <= chunk:
-    return fn(jnp.int32(0), *xs_BT)
-  n = -(-t // chunk)
-  pad = n * chunk - t
-
-  def split(x):
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    x = x.reshape((b, n, chunk) + x.shape[2:])
-    return jnp.moveaxis(x, 1, 0)
-
-  body = jax.checkpoint(fn) if remat else fn
-  starts = jnp.arange(n, dtype=jnp.int32) * chunk
-  out = jax.lax.map(lambda a: body(a[0], *a[1:]),
-                    (starts,) + tuple(split(x) for x in xs_BT))
-
-  def join(y):
-    y = jnp.moveaxis(y, 0, 1)
-    return y.reshape((b, n * chunk) + y.shape[3:])[:, :t]
-
-  return jax.tree.map(join, out)
-
-
 def dense_attention(q_nope_BTNH: jax.Array, q_rope_BTNR: jax.Array,
                     kv_BSC: jax.Array, k_rope_BSR: jax.Array,
                     wkv_b_CNK: jax.Array, cfg: ModelConfig,
-                    segment_ids_BT: jax.Array | None = None) -> jax.Array:
-  """Causal expanded-form MLA over query chunks. Returns o_BTNE."""
+                    segment_ids_BT: jax.Array | None = None,
+                    probe: Callable[..., Any] | None = None,
+                    probe_args: tuple[jax.Array, ...] = ()):
+  """Causal expanded-form MLA over query chunks. Returns o_BTNE.
+
+  ``probe(start, prob_BNTS, mask_BTS, *probe_arg_chunks)`` sees each chunk's
+  attention probabilities (the DSA warm-up target is computed there, so the
+  scores are formed once) and returns a tree of [B, chunk, ...] arrays; with
+  a probe the result is ``(o_BTNE, probe_out)``.
+  """
   cdt = jnp.dtype(cfg.compute_dtype)
   h = cfg.qk_nope_head_dim
   kvb = jnp.einsum("bsc,cnk->bsnk", kv_BSC.astype(cdt), wkv_b_CNK.astype(cdt))
   k_nope_BSNH, v_BSNE = kvb[..., :h], kvb[..., h:]
   scale = softmax_scale(cfg)
-  s_len = kv_BSC.shape[1]
+  b, s_len = kv_BSC.shape[:2]
   k_index = jnp.arange(s_len)
-  seg_q = segment_ids_BT
-  args = (q_nope_BTNH, q_rope_BTNR) + ((seg_q,) if seg_q is not None else ())
+  seg_BT = (jnp.zeros((b, s_len), jnp.int32) if segment_ids_BT is None
+            else segment_ids_BT)
 
-  def chunk_fn(start, qn, qr, *seg):
+  def chunk_fn(start, qn, qr, seg, *pargs):
     tq = qn.shape[1]
     s = (jnp.einsum("btnh,bsnh->bnts", qn, k_nope_BSNH,
                     preferred_element_type=jnp.float32)
          + jnp.einsum("btnr,bsr->bnts", qr, k_rope_BSR.astype(cdt),
                       preferred_element_type=jnp.float32)) * scale
-    mask = attention_mask(start + jnp.arange(tq), k_index,
-                          seg[0] if seg else None,
-                          segment_ids_BT if seg else None)
+    mask = causal_segment_mask(start + jnp.arange(tq), k_index, seg, seg_BT)
     s = jnp.where(mask[:, None], s, NEG_INF)
     prob = jax.nn.softmax(s, axis=-1)
-    return jnp.einsum("bnts,bsne->btne", prob.astype(cdt), v_BSNE)
+    o = jnp.einsum("bnts,bsne->btne", prob.astype(cdt), v_BSNE)
+    if probe is None:
+      return o
+    return o, probe(start, prob, mask, *pargs)
 
-  return map_query_chunks(chunk_fn, cfg.attn_q_chunk, *args)
+  return map_query_chunks(chunk_fn, cfg.attn_q_chunk, q_nope_BTNH,
+                          q_rope_BTNR, seg_BT, *probe_args)
 
 
 def absorb_query(q_nope_BTNH: jax.Array, wkv_b_CNK: jax.Array,
