@@ -1,0 +1,28 @@
+"""Shared test setup: CPU, f32, the tiny model."""
+
+import dataclasses
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from configs.tiny import model_config  # noqa: E402
+from dsax import params as P  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+  return model_config()
+
+
+def tiny(**kw):
+  """The tiny config with field overrides (nested groups via dataclasses)."""
+  return dataclasses.replace(model_config(), **kw)
+
+
+def init(cfg, seed=0):
+  return P.init_params(cfg, jax.random.PRNGKey(seed))
