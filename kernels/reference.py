@@ -64,6 +64,9 @@ def indexer_topk_reference(q_BTIJ: jax.Array, k_BSJ: jax.Array,
   only min(K, #visible keys) entries are valid; invalid entries point at t
   itself (a visible key), so a gather with them is always safe.
   """
+  # Selection is not differentiable; without this the backward would keep
+  # each chunk's [chunk, S] scores as residuals.
+  q_BTIJ, k_BSJ, w_BTI = jax.lax.stop_gradient((q_BTIJ, k_BSJ, w_BTI))
   b, s_len = k_BSJ.shape[:2]
   kk = min(topk, s_len)
   seg_BS = (jnp.zeros((b, s_len), jnp.int32) if segment_ids_BT is None
@@ -83,5 +86,4 @@ def indexer_topk_reference(q_BTIJ: jax.Array, k_BSJ: jax.Array,
     idx = jnp.where(valid, idx, q_index[None, :, None])
     return idx.astype(jnp.int32), valid
 
-  return map_query_chunks(chunk_fn, q_chunk, q_BTIJ, w_BTI, seg_BS,
-                          remat=False)
+  return map_query_chunks(chunk_fn, q_chunk, q_BTIJ, w_BTI, seg_BS)

@@ -115,7 +115,7 @@ def indexer_project(p: dict[str, Any], h_BTD: jax.Array,
 # ------------------------------------------------------- losses and recall
 
 
-def _kl(p: jax.Array, logits: jax.Array, mask: jax.Array) -> jax.Array:
+def kl_divergence(p: jax.Array, logits: jax.Array, mask: jax.Array) -> jax.Array:
   """sum over the last axis of p (log p - log_softmax(logits)) on ``mask``."""
   logq = jax.nn.log_softmax(jnp.where(mask, logits, NEG_INF), axis=-1)
   terms = jax.scipy.special.xlogy(p, p) - p * logq
@@ -150,7 +150,7 @@ def dense_probe(k_BSJ: jax.Array, topk: int, loss: bool, metrics: bool):
     logits = indexer_logits(q_BTIJ, k_BSJ, w_BTI)
     out = {}
     if loss:
-      out["indexer_kl"] = _kl(p, logits, mask_BTS)
+      out["indexer_kl"] = kl_divergence(p, logits, mask_BTS)
     if metrics:
       q_index = start + jnp.arange(p.shape[1])
       out.update(recall_metrics(p, jax.lax.stop_gradient(logits), mask_BTS,
@@ -180,7 +180,7 @@ def sparse_kl(q_BTND: jax.Array, kv_BSD: jax.Array, idx_BTK: jax.Array,
                       preferred_element_type=jnp.float32)
     logits = jnp.einsum("btik,bti->btk", jax.nn.relu(dots),
                         iw.astype(jnp.float32))
-    return _kl(p, logits, valid)
+    return kl_divergence(p, logits, valid)
 
   return map_query_chunks(chunk_fn, q_chunk, q_BTND, idx_BTK, valid_BTK,
                           iq_BTIJ, iw_BTI)
