@@ -276,3 +276,126 @@ class DataConfig:
   retrieval_rate: float = 0.0     # share of sequences that are synthetic tasks
   retrieval_tasks: tuple[str, ...] = ("passkey", "mqar")
   cache_dir: str = ""             # tokenizer cache; "" = <workdir>/cache
+
+
+PHASE_KINDS = ("pretrain", "warmup", "sparse")
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseConfig:
+  """One phase of a run: its own steps, optimizers, schedule and losses.
+
+  kind:
+    pretrain  dense attention; the ``trainable`` parameters learn the LM loss.
+    warmup    dense attention; only the indexer learns, from the KL to the
+              dense attention (``trainable`` defaults to the indexer); the LM
+              loss is reported.
+    sparse    top-k attention; the ``trainable`` (main) parameters learn the LM
+              loss, the ``indexer_trainable`` ones the sparse KL with their own
+              learning rate; the indexer's inputs are detached.
+  init_from: "" = the previous phase's parameters; a phase name of this run; or
+  a checkpoint directory. data_from: "" = continue the data stream; a phase
+  name = replay the data that phase started from (a fair control).
+  """
+  name: str = "pretrain"
+  kind: str = "pretrain"
+  steps: int = 100
+  lr: float = 3e-3
+  warmup_steps: int = 10
+  schedule: str = "cosine"        # "cosine" | "constant"
+  min_lr_ratio: float = 0.1
+  weight_decay: float = 0.0
+  grad_clip: float = 1.0
+  b1: float = 0.9
+  b2: float = 0.95
+  trainable: str = r"^(?!layers/indexer/)"   # path regex of the main group
+  indexer_trainable: str = r"^layers/indexer/"
+  indexer_lr: float = 1e-3                   # sparse phase's indexer group
+  lm_weight: float = 1.0
+  indexer_weight: float = 1.0
+  topk: int = 0                   # 0: model.indexer.topk
+  init_from: str = ""
+  data_from: str = ""
+
+  @property
+  def attention(self) -> str:
+    return "sparse" if self.kind == "sparse" else "dense"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Held-out evaluation during and after training."""
+  every: int = 50                 # steps between held-out evals (0: never)
+  batches: int = 4                # held-out batches per eval
+  final_batches: int = 8          # held-out batches for the final comparison
+  seq_len: int = 0                # 0: data.seq_len
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh; -1 takes the remaining devices."""
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  name: str = "experiment"
+  seed: int = 0
+  workdir: str = ""               # "" = work/<name>
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  phases: tuple[PhaseConfig, ...] = (PhaseConfig(),)
+  eval: EvalConfig = EvalConfig()
+  mesh: MeshConfig = MeshConfig()
+  log_every: int = 10
+  save_every: int = 100           # steps between checkpoints (0: phase ends)
+  keep_checkpoints: int = 2
+  control: str = ""               # a dense phase compared with the sparse one
+  compare: bool = True            # held-out comparison and summary.json
+
+  def check(self) -> None:
+    names = [p.name for p in self.phases]
+    if len(set(names)) != len(names):
+      raise ConfigError(f"phases: names must be unique, got {names}")
+    import os
+    import re
+    for i, p in enumerate(self.phases):
+      key = f"phases.{p.name}"
+      if p.kind not in PHASE_KINDS:
+        raise ConfigError(f"{key}.kind must be one of {PHASE_KINDS}, "
+                          f"got {p.kind!r}")
+      if p.steps < 0:
+        raise ConfigError(f"{key}.steps must be >= 0, got {p.steps}")
+      if p.lr <= 0 or p.indexer_lr <= 0:
+        raise ConfigError(f"{key}.lr and indexer_lr must be > 0")
+      if p.schedule not in ("cosine", "constant"):
+        raise ConfigError(f"{key}.schedule must be cosine or constant, "
+                          f"got {p.schedule!r}")
+      for field in ("trainable", "indexer_trainable"):
+        try:
+          re.compile(getattr(p, field))
+        except re.error as e:
+          raise ConfigError(f"{key}.{field}: bad regex ({e})") from None
+      if p.init_from and p.init_from not in names[:i] and not os.path.isdir(
+          p.init_from):
+        raise ConfigError(f"{key}.init_from={p.init_from!r} is neither an "
+                          f"earlier phase {names[:i]} nor a checkpoint "
+                          "directory")
+      if p.data_from and p.data_from not in names:
+        raise ConfigError(f"{key}.data_from={p.data_from!r} is not a phase "
+                          f"of this run {names}")
+      k = p.topk or self.model.indexer.topk
+      if p.kind == "sparse" and k >= self.data.seq_len:
+        raise ConfigError(
+            f"{key}.topk (model.indexer.topk={k}) must be smaller than "
+            f"data.seq_len={self.data.seq_len} in a sparse phase, else "
+            "nothing is sparse")
+    if self.control and self.control not in names:
+      raise ConfigError(f"control={self.control!r} is not a phase {names}")
+    if self.data.seq_len <= 0 or self.data.batch_size <= 0:
+      raise ConfigError("data.seq_len and data.batch_size must be > 0")
+    if self.model.vocab_size < 256 and self.data.tokenizer == "bytes":
+      raise ConfigError(f"model.vocab_size={self.model.vocab_size} is below "
+                        "256, the bytes tokenizer's vocabulary")
