@@ -303,8 +303,8 @@ def _tasks_or_skip():
 
 def test_retrieval_mixing_interleaves_whole_task_rows():
   _tasks_or_skip()
-  seq_len, n_rows = 256, 40
-  lengths = [300, 500, 700, 200, 650, 900, 400]
+  seq_len, n_rows = 384, 40
+  lengths = [300, 500, 700, 200, 650, 900, 400, 1000]
   cfg = DataConfig(seq_len=seq_len, batch_size=4, retrieval_rate=0.5, seed=7)
   rows = take_rows(data.make_train_iterator(cfg, BYTES, letter_docs(lengths)),
                    n_rows)
@@ -328,7 +328,7 @@ def test_retrieval_mixing_interleaves_whole_task_rows():
 
 def test_retrieval_mixing_state_restores():
   _tasks_or_skip()
-  cfg = DataConfig(seq_len=128, batch_size=2, retrieval_rate=0.5, seed=3)
+  cfg = DataConfig(seq_len=384, batch_size=2, retrieval_rate=0.5, seed=3)
   docs = letter_docs([300, 200, 450])
   it = data.make_train_iterator(cfg, BYTES, docs)
   for _ in range(3):
@@ -341,3 +341,14 @@ def test_retrieval_mixing_state_restores():
     got = next(fresh)
     for key in want:
       np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"retrieval_tasks": ("no_such_task",)}, "data.retrieval_tasks"),
+    ({"seq_len": 32}, "data.seq_len"),
+])
+def test_retrieval_mixing_bad_config_names_the_key(overrides, key):
+  _tasks_or_skip()
+  cfg = DataConfig(retrieval_rate=0.5, **overrides)
+  with pytest.raises(ConfigError, match=key):
+    data.make_train_iterator(cfg, BYTES, ["some text"])

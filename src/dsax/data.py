@@ -345,10 +345,25 @@ class _TaskRows:
     except ImportError as e:
       raise ImportError(f"data.retrieval_rate={cfg.retrieval_rate} needs "
                         f"dsax.tasks, which failed to import: {e}") from e
+    unknown = [t for t in cfg.retrieval_tasks if t not in tasks.TASKS]
+    if unknown:
+      raise ConfigError(f"data.retrieval_tasks: unknown {unknown}; "
+                        f"expected some of {tasks.TASKS}")
     self._generate = tasks.generate
     self._cfg = cfg
     self._tokenizer = tokenizer
     self._seed = _stream_seed(cfg.seed, "tasks")
+    self._row_tokens = cfg.seq_len + 1
+    # Ask for less than a row: the generator may overshoot by its tolerance.
+    self._target = self._row_tokens - tasks.tolerance(self._row_tokens)
+    self._shortest = {t: tasks.min_tokens(t, self._count_tokens)
+                      for t in cfg.retrieval_tasks}
+    for task, shortest in self._shortest.items():
+      if shortest > self._target:
+        raise ConfigError(
+            f"data.seq_len={cfg.seq_len} is too short for data.retrieval_tasks "
+            f"{task!r}: its shortest example has {shortest} tokens and a row "
+            f"fits {self._target} (after the generator's tolerance)")
     self._warned = False
 
   def _count_tokens(self, text: str) -> int:
@@ -360,14 +375,13 @@ class _TaskRows:
       return None
     tasks = self._cfg.retrieval_tasks
     task = tasks[int(rng.integers(len(tasks)))]
-    n = self._cfg.seq_len + 1
-    budget = n
-    for _ in range(3):  # the generator's count may be off by a few tokens
-      example = self._generate(task, rng, budget, self._count_tokens)
+    n, target = self._row_tokens, self._target
+    for _ in range(3):
+      example = self._generate(task, rng, target, self._count_tokens)
       tokens = self._tokenizer.encode_array(example.prompt + example.answer)
       if len(tokens) <= n:
         return tokens
-      budget = max(1, budget - (len(tokens) - n))
+      target = max(self._shortest[task], target - (len(tokens) - n))
     if not self._warned:
       log.warning("task %r gave %d tokens for a %d-token row; keeping the end",
                   task, len(tokens), n)
