@@ -1,0 +1,154 @@
+"""Indexer top-k Pallas kernel (interpret mode on CPU) against the reference:
+causal, in-segment, k > visible keys, ties, chunking, no T x S slab."""
+
+import functools
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsax.kernels import reference
+from dsax.kernels.indexer import IndexerBlocks, indexer_topk
+
+gpu = pytest.mark.skipif(jax.default_backend() == "cpu",
+                         reason="needs a GPU (compiled Triton kernels)")
+
+SMALL = IndexerBlocks(block_t=16, block_s=16, q_chunk=16)
+
+
+def inputs(b, t, i, j, seed=0, segments=False, dtype=jnp.float32):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+  q = jax.random.normal(ks[0], (b, t, i, j), dtype)
+  k = jax.random.normal(ks[1], (b, t, j), dtype)
+  w = jax.random.normal(ks[2], (b, t, i), jnp.float32)
+  seg = None
+  if segments:   # packed documents of random lengths
+    seg = jnp.cumsum(jax.random.bernoulli(ks[3], 0.15, (b, t)), axis=1)
+    seg = seg.astype(jnp.int32)
+  return q, k, w, seg
+
+
+def both(q, k, w, topk, seg, block):
+  kernel = jax.jit(functools.partial(indexer_topk, topk=topk, block=block))
+  ref = jax.jit(functools.partial(reference.indexer_topk_reference,
+                                  topk=topk))
+  return (kernel(q, k, w, segment_ids_BT=seg),
+          ref(q, k, w, segment_ids_BT=seg))
+
+
+def assert_same_selection(got, want, q, k, w, seg):
+  """valid identical; the selected sets carry the same reference scores
+  (an exact near-tie may order differently); invalid -> the query itself."""
+  (idx, valid), (ridx, rvalid) = got, want
+  assert idx.shape == ridx.shape and idx.dtype == jnp.int32
+  np.testing.assert_array_equal(valid, rvalid)
+  logits = reference.indexer_logits(q, k, w)
+  pick = lambda i: np.sort(np.where(
+      valid, np.take_along_axis(np.asarray(logits), np.asarray(i), -1),
+      -np.inf), axis=-1)
+  np.testing.assert_allclose(pick(idx), pick(ridx), rtol=1e-5, atol=1e-5)
+  t = np.arange(idx.shape[1])[None, :, None]
+  assert np.all(np.where(valid, True, np.asarray(idx) == t))
+  assert np.all(np.where(valid, np.asarray(idx) <= t, True))   # causal
+  if seg is not None:
+    s = np.asarray(seg)
+    doc = np.take_along_axis(np.broadcast_to(s[:, None, :], idx.shape[:2]
+                                             + s.shape[1:]), np.asarray(idx),
+                             -1)
+    assert np.all(np.where(valid, doc == s[:, :, None], True))
+  # Random continuous scores have no near-ties at these sizes.
+  assert float(np.mean(np.asarray(idx) == np.asarray(ridx))) > 0.99
+
+
+@pytest.mark.parametrize("b,t,i,j,topk,segments,block", [
+    # T not a multiple of the tiles, several query chunks, early queries
+    # with fewer visible keys than k.
+    (2, 37, 4, 24, 8, False, SMALL),
+    # Packed documents, one chunk, k > T (K = min(k, S) = S).
+    (1, 29, 2, 16, 64, True, IndexerBlocks()),
+    # One indexer head, J not a power of two, packed, several chunks.
+    (2, 40, 1, 20, 5, True, SMALL),
+])
+def test_matches_reference(b, t, i, j, topk, segments, block):
+  q, k, w, seg = inputs(b, t, i, j, segments=segments)
+  got, want = both(q, k, w, topk, seg, block)
+  assert_same_selection(got, want, q, k, w, seg)
+
+
+def test_ties_go_to_the_lower_index():
+  """Integer-valued inputs give exact scores with many ties; the kernel
+  must then agree with the reference index for index."""
+  b, t, i, j = 1, 33, 2, 4
+  ks = jax.random.split(jax.random.PRNGKey(7), 3)
+  q = jax.random.randint(ks[0], (b, t, i, j), -1, 2).astype(jnp.float32)
+  k = jax.random.randint(ks[1], (b, t, j), -1, 2).astype(jnp.float32)
+  w = jnp.ones((b, t, i), jnp.float32)
+  got, want = both(q, k, w, 6, None, SMALL)
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_no_t_by_s_slab():
+  """With chunks of 16 queries no intermediate holds T x S numbers (let
+  alone T x S x I): memory is O(chunk * S)."""
+  b, t, i, j = 1, 64, 2, 16     # inputs hold fewer than T x S numbers
+  q, k, w, _ = inputs(b, t, i, j)
+  jaxpr = jax.make_jaxpr(functools.partial(indexer_topk, topk=8,
+                                           block=SMALL))(q, k, w)
+  sizes = []
+
+  def walk(jp):
+    for eqn in jp.eqns:
+      sizes.extend(int(np.prod(v.aval.shape)) for v in eqn.outvars
+                   if hasattr(v.aval, "shape"))
+      for val in eqn.params.values():
+        for sub in (val if isinstance(val, (list, tuple)) else [val]):
+          if isinstance(sub, jax.extend.core.ClosedJaxpr):
+            walk(sub.jaxpr)
+          elif isinstance(sub, jax.extend.core.Jaxpr):
+            walk(sub)
+
+  walk(jaxpr.jaxpr)
+  assert max(sizes) < t * t, max(sizes)
+
+
+def test_dispatch_impl_pallas():
+  from dsax import kernels
+  q, k, w, seg = inputs(1, 24, 2, 16, seed=3, segments=True)
+  call = lambda impl: jax.jit(functools.partial(
+      kernels.indexer_topk, topk=4, impl=impl))(q, k, w, segment_ids_BT=seg)
+  got, want = call("pallas"), call("reference")
+  assert_same_selection(got, want, q, k, w, seg)
+
+
+@pytest.mark.parametrize("args,match", [
+    (dict(k=lambda x: x[..., :-1]), "k_BSJ shape"),
+    (dict(w=lambda x: x[..., :-1]), "w_BTI shape"),
+    (dict(topk=0), "topk must be"),
+    (dict(seg=lambda x: x[:, :-1]), "segment_ids_BT shape"),
+])
+def test_input_checks(args, match):
+  q, k, w, seg = inputs(1, 8, 2, 16, segments=True)
+  vals = dict(q=q, k=k, w=w, seg=seg, topk=4)
+  for name, fn in args.items():
+    vals[name] = fn(vals[name]) if callable(fn) else fn
+  with pytest.raises((ValueError, TypeError), match=match):
+    indexer_topk(vals["q"], vals["k"], vals["w"], vals["topk"], vals["seg"])
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_matches_reference():
+  """Compiled Triton scores kernel at I = 64, J = 128, T = 2048, k = 256."""
+  q, k, w, seg = inputs(1, 2048, 64, 128, seed=5, segments=True,
+                        dtype=jnp.bfloat16)
+  got, want = both(q, k, w, 256, seg, IndexerBlocks())
+  (idx, valid), (ridx, rvalid) = got, want
+  np.testing.assert_array_equal(valid, rvalid)
+  # bf16 dots in a different order: compare the selected score mass.
+  logits = np.asarray(reference.indexer_logits(q, k, w))
+  mass = lambda i: np.where(valid, np.take_along_axis(logits, np.asarray(i),
+                                                      -1), 0).sum(-1)
+  np.testing.assert_allclose(mass(idx), mass(ridx), rtol=1e-3, atol=1e-3)
