@@ -155,6 +155,9 @@ def dense_probe(k_BSJ: jax.Array, topk: int, loss: bool, metrics: bool):
       q_index = start + jnp.arange(p.shape[1])
       out.update(recall_metrics(p, jax.lax.stop_gradient(logits), mask_BTS,
                                 q_index, topk))
+      # Queries that see at most k keys keep all their mass in any set.
+      out["recall_weight"] = (jnp.sum(jnp.broadcast_to(mask_BTS, p.shape), -1)
+                              > topk).astype(jnp.float32)
     return out
 
   return probe
@@ -189,6 +192,20 @@ def sparse_kl(q_BTND: jax.Array, kv_BSD: jax.Array, idx_BTK: jax.Array,
 # -------------------------------------------------------------- the layer
 
 
+def _layer_means(per_token: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Means over query positions; recall only over queries that see more
+  than k keys (1.0 when there are none)."""
+  w = per_token.pop("recall_weight", None)
+  out = {}
+  for k, v in per_token.items():
+    if k.startswith("recall") and w is not None:
+      n = jnp.sum(w)
+      out[k] = jnp.where(n > 0, jnp.sum(v * w) / jnp.maximum(n, 1.0), 1.0)
+    else:
+      out[k] = jnp.mean(v)
+  return out
+
+
 def make_layer_attend(cfg: ModelConfig, attention: str,
                       options: DSAOptions | None, positions_BT: jax.Array,
                       segment_ids_BT: jax.Array | None):
@@ -217,7 +234,7 @@ def make_layer_attend(cfg: ModelConfig, attention: str,
             q_nope, q_rope, kv, k_rope, a["wkv_b"], cfg, segment_ids_BT,
             probe=dense_probe(ik, topk, options.indexer_loss, options.metrics),
             probe_args=(iq, iw))
-        aux.update({k: jnp.mean(v) for k, v in per_tok.items()})
+        aux.update(_layer_means(per_tok))
         return o, aux
       idx, valid = kernels.indexer_topk(iq, ik, iw, topk, segment_ids_BT,
                                         q_chunk=chunk, impl=options.impl)
@@ -237,7 +254,7 @@ def make_layer_attend(cfg: ModelConfig, attention: str,
             jax.lax.stop_gradient(kv), jax.lax.stop_gradient(k_rope),
             jax.lax.stop_gradient(a["wkv_b"]), cfg, segment_ids_BT,
             probe=dense_probe(ik, topk, False, True), probe_args=(iq, iw))
-        aux.update({k: jnp.mean(v) for k, v in per_tok.items()})
+        aux.update(_layer_means(per_tok))
       if options.return_indices:
         aux["idx"], aux["valid"] = idx, valid
       return o, aux

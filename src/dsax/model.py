@@ -99,7 +99,7 @@ def forward(params: dict[str, Any], tokens_BT: jax.Array, cfg: ModelConfig,
 
   if cfg.remat:
     layer = jax.checkpoint(layer)
-  x, aux = jax.lax.scan(layer, x, params["layers"])
+  x, aux = jax.lax.scan(layer, x, params["layers"], unroll=True)
   return unembed(params, x, cfg), aux
 
 

@@ -1,0 +1,47 @@
+"""The main job: pretrain -> indexer warm-up -> sparse training on the CPython
+standard library (bytes), plus a dense control trained on the same data, then
+the held-out comparison (summary.json, comparison.txt).
+
+  python launch.py main                      # the built-in default, CPU
+  python launch.py main --set data.seq_len=4096 --set model.indexer.topk=256
+
+Sized to finish in about 10 minutes on a 2-core CPU; ARG "full" gives a larger
+model and longer phases for an accelerator.
+"""
+
+from dsax.config import (DataConfig, EvalConfig, ExperimentConfig,
+                         IndexerConfig, ModelConfig, PhaseConfig)
+
+
+def get_config(arg=None) -> ExperimentConfig:
+  full = arg == "full"
+  seq_len = 4096 if full else 1024
+  topk = 256 if full else 128
+  model = ModelConfig(
+      vocab_size=256, d_model=256 if full else 128, n_layers=4, n_heads=4,
+      q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32,
+      qk_rope_head_dim=16, v_head_dim=32, d_ff=704 if full else 352,
+      attn_q_chunk=256,
+      indexer=IndexerConfig(n_heads=4, head_dim=32, rope_dim=16, topk=topk,
+                            q_chunk=256))
+  scale = 10 if full else 1
+  phases = (
+      PhaseConfig(name="pretrain", kind="pretrain", steps=150 * scale,
+                  lr=3e-3, warmup_steps=20),
+      # The paper's warm-up: lr 1e-3, main attention dense, indexer only.
+      PhaseConfig(name="warmup", kind="warmup", steps=60 * scale, lr=1e-3,
+                  warmup_steps=5, schedule="constant"),
+      PhaseConfig(name="sparse", kind="sparse", steps=40 * scale, lr=3e-4,
+                  indexer_lr=1e-3, warmup_steps=5, schedule="constant"),
+      # The dense control: the same base, steps, data and lr, dense attention.
+      PhaseConfig(name="dense", kind="pretrain", steps=40 * scale, lr=3e-4,
+                  warmup_steps=5, schedule="constant", init_from="pretrain",
+                  data_from="sparse"),
+  )
+  return ExperimentConfig(
+      name="main_full" if full else "main", model=model,
+      data=DataConfig(source="stdlib", tokenizer="bytes", seq_len=seq_len,
+                      batch_size=8, val_fraction=0.02, seed=0),
+      phases=phases, control="dense",
+      eval=EvalConfig(every=0, batches=2, final_batches=4),
+      log_every=10, save_every=50)

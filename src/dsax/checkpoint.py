@@ -1,0 +1,87 @@
+"""Checkpoints with orbax's CheckpointManager.
+
+A run directory holds
+  ckpt/<global step>/{state, data, meta}   train state, data iterator state and
+                                           run bookkeeping (resolved config too)
+  phases/<name>/                           the parameters each phase ended with
+The manager keeps the last ``keep`` steps. A state is saved only when every
+parameter is finite, so a non-finite loss never replaces a good checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+
+def all_finite(tree: Any) -> bool:
+  leaves = [x for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return bool(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])))
+
+
+class RunCheckpoints:
+  """Train state + data iterator state + metadata, keyed by global step."""
+
+  def __init__(self, workdir: str, keep: int = 2):
+    self.dir = os.path.abspath(os.path.join(workdir, "ckpt"))
+    self.phase_dir = os.path.abspath(os.path.join(workdir, "phases"))
+    self.manager = ocp.CheckpointManager(
+        self.dir, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=False))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: dict, meta: dict) -> bool:
+    """Saves unless the state holds a non-finite value; returns whether saved."""
+    if not all_finite(state):
+      return False
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state),
+        meta=ocp.args.JsonSave(meta)), force=True)
+    self.manager.wait_until_finished()
+    return True
+
+  def restore_meta(self, step: int) -> tuple[dict, dict]:
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    return out["meta"], out["data"]
+
+  def restore_state(self, step: int, abstract_state: Any) -> Any:
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
+    return out["state"]
+
+  def save_phase_params(self, name: str, params: Any) -> str:
+    path = os.path.join(self.phase_dir, name)
+    save_params(path, params)
+    return path
+
+  def phase_params_path(self, name: str) -> str:
+    return os.path.join(self.phase_dir, name)
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def save_params(path: str, params: Any) -> None:
+  """Writes a parameter tree to ``path`` (replacing what is there)."""
+  path = os.path.abspath(path)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(path, params, force=True)
+  ckptr.wait_until_finished()
+
+
+def load_params(path: str, abstract_params: Any) -> Any:
+  """Reads a parameter tree written by ``save_params`` into the given
+  structure (shapes and dtypes must match)."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no parameter checkpoint at {path}")
+  return ocp.StandardCheckpointer().restore(path, abstract_params)

@@ -1,0 +1,73 @@
+"""Run metrics: JSONL (one object per logged step), TensorBoard, log file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any
+
+log = logging.getLogger("dsax")
+
+
+class MetricWriter:
+  """Appends ``{"phase", "step", ...}`` rows to metrics.jsonl and mirrors them
+  to TensorBoard (tensorboardX) under <workdir>/tb."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tb = None
+    if enabled:
+      try:
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+      except ImportError:  # TensorBoard is optional
+        self.tb = None
+
+  def write(self, phase: str, step: int, values: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    row = {"phase": phase, "step": int(step)}
+    row.update({k: float(v) for k, v in values.items()})
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self.tb is not None:
+      for k, v in row.items():
+        if k not in ("phase", "step") and math.isfinite(v):
+          self.tb.add_scalar(f"{phase}/{k}", v, step)
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """Rows of metrics.jsonl; a step logged twice (before a crash and after the
+  resume) keeps its last row."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  rows: dict[tuple[str, int], dict] = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        r = json.loads(line)
+        rows[(r["phase"], r["step"])] = r
+  return list(rows.values())
+
+
+def setup_logging(workdir: str) -> None:
+  """INFO to stderr and to <workdir>/log.txt."""
+  root = logging.getLogger()
+  root.setLevel(logging.INFO)
+  fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+  path = os.path.abspath(os.path.join(workdir, "log.txt"))
+  for h in list(root.handlers):
+    if getattr(h, "_dsax", False):
+      root.removeHandler(h)
+  for h in (logging.StreamHandler(), logging.FileHandler(path)):
+    h.setFormatter(fmt)
+    h._dsax = True  # pylint: disable=protected-access
+    root.addHandler(h)
+  for noisy in ("absl", "orbax", "jax._src"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,398 @@
+"""The phase trainer: one jitted step per phase, checkpoints, resumption.
+
+Freezing is partitioning: a phase's trainable parameters are those whose path
+(``layers/attn/wq_a``) matches its regex; only they are differentiated and
+only they have optimizer state. Losses per phase kind:
+
+  pretrain  L = lm_weight * LM
+  warmup    L = indexer_weight * sum_l KL_l(p_t || softmax(I_t))   (dense)
+  sparse    L = lm_weight * LM + indexer_weight * sum_l KL_l on S_t
+            The indexer's inputs are detached and the LM loss cannot reach the
+            indexer, so one backward gives each group exactly its own gradient;
+            the two groups have their own optimizers (optax.multi_transform).
+
+The host loop does no array maths and reads each step's metrics one step late.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+
+from dsax import checkpoint, dsa, model
+from dsax import params as P
+from dsax.config import ConfigError, ExperimentConfig, PhaseConfig, dumps
+
+log = logging.getLogger("dsax")
+
+
+class NonFiniteLoss(RuntimeError):
+  """A step produced a non-finite loss; the run stops without saving."""
+
+
+class Interrupted(RuntimeError):
+  """SIGTERM or Ctrl-C: the state was saved and the run stopped."""
+
+
+# ------------------------------------------------------------ partitioning
+
+
+def flatten(params: Any) -> dict[str, Any]:
+  """{"layers/attn/wq_a": array, ...}."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  return {"/".join(str(k.key) for k in path): v for path, v in flat}
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+  out: dict[str, Any] = {}
+  for path, v in flat.items():
+    node = out
+    *parents, leaf = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return out
+
+
+def param_paths(cfg: ExperimentConfig) -> list[str]:
+  return list(flatten(P.abstract_params(cfg.model)))
+
+
+def groups(phase: PhaseConfig) -> dict[str, str]:
+  """Optimizer group -> path regex for a phase."""
+  if phase.kind == "warmup":
+    return {"indexer": phase.indexer_trainable}
+  if phase.kind == "sparse":
+    return {"main": phase.trainable, "indexer": phase.indexer_trainable}
+  return {"main": phase.trainable}
+
+
+def labels_for(phase: PhaseConfig, paths: list[str]) -> dict[str, str]:
+  """Trainable path -> its group (the first group whose regex matches)."""
+  out = {}
+  for path in paths:
+    for group, rx in groups(phase).items():
+      if re.search(rx, path):
+        out[path] = group
+        break
+  return out
+
+
+def preflight(cfg: ExperimentConfig) -> None:
+  """Checks that need the model's parameter names; no compute."""
+  paths = param_paths(cfg)
+  for phase in cfg.phases:
+    for group, rx in groups(phase).items():
+      if not any(re.search(rx, p) for p in paths):
+        key = "indexer_trainable" if group == "indexer" else "trainable"
+        raise ConfigError(f"phases.{phase.name}.{key}={rx!r} matches no "
+                          f"parameter (names look like {paths[1]!r})")
+    if phase.init_from and phase.init_from not in [p.name for p in cfg.phases]:
+      if not os.path.isdir(phase.init_from):
+        raise ConfigError(f"phases.{phase.name}.init_from="
+                          f"{phase.init_from!r}: no such checkpoint directory")
+
+
+# ------------------------------------------------------------- optimizers
+
+
+def schedule(phase: PhaseConfig, lr: float) -> optax.Schedule:
+  warm = max(1, min(phase.warmup_steps, phase.steps))
+  if phase.schedule == "constant":
+    return optax.linear_schedule(lr / warm, lr, warm)
+  return optax.warmup_cosine_decay_schedule(
+      lr / warm, lr, warm, max(phase.steps, warm + 1),
+      end_value=lr * phase.min_lr_ratio)
+
+
+def optimizer(phase: PhaseConfig, labels: dict[str, str]):
+  """(transform, lr schedule of the main group or the only group)."""
+  def adamw(lr):
+    sched = schedule(phase, lr)
+    return optax.chain(optax.clip_by_global_norm(phase.grad_clip),
+                       optax.adamw(sched, phase.b1, phase.b2,
+                                   weight_decay=phase.weight_decay)), sched
+  present = sorted(set(labels.values()))
+  txs = {"main": adamw(phase.lr), "indexer": adamw(
+      phase.lr if phase.kind == "warmup" else phase.indexer_lr)}
+  if len(present) == 1:
+    return txs[present[0]]
+  return (optax.multi_transform({g: txs[g][0] for g in present}, labels),
+          txs["main"][1])
+
+
+# ------------------------------------------------------------------- steps
+
+
+def batch_loss(params, batch, cfg: ExperimentConfig, phase_kind: str,
+               topk: int, metrics: bool = False):
+  """(loss terms, aux) of one batch for a phase kind; params nested."""
+  attention = "sparse" if phase_kind == "sparse" else "dense"
+  opts = None if phase_kind == "pretrain" and not metrics else dsa.DSAOptions(
+      indexer_loss=phase_kind != "pretrain" or metrics, metrics=metrics,
+      topk=topk)
+  logits, aux = model.forward(
+      params, batch["inputs"], cfg.model, batch["segment_ids"],
+      positions_BT=batch["positions"], attention=attention, dsa_options=opts)
+  lm = model.lm_loss(logits, batch["targets"], batch["weights"])
+  return lm, aux
+
+
+def make_train_step(cfg: ExperimentConfig, phase: PhaseConfig, tx,
+                    sched: optax.Schedule) -> Callable:
+  topk = phase.topk or cfg.model.indexer.topk
+
+  def loss_fn(trainable, frozen, batch):
+    params = unflatten({**frozen, **trainable})
+    lm, aux = batch_loss(params, batch, cfg, phase.kind, topk)
+    out = {"lm_loss": lm}
+    if phase.kind == "pretrain":
+      loss = phase.lm_weight * lm
+    else:
+      kl = aux["indexer_kl"]
+      out["indexer_kl"] = jnp.mean(kl)
+      loss = phase.indexer_weight * jnp.sum(kl)
+      if phase.kind == "sparse":
+        loss = loss + phase.lm_weight * lm
+    out["loss"] = loss
+    return loss, out
+
+  def step(state, frozen, batch):
+    grads, out = jax.grad(loss_fn, has_aux=True)(state["trainable"], frozen,
+                                                 batch)
+    updates, opt = tx.update(grads, state["opt"], state["trainable"])
+    trainable = optax.apply_updates(state["trainable"], updates)
+    out["grad_norm"] = optax.global_norm(grads)
+    out["lr"] = sched(state["step"])
+    return {"trainable": trainable, "opt": opt,
+            "step": state["step"] + 1}, out
+
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def device_batch(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+# --------------------------------------------------------------- the loop
+
+
+class _Signals:
+  """Turns SIGTERM and SIGINT into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.caught: int | None = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.caught = signum
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def _check_finite(phase: str, step: int, out: dict[str, Any],
+                  last_saved: int | None) -> dict[str, float]:
+  vals = {k: float(v) for k, v in out.items()}
+  if not np.isfinite(vals["loss"]):
+    raise NonFiniteLoss(
+        f"phase {phase!r} step {step}: loss is {vals['loss']}; stopping. "
+        f"The last good checkpoint (global step {last_saved}) is kept; "
+        "lower the learning rate or check the data.")
+  return vals
+
+
+def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
+              data_iter, ckpts: checkpoint.RunCheckpoints, meta: dict,
+              writer, evaluate: Callable[[Any, str], dict] | None,
+              start_step: int = 0, state: Any = None) -> Any:
+  """Trains one phase from ``params`` (or a restored ``state``); returns the
+  phase's final parameters. ``meta["global_base"]`` is the global step of
+  the phase's step 0."""
+  flat = flatten(params)
+  labels = labels_for(phase, list(flat))
+  trainable = {k: v for k, v in flat.items() if k in labels}
+  frozen = {k: v for k, v in flat.items() if k not in labels}
+  tx, sched = optimizer(phase, labels)
+  if state is None:
+    state = {"trainable": trainable, "opt": tx.init(trainable),
+             "step": jnp.int32(0)}
+  step_fn = make_train_step(cfg, phase, tx, sched)
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  base = meta["global_base"]
+  last_saved = ckpts.latest_step()
+  pending = None
+  t_last = time.perf_counter()
+  bar = tqdm.tqdm(total=phase.steps, initial=start_step, desc=phase.name,
+                  dynamic_ncols=True, leave=True)
+
+  def emit(s, out, dt):
+    vals = _check_finite(phase.name, s, out, last_saved)
+    vals["tokens_per_s"] = tokens_per_step / max(dt, 1e-9)
+    if s % cfg.log_every == 0 or s == phase.steps:
+      writer.write(phase.name, base + s, vals)
+    bar.set_postfix({k: f"{v:.3g}" for k, v in vals.items()
+                     if k in ("loss", "indexer_kl", "lm_loss")})
+    return vals
+
+  def save(s):
+    nonlocal last_saved
+    meta.update(phase_step=s)
+    if ckpts.save(base + s, state, data_iter.get_state(), meta):
+      last_saved = base + s
+
+  last_vals: dict[str, float] = {}
+  with _Signals() as sigs:
+    for s in range(start_step + 1, phase.steps + 1):
+      batch = device_batch(next(data_iter))
+      state, out = step_fn(state, frozen, batch)
+      if pending is not None:  # read the previous step's metrics now
+        now = time.perf_counter()
+        last_vals = emit(*pending, now - t_last)
+        t_last = now
+      pending = (s, out)
+      bar.update(1)
+      if cfg.eval.every and evaluate is not None and s % cfg.eval.every == 0:
+        ev = evaluate(unflatten({**frozen, **state["trainable"]}),
+                      phase.attention)
+        writer.write(phase.name, base + s, {f"eval_{k}": v
+                                            for k, v in ev.items()})
+      if sigs.caught is not None:
+        last_vals = emit(*pending, time.perf_counter() - t_last)
+        save(s)
+        bar.close()
+        raise Interrupted(f"signal {sigs.caught}: saved phase {phase.name!r} "
+                          f"step {s} (global {base + s}); rerun to resume")
+      if cfg.save_every and s % cfg.save_every == 0 and s < phase.steps:
+        last_vals = emit(*pending, time.perf_counter() - t_last)
+        pending = None
+        t_last = time.perf_counter()
+        save(s)
+    if pending is not None:
+      last_vals = emit(*pending, time.perf_counter() - t_last)
+  bar.close()
+  summary = ", ".join(f"{k} {v:.4g}" for k, v in last_vals.items()
+                      if k in ("loss", "lm_loss", "indexer_kl", "grad_norm",
+                               "tokens_per_s"))
+  log.info("phase %s done: %d steps; last step: %s", phase.name, phase.steps,
+           summary)
+  return unflatten({**frozen, **state["trainable"]}), state
+
+
+def abstract_state(cfg: ExperimentConfig, phase: PhaseConfig) -> Any:
+  flat = flatten(P.abstract_params(cfg.model))
+  labels = labels_for(phase, list(flat))
+  trainable = {k: v for k, v in flat.items() if k in labels}
+  tx, _ = optimizer(phase, labels)
+  return {"trainable": trainable, "opt": jax.eval_shape(tx.init, trainable),
+          "step": jax.ShapeDtypeStruct((), jnp.int32)}
+
+
+def write_config(cfg: ExperimentConfig, workdir: str) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(dumps(cfg) + "\n")
+
+
+def run(cfg: ExperimentConfig, workdir: str) -> dict:
+  """Runs every phase (resuming from the latest checkpoint), then, with
+  ``cfg.compare``, the held-out comparison; returns the summary."""
+  from dsax import data, heldout, metrics  # pylint: disable=import-outside-toplevel
+  t0 = time.perf_counter()
+  os.makedirs(workdir, exist_ok=True)
+  metrics.setup_logging(workdir)
+  write_config(cfg, workdir)
+  preflight(cfg)
+  log.info("run %s in %s", cfg.name, os.path.abspath(workdir))
+  tok, train_docs, val_docs = data.prepare(
+      cfg.data, data.tokenizer_cache_dir(cfg.data, workdir))
+  if tok.vocab_size > cfg.model.vocab_size:
+    raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller "
+                      f"than the tokenizer's {tok.vocab_size}")
+  data_iter = data.make_train_iterator(cfg.data, tok, train_docs)
+  evaluator = heldout.Evaluator(cfg, tok, val_docs)
+  ckpts = checkpoint.RunCheckpoints(workdir, cfg.keep_checkpoints)
+  writer = metrics.MetricWriter(workdir)
+  abstract = P.abstract_params(cfg.model)
+  meta: dict[str, Any] = {"done": [], "data_start": {}, "phase": None,
+                          "phase_step": 0, "global_base": 0}
+  resume_state, latest = None, ckpts.latest_step()
+  if latest is not None:
+    meta, data_state = ckpts.restore_meta(latest)
+    data_iter.set_state(data_state)
+    log.info("resuming from global step %d (phase %s step %d)", latest,
+             meta["phase"], meta["phase_step"])
+  params = None
+  try:
+    for phase in cfg.phases:
+      if phase.name in meta["done"]:
+        continue
+      resuming = meta["phase"] == phase.name and latest is not None
+      if resuming:
+        resume_state = ckpts.restore_state(latest, abstract_state(cfg, phase))
+        params = unflatten({**flatten(_phase_init(cfg, phase, meta, ckpts,
+                                                  abstract)),
+                            **resume_state["trainable"]})
+      else:
+        params = _phase_init(cfg, phase, meta, ckpts, abstract, params)
+        if phase.data_from:
+          data_iter.set_state(meta["data_start"][phase.data_from])
+        meta["data_start"][phase.name] = data_iter.get_state()
+        meta.update(phase=phase.name, phase_step=0)
+      params, _ = run_phase(
+          cfg, phase, params, data_iter, ckpts, meta, writer,
+          evaluator.quick if cfg.eval.every else None,
+          start_step=meta["phase_step"] if resuming else 0,
+          state=resume_state if resuming else None)
+      resume_state = None
+      ckpts.save_phase_params(phase.name, params)
+      meta["done"].append(phase.name)
+      meta["global_base"] += phase.steps
+      meta.update(phase=None, phase_step=0)
+      if not ckpts.save(meta["global_base"], {"params": params},
+                        data_iter.get_state(), meta):
+        raise NonFiniteLoss(f"phase {phase.name!r} ended with non-finite "
+                            "parameters; nothing was saved")
+      latest = None
+  finally:
+    writer.close()
+    ckpts.close()
+  summary: dict[str, Any] = {}
+  if cfg.compare:
+    summary = heldout.compare(cfg, evaluator, workdir)
+  summary["wall_seconds"] = time.perf_counter() - t0
+  heldout.write_summary(workdir, summary)
+  return summary
+
+
+def _phase_init(cfg: ExperimentConfig, phase: PhaseConfig, meta: dict,
+                ckpts: checkpoint.RunCheckpoints, abstract: Any,
+                current: Any = None) -> Any:
+  """The parameters a phase starts from (see PhaseConfig.init_from)."""
+  names = [p.name for p in cfg.phases]
+  idx = names.index(phase.name)
+  source = phase.init_from or (names[idx - 1] if idx else "")
+  if not source:
+    return P.init_params(cfg.model, jax.random.PRNGKey(cfg.seed))
+  if source in names:
+    if current is not None and source == names[idx - 1] and not phase.init_from:
+      return current
+    return checkpoint.load_params(ckpts.phase_params_path(source), abstract)
+  return checkpoint.load_params(source, abstract)
