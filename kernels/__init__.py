@@ -12,6 +12,13 @@ from __future__ import annotations
 import jax
 
 from dsax.kernels import reference
+# The kernel modules are imported here, before the wrappers below are defined:
+# importing a submodule binds it as a package attribute, which would otherwise
+# replace the wrapper of the same name (``dsax.kernels.sparse_mla`` the
+# function) with the module on first use.
+from dsax.kernels import indexer as _indexer_kernel
+from dsax.kernels import mla_flash as _mla_flash_kernel
+from dsax.kernels import sparse_mla as _sparse_mla_kernel
 
 IMPLS = ("reference", "pallas", "auto")
 
@@ -28,8 +35,8 @@ def sparse_mla(q_BTND, kv_BSD, idx_BTK, valid_BTK, scale, v_dim, *,
                q_chunk=256, impl="auto"):
   """Top-k sparse MLA (MQA form). Returns (o_BTNV, lse_BTN)."""
   if resolve_impl(impl) == "pallas":
-    from dsax.kernels import sparse_mla as kernel
-    return kernel.sparse_mla(q_BTND, kv_BSD, idx_BTK, valid_BTK, scale, v_dim)
+    return _sparse_mla_kernel.sparse_mla(q_BTND, kv_BSD, idx_BTK, valid_BTK,
+                                         scale, v_dim)
   return reference.sparse_mla_reference(q_BTND, kv_BSD, idx_BTK, valid_BTK,
                                         scale, v_dim, q_chunk)
 
@@ -39,7 +46,18 @@ def indexer_topk(q_BTIJ, k_BSJ, w_BTI, topk, segment_ids_BT=None, *,
   """Causal, in-segment top-k of the lightning-indexer scores.
   Returns (idx_BTK int32, valid_BTK bool)."""
   if resolve_impl(impl) == "pallas":
-    from dsax.kernels import indexer as kernel
-    return kernel.indexer_topk(q_BTIJ, k_BSJ, w_BTI, topk, segment_ids_BT)
+    return _indexer_kernel.indexer_topk(q_BTIJ, k_BSJ, w_BTI, topk,
+                                        segment_ids_BT)
   return reference.indexer_topk_reference(q_BTIJ, k_BSJ, w_BTI, topk,
                                           segment_ids_BT, q_chunk)
+
+
+def mla_flash(q_BTNK, k_BSNK, v_BSNE, scale, segment_ids_BT=None, *,
+              q_chunk=256, impl="auto"):
+  """Causal, in-segment dense attention (expanded MLA, K = H + R).
+  Returns (o_BTNE, lse_BTN)."""
+  if resolve_impl(impl) == "pallas":
+    return _mla_flash_kernel.mla_flash(q_BTNK, k_BSNK, v_BSNE, scale,
+                                       segment_ids_BT)
+  return _mla_flash_kernel.mla_flash_reference(q_BTNK, k_BSNK, v_BSNE, scale,
+                                               segment_ids_BT, q_chunk=q_chunk)

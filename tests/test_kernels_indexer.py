@@ -14,26 +14,35 @@ from dsax.kernels.indexer import IndexerBlocks, indexer_topk
 
 gpu = pytest.mark.skipif(jax.default_backend() == "cpu",
                          reason="needs a GPU (compiled Triton kernels)")
+# Interpret-mode kernels are big XLA loops: compile them without LLVM
+# optimisation (3x faster to compile; these arrays are tiny).
+FAST = ({"xla_backend_optimization_level": 0}
+        if jax.default_backend() == "cpu" else {})
 
 SMALL = IndexerBlocks(block_t=16, block_s=16, q_chunk=16)
 
 
+def normal(rng, shape, dtype=jnp.float32):
+  # numpy, not jax.random: eager jax.random compiles a kernel per shape.
+  return jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+
+
 def inputs(b, t, i, j, seed=0, segments=False, dtype=jnp.float32):
-  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
-  q = jax.random.normal(ks[0], (b, t, i, j), dtype)
-  k = jax.random.normal(ks[1], (b, t, j), dtype)
-  w = jax.random.normal(ks[2], (b, t, i), jnp.float32)
+  rng = np.random.default_rng(seed)
+  q = normal(rng, (b, t, i, j), dtype)
+  k = normal(rng, (b, t, j), dtype)
+  w = normal(rng, (b, t, i))
   seg = None
   if segments:   # packed documents of random lengths
-    seg = jnp.cumsum(jax.random.bernoulli(ks[3], 0.15, (b, t)), axis=1)
-    seg = seg.astype(jnp.int32)
+    seg = jnp.asarray(np.cumsum(rng.random((b, t)) < 0.15, axis=1), jnp.int32)
   return q, k, w, seg
 
 
 def both(q, k, w, topk, seg, block):
-  kernel = jax.jit(functools.partial(indexer_topk, topk=topk, block=block))
+  kernel = jax.jit(functools.partial(indexer_topk, topk=topk, block=block),
+                   compiler_options=FAST)
   ref = jax.jit(functools.partial(reference.indexer_topk_reference,
-                                  topk=topk))
+                                  topk=topk), compiler_options=FAST)
   return (kernel(q, k, w, segment_ids_BT=seg),
           ref(q, k, w, segment_ids_BT=seg))
 
@@ -81,9 +90,9 @@ def test_ties_go_to_the_lower_index():
   """Integer-valued inputs give exact scores with many ties; the kernel
   must then agree with the reference index for index."""
   b, t, i, j = 1, 33, 2, 4
-  ks = jax.random.split(jax.random.PRNGKey(7), 3)
-  q = jax.random.randint(ks[0], (b, t, i, j), -1, 2).astype(jnp.float32)
-  k = jax.random.randint(ks[1], (b, t, j), -1, 2).astype(jnp.float32)
+  rng = np.random.default_rng(7)
+  q = jnp.asarray(rng.integers(-1, 2, (b, t, i, j)), jnp.float32)
+  k = jnp.asarray(rng.integers(-1, 2, (b, t, j)), jnp.float32)
   w = jnp.ones((b, t, i), jnp.float32)
   got, want = both(q, k, w, 6, None, SMALL)
   np.testing.assert_array_equal(got[0], want[0])
@@ -118,7 +127,8 @@ def test_dispatch_impl_pallas():
   from dsax import kernels
   q, k, w, seg = inputs(1, 24, 2, 16, seed=3, segments=True)
   call = lambda impl: jax.jit(functools.partial(
-      kernels.indexer_topk, topk=4, impl=impl))(q, k, w, segment_ids_BT=seg)
+      kernels.indexer_topk, topk=4, impl=impl),
+      compiler_options=FAST)(q, k, w, segment_ids_BT=seg)
   got, want = call("pallas"), call("reference")
   assert_same_selection(got, want, q, k, w, seg)
 

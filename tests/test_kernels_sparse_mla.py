@@ -13,33 +13,38 @@ from dsax.kernels.sparse_mla import SparseMLABlocks, sparse_mla
 
 gpu = pytest.mark.skipif(jax.default_backend() == "cpu",
                          reason="needs a GPU (compiled Triton kernels)")
+# Interpret-mode kernels are big XLA loops: compile them without LLVM
+# optimisation (3x faster to compile; these arrays are tiny).
+FAST = ({"xla_backend_optimization_level": 0}
+        if jax.default_backend() == "cpu" else {})
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def causal_selection(key, b, t, k, segment_ids=None):
+def normal(rng, shape, dtype=jnp.float32):
+  # numpy, not jax.random: eager jax.random compiles a kernel per shape.
+  return jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+
+
+def causal_selection(rng, b, t, k, segment_ids=None):
   """Random causal (and in-segment) selections via the reference top-k:
   early queries (t + 1 < k) get invalid entries, as in the model."""
-  ks = jax.random.split(key, 3)
-  iq = jax.random.normal(ks[0], (b, t, 2, 8))
-  ik = jax.random.normal(ks[1], (b, t, 8))
-  iw = jax.random.normal(ks[2], (b, t, 2))
-  return reference.indexer_topk_reference(iq, ik, iw, k, segment_ids)
+  iq, ik, iw = (normal(rng, s) for s in ((b, t, 2, 8), (b, t, 8), (b, t, 2)))
+  return jax.jit(reference.indexer_topk_reference, static_argnums=3,
+                 compiler_options=FAST)(iq, ik, iw, k, segment_ids)
 
 
 def inputs(b, t, n, d, k, seed=0, segment_ids=None, dtype=jnp.float32):
-  ks = jax.random.split(jax.random.PRNGKey(seed), 3)
-  q = jax.random.normal(ks[0], (b, t, n, d), dtype)
-  kv = jax.random.normal(ks[1], (b, t, d), dtype)
-  idx, valid = causal_selection(ks[2], b, t, k, segment_ids)
+  rng = np.random.default_rng(seed)
+  q = normal(rng, (b, t, n, d), dtype)
+  kv = normal(rng, (b, t, d), dtype)
+  idx, valid = causal_selection(rng, b, t, k, segment_ids)
   return q, kv, idx, valid
 
 
 def run(fn, q, kv, idx, valid, scale, v_dim, **kw):
   """Outputs and gradients of a loss through both o and lse, jitted."""
-  ks = jax.random.split(jax.random.PRNGKey(99), 2)
+  rng = np.random.default_rng(99)
   b, t, n, _ = q.shape
-  co = jax.random.normal(ks[0], (b, t, n, v_dim))
-  cl = jax.random.normal(ks[1], (b, t, n))
+  co, cl = normal(rng, (b, t, n, v_dim)), normal(rng, (b, t, n))
 
   def loss(q, kv):
     o, lse = fn(q, kv, idx, valid, scale, v_dim, **kw)
@@ -47,7 +52,8 @@ def run(fn, q, kv, idx, valid, scale, v_dim, **kw):
             (o, lse))
 
   (_, (o, lse)), (dq, dkv) = jax.jit(
-      jax.value_and_grad(loss, (0, 1), has_aux=True))(q, kv)
+      jax.value_and_grad(loss, (0, 1), has_aux=True),
+      compiler_options=FAST)(q, kv)
   return o, lse, dq, dkv
 
 
@@ -121,7 +127,8 @@ def test_dispatch_impl_pallas():
   from dsax import kernels
   q, kv, idx, valid = inputs(1, 10, 4, 24, 4, seed=4)
   call = lambda impl: jax.jit(functools.partial(
-      kernels.sparse_mla, scale=0.3, v_dim=16, impl=impl))(q, kv, idx, valid)
+      kernels.sparse_mla, scale=0.3, v_dim=16, impl=impl),
+      compiler_options=FAST)(q, kv, idx, valid)
   got, want = call("pallas"), call("reference")
   for g, w in zip(got, want):
     close(g, w, 1e-5)
