@@ -161,6 +161,10 @@ def indexer_topk(q_BTIJ: jax.Array, k_BSJ: jax.Array, w_BTI: jax.Array,
   """
   check_inputs(q_BTIJ, k_BSJ, w_BTI, topk, segment_ids_BT, block)
   interpret = resolve_interpret(interpret)
+  # The outputs are integers: no gradient flows, and without this a caller
+  # differentiating through q, k, w would ask Pallas to JVP the kernel.
+  q_BTIJ, k_BSJ, w_BTI = (jax.lax.stop_gradient(x)
+                          for x in (q_BTIJ, k_BSJ, w_BTI))
   b, t, n_heads, j = q_BTIJ.shape
   s = k_BSJ.shape[1]
   kk = min(topk, s)
