@@ -61,10 +61,11 @@ NEG_INF = -1e30   # masked logit, the reference's value
 class SparseMLABlocks:
   """Tile sizes (powers of two >= 16; clipped to the problem)."""
   block_n: int = 64         # heads per program: the M dim of every matmul
-  block_k: int = 64         # selected rows per inner step (fwd and dq)
+  block_k: int = 32         # selected rows per inner step (fwd and dq)
   block_k_dkv: int = 32     # selected rows per dkv program
   bwd_q_chunk: int = 128    # queries per dkv scatter step (memory, see above)
-  num_warps: int = 4
+  # Untuned guesses: a [64, 512] f32 accumulator wants 8 warps.
+  num_warps: int = 8
   num_stages: int = 2
 
 
