@@ -83,7 +83,8 @@ def _scores_kernel(qpos_ref, qseg_ref, kseg_ref, q_ref, w_ref, k_ref, o_ref,
 
   # A tile wholly above the diagonal has nothing visible: skip its heads.
   live = pl.program_id(2) * bs <= jnp.max(qpos)
-  acc = jax.lax.fori_loop(0, jnp.where(live, n_heads, 0), head,
+  trips = jnp.where(live, jnp.int32(n_heads), jnp.int32(0))
+  acc = jax.lax.fori_loop(jnp.int32(0), trips, head,
                           jnp.zeros((bt, bs), jnp.float32))
   o_ref[...] = jnp.where(mask, acc, -jnp.inf)
 
