@@ -57,17 +57,19 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 
 
 def setup_logging(workdir: str) -> None:
-  """INFO to stderr and to <workdir>/log.txt."""
-  root = logging.getLogger()
-  root.setLevel(logging.INFO)
+  """INFO of the ``dsax`` loggers to stderr and to <workdir>/log.txt (not
+  propagated, so a handler that a library put on the root logger does not
+  print every line twice)."""
+  logger = logging.getLogger("dsax")
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
   fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
   path = os.path.abspath(os.path.join(workdir, "log.txt"))
-  for h in list(root.handlers):
-    if getattr(h, "_dsax", False):
-      root.removeHandler(h)
+  for h in list(logger.handlers):
+    logger.removeHandler(h)
+    h.close()
   for h in (logging.StreamHandler(), logging.FileHandler(path)):
     h.setFormatter(fmt)
-    h._dsax = True  # pylint: disable=protected-access
-    root.addHandler(h)
-  for noisy in ("absl", "orbax", "jax._src"):
+    logger.addHandler(h)
+  for noisy in ("absl", "orbax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -366,8 +366,9 @@ def run(cfg: ExperimentConfig, workdir: str) -> dict:
       meta["done"].append(phase.name)
       meta["global_base"] += phase.steps
       meta.update(phase=None, phase_step=0)
-      if not ckpts.save(meta["global_base"], {"params": params},
-                        data_iter.get_state(), meta):
+      if phase.steps and not ckpts.save(meta["global_base"],
+                                        {"params": params},
+                                        data_iter.get_state(), meta):
         raise NonFiniteLoss(f"phase {phase.name!r} ended with non-finite "
                             "parameters; nothing was saved")
       latest = None
