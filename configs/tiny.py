@@ -1,6 +1,8 @@
 """A model small enough for tests: 2 layers, width 64, byte vocabulary.
 
-  python launch.py tiny
+  python -c "from configs.tiny import model_config; print(model_config())"
+
+The runnable whole-pipeline version of it is configs/tiny_run.py.
 """
 
 from dsax.config import IndexerConfig, ModelConfig
