@@ -18,7 +18,7 @@ Layout. D = v_dim + R is split into a "value" part (the first v_dim columns,
 which are also the values) and a "rope" part (the rest), each zero-padded to a
 power of two >= 16 (Triton block shapes are powers of two and tl.dot needs
 dims >= 16; for DeepSeek, 576 = 512 + 64 needs no padding). Heads are padded to
-a multiple of ``block_n``. ``valid`` is folded into the index: sel = idx where
+a multiple of the head blocks. ``valid`` is folded into the index: sel = idx where
 valid else -1 - idx, so one int32 array travels and the row is recoverable
 (invalid entries still gather a real row, exactly as the reference does).
 
@@ -27,7 +27,7 @@ selected rows gathered by index inside the kernel):
   forward  grid (B, T, N / block_n): one query token and a block of heads per
            program; loops over the K selected rows in blocks of ``block_k``
            with an online softmax; writes o and lse.
-  dq       grid (B, T, N / block_n): same loop, accumulates dq.
+  dq       grid (B, T, N / block_n_dq): same loop, accumulates dq.
   dkv      grid (B, T_chunk, K / block_k_dkv): a block of selected rows of one
            query, loops over head blocks; writes that query's contribution
            dkv_sel [B, T_chunk, K, D] (summed over heads, f32).
@@ -60,13 +60,21 @@ NEG_INF = -1e30   # masked logit, the reference's value
 @dataclasses.dataclass(frozen=True)
 class SparseMLABlocks:
   """Tile sizes (powers of two >= 16; clipped to the problem)."""
-  block_n: int = 64         # heads per program: the M dim of every matmul
-  block_k: int = 32         # selected rows per inner step (fwd and dq)
-  block_k_dkv: int = 32     # selected rows per dkv program
+  block_n: int = 32         # fwd: heads per program (the matmuls' M dim)
+  block_k: int = 32         # fwd and dq: selected rows per inner step
+  block_n_dq: int = 32      # dq: heads per program
+  block_n_dkv: int = 32     # dkv: heads per inner step
+  block_k_dkv: int = 32     # dkv: selected rows per program
   bwd_q_chunk: int = 128    # queries per dkv scatter step (memory, see above)
-  # Untuned guesses: a [64, 512] f32 accumulator wants 8 warps.
   num_warps: int = 8
   num_stages: int = 2
+  num_warps_bwd: int = 8
+  num_stages_bwd: int = 1
+  # Not timed on a GPU. Compiled for sm_90 (Triton 3.5 + ptxas, D = 576, 64
+  # heads, bf16), these defaults fit without spills: fwd 76 KB shared,
+  # dq 135 KB, dkv 111 KB. block_n 64 in the fwd (rows gathered once per
+  # token, not twice) spills ~600 B/thread; 2 stages in the dkv overflow
+  # shared memory (311 KB > 227 KB).
 
 
 # ---------------------------------------------------------------- helpers
@@ -126,7 +134,9 @@ class _Layout:
   r: int          # d - v_dim (0: no rope part)
   vp: int
   rp: int
-  bn: int
+  bn: int         # fwd heads per program
+  bnq: int        # dq heads per program
+  bnd: int        # dkv heads per step
   np_: int
   bk: int
   bkd: int
@@ -142,12 +152,13 @@ def _layout(q, kv, idx, v_dim, block: SparseMLABlocks) -> _Layout:
   s = kv.shape[1]
   k = idx.shape[2]
   r = d - v_dim
-  bn = min(pow2(block.block_n), pow2(n))
+  bn, bnq, bnd = (min(pow2(x), pow2(n)) for x in
+                  (block.block_n, block.block_n_dq, block.block_n_dkv))
   bk = min(pow2(block.block_k), pow2(k))
   bkd = min(pow2(block.block_k_dkv), pow2(k))
   return _Layout(b=b, t=t, s=s, n=n, d=d, k=k, v=v_dim, r=r,
-                 vp=pow2(v_dim), rp=pow2(r) if r else 0, bn=bn,
-                 np_=round_up(n, bn), bk=bk, bkd=bkd,
+                 vp=pow2(v_dim), rp=pow2(r) if r else 0, bn=bn, bnq=bnq,
+                 bnd=bnd, np_=round_up(n, max(bn, bnq, bnd)), bk=bk, bkd=bkd,
                  kp=round_up(k, max(bk, bkd)))
 
 
@@ -173,7 +184,10 @@ def _encode(idx_BTK, valid_BTK, lay: _Layout):
   return pad_axis(sel, 2, lay.kp, value=-1)
 
 
-def _params(block: SparseMLABlocks):
+def _params(block: SparseMLABlocks, bwd: bool = False):
+  if bwd:
+    return plgpu.CompilerParams(num_warps=block.num_warps_bwd,
+                                num_stages=block.num_stages_bwd)
   return plgpu.CompilerParams(num_warps=block.num_warps,
                               num_stages=block.num_stages)
 
@@ -339,10 +353,10 @@ def _dkv_kernel(*refs, scale, k_real, block_n, has_rope):
 
 
 def _dq_call(sel, qs, kvs, do, lse, delta, lay, scale, block, interpret):
-  row = lambda w: pl.BlockSpec((None, None, lay.bn, w),
+  row = lambda w: pl.BlockSpec((None, None, lay.bnq, w),
                                lambda b, t, h: (b, t, h, 0))
   full = lambda w: pl.BlockSpec((None, lay.s, w), lambda b, t, h: (b, 0, 0))
-  vec = pl.BlockSpec((None, None, lay.bn), lambda b, t, h: (b, t, h))
+  vec = pl.BlockSpec((None, None, lay.bnq), lambda b, t, h: (b, t, h))
   widths = [lay.vp] + ([lay.rp] if lay.has_rope else [])
   in_specs = ([pl.BlockSpec((None, None, lay.kp), lambda b, t, h: (b, t, 0))]
               + [row(w) for w in widths] + [full(w) for w in widths]
@@ -352,9 +366,9 @@ def _dq_call(sel, qs, kvs, do, lse, delta, lay, scale, block, interpret):
   kernel = functools.partial(_dq_kernel, scale=scale, k_real=lay.k,
                              block_k=lay.bk, has_rope=lay.has_rope)
   return pl.pallas_call(
-      kernel, grid=(lay.b, lay.t, lay.np_ // lay.bn), in_specs=in_specs,
+      kernel, grid=(lay.b, lay.t, lay.np_ // lay.bnq), in_specs=in_specs,
       out_specs=[row(w) for w in widths], out_shape=out_shape,
-      interpret=interpret, compiler_params=_params(block),
+      interpret=interpret, compiler_params=_params(block, bwd=True),
       name="sparse_mla_dq",
   )(sel, *qs, *kvs, do, lse, delta)
 
@@ -375,11 +389,11 @@ def _dkv_call(sel, qs, kvs, do, lse, delta, lay, scale, block, interpret):
   out_shape = [jax.ShapeDtypeStruct((lay.b, tc, lay.kp, w), jnp.float32)
                for w in widths]
   kernel = functools.partial(_dkv_kernel, scale=scale, k_real=lay.k,
-                             block_n=lay.bn, has_rope=lay.has_rope)
+                             block_n=lay.bnd, has_rope=lay.has_rope)
   return pl.pallas_call(
       kernel, grid=(lay.b, tc, lay.kp // lay.bkd), in_specs=in_specs,
       out_specs=[out(w) for w in widths], out_shape=out_shape,
-      interpret=interpret, compiler_params=_params(block),
+      interpret=interpret, compiler_params=_params(block, bwd=True),
       name="sparse_mla_dkv",
   )(sel, *qs, *kvs, do, lse, delta)
 
@@ -493,7 +507,8 @@ def check_inputs(q_BTND, kv_BSD, idx_BTK, valid_BTK, scale, v_dim,
   if not isinstance(scale, (int, float)) or not math.isfinite(scale):
     raise TypeError(f"scale must be a finite Python number (static), got "
                     f"{scale!r}")
-  for name in ("block_n", "block_k", "block_k_dkv", "bwd_q_chunk"):
+  for name in ("block_n", "block_k", "block_n_dq", "block_n_dkv",
+               "block_k_dkv", "bwd_q_chunk"):
     val = getattr(block, name)
     if not isinstance(val, int) or val < 1:
       raise ValueError(f"SparseMLABlocks.{name} must be a positive int, "

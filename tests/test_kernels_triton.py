@@ -1,15 +1,24 @@
 """The kernels lower to Triton IR for CUDA, checked on CPU.
 
 Lowering (not compiling) runs Pallas' Triton lowering without a GPU, so a CPU
-machine can catch primitives Triton lacks, tiles that are not powers of two,
-matmuls under 16 wide and atomics, at DeepSeek shapes and at the odd test
-shapes. What it cannot catch: PTX compilation, shared-memory or register
-limits, speed. Uses the internal Pallas Triton lowering module to read the IR;
-skips if that moves.
+machine can catch primitives Triton lacks, ill-formed IR, tiles that are not
+powers of two, matmuls under 16 wide and atomics, at DeepSeek shapes and at
+the odd test shapes. Uses the internal Pallas Triton lowering module to read
+the IR; skips if that moves.
+
+With DSAX_TRITON_PYTHON naming a Python that has the ``triton`` package (not
+a dependency; e.g. ``python -m venv /tmp/tenv && /tmp/tenv/bin/pip install
+triton==3.5.0``), ``test_fits_sm90`` also compiles that IR to sm_90 machine
+code with Triton's own ptxas and checks shared memory (<= 227 KB) and
+register spills (none) at the default tile sizes. Triton 3.5 is not the
+Triton inside jaxlib, so this is an estimate; speed still needs a GPU.
 """
 
 import functools
+import json
+import os
 import re
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -105,3 +114,83 @@ def test_mla_flash_lowers(triton_modules, b, t, n, dk, e, dtype):
   grad = jax.grad(lambda *a: f32_sum(fn(*a)[0]), (0, 1, 2))
   lower_for_cuda(grad, *args)
   check_ir(triton_modules, 1 + 3)      # fwd; fwd, dkv, dq
+
+
+# ------------------------------------------------- sm_90 compile (optional)
+
+TRITON_PYTHON = os.environ.get("DSAX_TRITON_PYTHON")
+SHARED_LIMIT = 227 * 1024     # H100 / H200 opt-in shared memory per block
+COMPILE = r"""
+import json, os, re, subprocess, sys
+import triton
+from triton.backends.compiler import GPUTarget
+path, warps, stages = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+k = triton.compile(path, target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": warps, "num_stages": stages})
+ptx = path + ".ptx"
+open(ptx, "w").write(k.asm["ptx"])
+ptxas = os.path.join(os.path.dirname(triton.__file__),
+                     "backends", "nvidia", "bin", "ptxas")
+r = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx, "-o",
+                    os.devnull], capture_output=True, text=True, check=True)
+spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores",
+                                        r.stderr))
+regs = max(int(x) for x in re.findall(r"Used (\d+) registers", r.stderr))
+print(json.dumps(dict(shared=k.metadata.shared, spills=spills, regs=regs)))
+"""
+
+
+def _deepseek_modules(op, modules):
+  """Lowers one op (fwd and bwd) at DeepSeek sizes with default tiles;
+  returns {kernel name: (ttir, num_warps, num_stages)}."""
+  from dsax.kernels.indexer import IndexerBlocks
+  from dsax.kernels.mla_flash import FlashBlocks
+  from dsax.kernels.sparse_mla import SparseMLABlocks
+  b, t = 1, 1024
+  if op == "sparse":
+    blk = SparseMLABlocks()
+    fn = functools.partial(sparse_mla, scale=0.1, v_dim=512, interpret=False)
+    grad = jax.grad(lambda q, kv, i, m: f32_sum(fn(q, kv, i, m)[0]), (0, 1))
+    lower_for_cuda(grad, S((b, t, 64, 576), BF16), S((b, t, 576), BF16),
+                   S((b, t, 2048), jnp.int32), S((b, t, 2048), jnp.bool_))
+    params = {"sparse_mla_fwd": (blk.num_warps, blk.num_stages),
+              "sparse_mla_dq": (blk.num_warps_bwd, blk.num_stages_bwd),
+              "sparse_mla_dkv": (blk.num_warps_bwd, blk.num_stages_bwd)}
+  elif op == "indexer":
+    blk = IndexerBlocks()
+    fn = lambda q, k, w, s: indexer_topk(q, k, w, 2048, s, interpret=False)
+    lower_for_cuda(fn, S((b, t, 64, 128), BF16), S((b, t, 128), BF16),
+                   S((b, t, 64), jnp.float32), S((b, t), jnp.int32))
+    params = {"indexer_scores": (blk.num_warps, blk.num_stages)}
+  else:
+    blk = FlashBlocks()
+    fn = lambda q, k, v, s: mla_flash(q, k, v, 0.1, s, interpret=False)
+    grad = jax.grad(lambda *a: f32_sum(fn(*a)[0]), (0, 1, 2))
+    lower_for_cuda(grad, S((b, t, 128, 192), BF16), S((b, t, 128, 192), BF16),
+                   S((b, t, 128, 128), BF16), S((b, t), jnp.int32))
+    params = {n: (blk.num_warps, blk.num_stages)
+              for n in ("mla_flash_fwd", "mla_flash_dkv", "mla_flash_dq")}
+  out = {}
+  for asm in modules:
+    name = re.search(r"module @(\w+)", asm).group(1)
+    out[name] = (asm,) + params[name]
+  assert set(out) == set(params)
+  return out
+
+
+@pytest.mark.skipif(not TRITON_PYTHON,
+                    reason="set DSAX_TRITON_PYTHON to a Python with triton")
+@pytest.mark.parametrize("op", ["sparse", "indexer", "dense"])
+def test_fits_sm90(triton_modules, tmp_path, op):
+  for name, (asm, warps, stages) in _deepseek_modules(
+      op, triton_modules).items():
+    path = tmp_path / f"{name}.ttir"
+    path.write_text(asm)
+    run = subprocess.run([TRITON_PYTHON, "-c", COMPILE, str(path), str(warps),
+                          str(stages)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, (name, run.stderr[-2000:])
+    info = json.loads(run.stdout.strip().splitlines()[-1])
+    print(name, info)
+    assert info["shared"] <= SHARED_LIMIT, (name, info)
+    assert info["spills"] == 0, (name, info)
