@@ -189,3 +189,25 @@ def test_sparse_forward_and_backward_never_hold_t_by_s():
                 if hasattr(a, "shape"))
   # Logits are T x V = 131K; any T x S (x heads) tensor would be >= 262K.
   assert biggest < t * t, biggest
+
+
+def test_hadamard_keeps_indexer_scores_and_fp8_perturbs_them_slightly():
+  def scores(**ix):
+    cfg = cfg_with(topk=8)
+    cfg = dataclasses.replace(cfg, indexer=dataclasses.replace(cfg.indexer,
+                                                               **ix))
+    params = init(cfg)
+    p0 = jax.tree.map(lambda x: x[0], params["layers"])
+    h = model.embed(params, tokens(), cfg)
+    ang = dsa.indexer_angles(model.default_positions(tokens()), cfg)
+    cq = mla.project_q(p0["attn"], h, mla.mla_angles(
+        model.default_positions(tokens()), cfg), cfg)[2]
+    q, k, w = dsa.indexer_project(p0["indexer"], h, cq, ang, cfg)
+    return np.asarray(reference.indexer_logits(q, k, w))
+
+  plain = scores()
+  np.testing.assert_allclose(scores(hadamard=True), plain, rtol=1e-4,
+                             atol=1e-6)
+  fp8 = scores(hadamard=True, fp8=True)
+  err = np.abs(fp8 - plain).max() / np.abs(plain).max()
+  assert 0 < err < 0.2

@@ -103,6 +103,9 @@ def _check_model(cfg: ModelConfig) -> None:
   if ix.hadamard and ix.head_dim & (ix.head_dim - 1):
     raise ConfigError(f"model.indexer.hadamard needs a power-of-two head_dim, "
                       f"got {ix.head_dim}")
+  if ix.fp8 and ix.head_dim > 128 and ix.head_dim % 128:
+    raise ConfigError(f"model.indexer.fp8 scales 128-vectors: head_dim must be "
+                      f"<= 128 or a multiple of 128, got {ix.head_dim}")
   rs = cfg.rope_scaling
   if rs.enabled and rs.factor <= 1.0:
     raise ConfigError(
