@@ -210,3 +210,192 @@ def indexer_topk(q_BTIJ: jax.Array, k_BSJ: jax.Array, w_BTI: jax.Array,
     join = lambda x: jnp.moveaxis(x, 0, 1).reshape((b, tp, kk))
     idx, valid = join(idx), join(valid)
   return idx[:, :t], valid[:, :t]
+
+
+# ------------------------------------------------------ logits with a VJP
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitsBlocks:
+  """Tile sizes of ``indexer_logits`` (powers of two >= 16)."""
+  block_t: int = 64
+  block_s: int = 64
+  num_warps: int = 4
+  num_stages: int = 2
+
+
+def _logits_fwd_kernel(q_ref, w_ref, k_ref, o_ref, *, n_heads):
+  """One [block_t, block_s] tile of sum_i w[i, t] relu(q[i, t] . k[s])."""
+  k = k_ref[...]
+
+  def head(i, acc):
+    dots = jax.lax.dot_general(q_ref[i], k, (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+    return acc + w_ref[i][:, None] * jnp.maximum(dots, 0.0)
+
+  o_ref[...] = jax.lax.fori_loop(jnp.int32(0), jnp.int32(n_heads), head,
+                                 jnp.zeros(o_ref.shape, jnp.float32))
+
+
+def _logits_dqw_kernel(q_ref, w_ref, k_ref, g_ref, dq_ref, dw_ref, *, bs):
+  """One head and query block: loops over key blocks.
+  dw[t] = sum_s g relu(q.k),  dq[t] = w[t] sum_s g 1[q.k > 0] k[s]."""
+  q = q_ref[...]
+
+  def body(j, carry):
+    dq, dw = carry
+    keys = pl.ds(j * bs, bs)
+    k = k_ref[keys, :]
+    g = g_ref[:, keys]
+    dots = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+    dw = dw + jnp.sum(g * jnp.maximum(dots, 0.0), axis=1)
+    gm = jnp.where(dots > 0, g, 0.0).astype(k.dtype)
+    dq = dq + jax.lax.dot_general(gm, k, (((1,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.float32)
+    return dq, dw
+
+  n_blocks = k_ref.shape[0] // bs
+  dq, dw = jax.lax.fori_loop(
+      jnp.int32(0), jnp.int32(n_blocks), body,
+      (jnp.zeros(q.shape, jnp.float32), jnp.zeros(q.shape[:1], jnp.float32)))
+  dq_ref[...] = (dq * w_ref[...][:, None]).astype(dq_ref.dtype)
+  dw_ref[...] = dw
+
+
+def _logits_dk_kernel(q_ref, w_ref, k_ref, g_ref, dk_ref, *, bt, n_heads):
+  """One key block: loops over query blocks and heads.
+  dk[s] = sum_t sum_i g w[i, t] 1[q[i, t].k > 0] q[i, t]."""
+  k = k_ref[...]
+
+  def t_body(tb, dk):
+    rows = pl.ds(tb * bt, bt)
+    g = g_ref[rows, :]
+
+    def h_body(i, dk):
+      q = q_ref[i, rows, :]
+      dots = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+      gm = jnp.where(dots > 0, g * w_ref[i, rows][:, None], 0.0)
+      return dk + jax.lax.dot_general(gm.astype(q.dtype), q,
+                                      (((0,), (0,)), ((), ())),
+                                      preferred_element_type=jnp.float32)
+
+    return jax.lax.fori_loop(jnp.int32(0), jnp.int32(n_heads), h_body, dk)
+
+  n_tblocks = g_ref.shape[0] // bt
+  dk = jax.lax.fori_loop(jnp.int32(0), jnp.int32(n_tblocks), t_body,
+                         jnp.zeros(k.shape, jnp.float32))
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+
+
+def _logits_layout(q_BTIJ, k_BSJ, block: LogitsBlocks):
+  b, t, n_heads, j = q_BTIJ.shape
+  s = k_BSJ.shape[1]
+  bt = min(pow2(block.block_t), pow2(t))
+  bs = min(pow2(block.block_s), pow2(s))
+  return b, t, s, n_heads, j, pow2(j), bt, bs, round_up(t, bt), round_up(s, bs)
+
+
+def _logits_prepare(q_BTIJ, k_BSJ, w_BTI, block):
+  b, t, s, n_heads, j, jp, bt, bs, tp, sp = _logits_layout(q_BTIJ, k_BSJ,
+                                                           block)
+  q = pad_axis(pad_axis(jnp.swapaxes(q_BTIJ, 1, 2), 3, jp), 2, tp)
+  w = pad_axis(jnp.swapaxes(w_BTI.astype(jnp.float32), 1, 2), 2, tp)
+  k = pad_axis(pad_axis(k_BSJ, 2, jp), 1, sp)
+  return q, w, k
+
+
+def _logits_forward(q_BTIJ, k_BSJ, w_BTI, block, interpret):
+  b, t, s, n_heads, j, jp, bt, bs, tp, sp = _logits_layout(q_BTIJ, k_BSJ,
+                                                           block)
+  q, w, k = _logits_prepare(q_BTIJ, k_BSJ, w_BTI, block)
+  out = pl.pallas_call(
+      functools.partial(_logits_fwd_kernel, n_heads=n_heads),
+      grid=(b, tp // bt, sp // bs),
+      in_specs=[
+          pl.BlockSpec((None, n_heads, bt, jp), lambda b, i, j: (b, 0, i, 0)),
+          pl.BlockSpec((None, n_heads, bt), lambda b, i, j: (b, 0, i)),
+          pl.BlockSpec((None, bs, jp), lambda b, i, j: (b, j, 0)),
+      ],
+      out_specs=pl.BlockSpec((None, bt, bs), lambda b, i, j: (b, i, j)),
+      out_shape=jax.ShapeDtypeStruct((b, tp, sp), jnp.float32),
+      interpret=interpret, name="indexer_logits_fwd",
+      compiler_params=plgpu.CompilerParams(num_warps=block.num_warps,
+                                           num_stages=block.num_stages),
+  )(q, w, k)
+  return out[:, :t, :s]
+
+
+def _logits_backward(block, interpret, res, g_BTS):
+  q_BTIJ, k_BSJ, w_BTI = res
+  b, t, s, n_heads, j, jp, bt, bs, tp, sp = _logits_layout(q_BTIJ, k_BSJ,
+                                                           block)
+  q, w, k = _logits_prepare(q_BTIJ, k_BSJ, w_BTI, block)
+  # Padded rows and columns of g are zero: padding contributes nothing.
+  g = pad_axis(pad_axis(g_BTS.astype(jnp.float32), 1, tp), 2, sp)
+  params = plgpu.CompilerParams(num_warps=block.num_warps,
+                                num_stages=block.num_stages)
+  dq, dw = pl.pallas_call(
+      functools.partial(_logits_dqw_kernel, bs=bs),
+      grid=(b, tp // bt, n_heads),
+      in_specs=[
+          pl.BlockSpec((None, None, bt, jp), lambda b, i, h: (b, h, i, 0)),
+          pl.BlockSpec((None, None, bt), lambda b, i, h: (b, h, i)),
+          pl.BlockSpec((None, sp, jp), lambda b, i, h: (b, 0, 0)),
+          pl.BlockSpec((None, bt, sp), lambda b, i, h: (b, i, 0)),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, bt, jp), lambda b, i, h: (b, h, i, 0)),
+          pl.BlockSpec((None, None, bt), lambda b, i, h: (b, h, i)),
+      ],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct(w.shape, jnp.float32)],
+      interpret=interpret, compiler_params=params, name="indexer_logits_dqw",
+  )(q, w, k, g)
+  dk = pl.pallas_call(
+      functools.partial(_logits_dk_kernel, bt=bt, n_heads=n_heads),
+      grid=(b, sp // bs),
+      in_specs=[
+          pl.BlockSpec((None, n_heads, tp, jp), lambda b, j: (b, 0, 0, 0)),
+          pl.BlockSpec((None, n_heads, tp), lambda b, j: (b, 0, 0)),
+          pl.BlockSpec((None, bs, jp), lambda b, j: (b, j, 0)),
+          pl.BlockSpec((None, tp, bs), lambda b, j: (b, 0, j)),
+      ],
+      out_specs=pl.BlockSpec((None, bs, jp), lambda b, j: (b, j, 0)),
+      out_shape=jax.ShapeDtypeStruct(k.shape, k.dtype),
+      interpret=interpret, compiler_params=params, name="indexer_logits_dk",
+  )(q, w, k, g)
+  dq = jnp.swapaxes(dq[:, :, :t, :j], 1, 2)
+  dw = jnp.swapaxes(dw[:, :, :t], 1, 2).astype(w_BTI.dtype)
+  return dq, dk[:, :s, :j], dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _indexer_logits(q, k, w, block, interpret):
+  return _logits_forward(q, k, w, block, interpret)
+
+
+_indexer_logits.defvjp(
+    lambda q, k, w, block, interpret: (
+        _logits_forward(q, k, w, block, interpret), (q, k, w)),
+    _logits_backward)
+
+
+def indexer_logits(q_BTIJ: jax.Array, k_BSJ: jax.Array, w_BTI: jax.Array, *,
+                   block: LogitsBlocks = LogitsBlocks(),
+                   interpret: bool | None = None) -> jax.Array:
+  """I[b, t, s] = sum_i w[b, t, i] relu(q[b, t, i] . k[b, s]), f32 [B,T,S],
+  unmasked, as ``reference.indexer_logits``; differentiable in q, k, w.
+
+  Neither direction forms the [T, I, S] dots the jnp version (and its
+  autodiff) holds: the forward reduces heads per tile, the backward runs a
+  dq/dw kernel (grid B x T-blocks x I, loop over key blocks) and a dk kernel
+  (grid B x S-blocks, loops over query blocks and heads), no atomics. The
+  relu derivative at 0 is 0, as in jax. Callers map it over query chunks
+  (the output is [B, T, S]); every key block is visited (no causal skip).
+  """
+  check_inputs(q_BTIJ, k_BSJ, w_BTI, 1, None, IndexerBlocks(
+      block_t=block.block_t, block_s=block.block_s))
+  return _indexer_logits(q_BTIJ, k_BSJ, w_BTI, block,
+                         resolve_interpret(interpret))

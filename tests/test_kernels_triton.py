@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from dsax.kernels.indexer import indexer_topk
+from dsax.kernels.indexer import indexer_logits, indexer_topk
 from dsax.kernels.mla_flash import mla_flash
 from dsax.kernels.sparse_mla import sparse_mla
 
@@ -99,7 +99,11 @@ def test_indexer_lowers(triton_modules, b, t, i, j, dtype):
   fn = lambda q, k, w, s: indexer_topk(q, k, w, 64, s, interpret=False)
   lower_for_cuda(fn, S((b, t, i, j), dtype), S((b, t, j), dtype),
                  S((b, t, i), jnp.float32), S((b, t), jnp.int32))
-  check_ir(triton_modules, 1)
+  logits = functools.partial(indexer_logits, interpret=False)
+  grad = jax.grad(lambda *a: f32_sum(logits(*a)), (0, 1, 2))
+  lower_for_cuda(grad, S((b, t, i, j), dtype), S((b, t, j), dtype),
+                 S((b, t, i), jnp.float32))
+  check_ir(triton_modules, 1 + 3)      # scores; logits fwd, dqw, dk
 
 
 @pytest.mark.parametrize("b,t,n,dk,e,dtype", [
@@ -143,7 +147,7 @@ print(json.dumps(dict(shared=k.metadata.shared, spills=spills, regs=regs)))
 def _deepseek_modules(op, modules):
   """Lowers one op (fwd and bwd) at DeepSeek sizes with default tiles;
   returns {kernel name: (ttir, num_warps, num_stages)}."""
-  from dsax.kernels.indexer import IndexerBlocks
+  from dsax.kernels.indexer import IndexerBlocks, LogitsBlocks
   from dsax.kernels.mla_flash import FlashBlocks
   from dsax.kernels.sparse_mla import SparseMLABlocks
   b, t = 1, 1024
@@ -161,7 +165,14 @@ def _deepseek_modules(op, modules):
     fn = lambda q, k, w, s: indexer_topk(q, k, w, 2048, s, interpret=False)
     lower_for_cuda(fn, S((b, t, 64, 128), BF16), S((b, t, 128), BF16),
                    S((b, t, 64), jnp.float32), S((b, t), jnp.int32))
+    logits = functools.partial(indexer_logits, interpret=False)
+    grad = jax.grad(lambda *a: f32_sum(logits(*a)), (0, 1, 2))
+    lower_for_cuda(grad, S((b, t, 64, 128), BF16), S((b, t, 128), BF16),
+                   S((b, t, 64), jnp.float32))
+    lb = LogitsBlocks()
     params = {"indexer_scores": (blk.num_warps, blk.num_stages)}
+    params.update({n: (lb.num_warps, lb.num_stages) for n in (
+        "indexer_logits_fwd", "indexer_logits_dqw", "indexer_logits_dk")})
   else:
     blk = FlashBlocks()
     fn = lambda q, k, v, s: mla_flash(q, k, v, 0.1, s, interpret=False)
