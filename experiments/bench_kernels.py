@@ -8,12 +8,17 @@ Ops (each kernel and its reference; forward, and forward+backward where the
 op is differentiable):
   sparse   top-k sparse MLA, MQA form, D = C + R, v_dim = C
   indexer  lightning-indexer scores + causal top-k (no backward)
+  logits   indexer_logits (unmasked) for --logits-rows queries against all T
+           keys, as one query chunk of the warm-up KL, with its custom VJP
+           (its k column holds the rows)
+The sparse op runs first: with --budget-s the later ones are the ones skipped.
   dense    causal dense expanded MLA (mla_flash), qk dim H + R, value dim E
 FLOPs (DESIGN.md, per query token at context L, forward): dense
 2*N*(H+R+E)*L, sparse 2*N*(C+R+C)*k, indexer 2*I*J*L; summed over the causal
 sequence (L = t + 1, so dense and indexer total N*(H+R+E)*T*(T+1) and
 I*J*T*(T+1)). Forward+backward counts 3.5x the forward (backward = 2.5x:
-recompute + four matmuls per two of the forward). On CPU the kernels run in
+recompute + four matmuls per two of the forward); for logits (forward
+2*I*J*rows*T, no causal skip) 5x (two recomputes and two gradient matmuls). On CPU the kernels run in
 Pallas interpret mode: those timings check the script, not the kernels.
 """
 
@@ -34,14 +39,15 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from dsax.kernels import reference  # noqa: E402
-from dsax.kernels.indexer import indexer_topk  # noqa: E402
+from dsax.kernels.indexer import indexer_logits, indexer_topk  # noqa: E402
 from dsax.kernels.mla_flash import mla_flash, mla_flash_reference  # noqa: E402
 from dsax.kernels.sparse_mla import sparse_mla  # noqa: E402
 
 CPU = dict(t=[64, 128], k=[16, 32], n=4, c=32, r=16, h=16, e=16, i=2, j=16,
-           batch=1, reps=2, dtype="float32")
+           batch=1, reps=2, dtype="float32", logits_rows=32)
 GPU = dict(t=[4096, 16384], k=[512, 2048], n=64, c=512, r=64, h=128, e=128,
-           i=64, j=128, batch=1, reps=5, dtype="bfloat16")
+           i=64, j=128, batch=1, reps=5, dtype="bfloat16", logits_rows=1024)
+OPS = ["sparse", "indexer", "logits", "dense"]
 
 
 def timeit(fn, args, reps):
@@ -116,21 +122,6 @@ def run(args) -> list[dict]:
   scale = (args.h + args.r) ** -0.5
   for t in args.t:
     causal = t * (t + 1) / 2            # sum over queries of L = t + 1
-    if "dense" in args.ops:
-      ks = jax.random.split(jax.random.fold_in(key, t), 3)
-      q = jax.random.normal(ks[0], (b, t, n, args.h + args.r), dtype)
-      kk = jax.random.normal(ks[1], (b, t, n, args.h + args.r), dtype)
-      v = jax.random.normal(ks[2], (b, t, n, args.e), dtype)
-      flops = b * 2 * n * (args.h + args.r + args.e) * causal
-      kern = functools.partial(mla_flash, scale=scale, interpret=interpret)
-      ref = functools.partial(mla_flash_reference, scale=scale,
-                              q_chunk=args.q_chunk)
-      for impl, fn in (("pallas", kern), ("reference", ref)):
-        record("dense", impl, "fwd", t, 0, jax.jit(fn), (q, kk, v), flops)
-        if args.bwd:
-          record("dense", impl, "fwd+bwd", t, 0, fwd_bwd(fn, 3), (q, kk, v),
-                 3.5 * flops)
-      del q, kk, v
     for k in args.k:
       k = min(k, t)
       if "sparse" in args.ops:
@@ -161,6 +152,38 @@ def run(args) -> list[dict]:
           record("indexer", impl, "fwd", t, k, jax.jit(fn), (iq, ik, iw),
                  flops)
         del iq, ik, iw
+    if "dense" in args.ops:
+      ks = jax.random.split(jax.random.fold_in(key, t), 3)
+      q = jax.random.normal(ks[0], (b, t, n, args.h + args.r), dtype)
+      kk = jax.random.normal(ks[1], (b, t, n, args.h + args.r), dtype)
+      v = jax.random.normal(ks[2], (b, t, n, args.e), dtype)
+      flops = b * 2 * n * (args.h + args.r + args.e) * causal
+      kern = functools.partial(mla_flash, scale=scale, interpret=interpret)
+      ref = functools.partial(mla_flash_reference, scale=scale,
+                              q_chunk=args.q_chunk)
+      for impl, fn in (("pallas", kern), ("reference", ref)):
+        record("dense", impl, "fwd", t, 0, jax.jit(fn), (q, kk, v), flops)
+        if args.bwd:
+          record("dense", impl, "fwd+bwd", t, 0, fwd_bwd(fn, 3), (q, kk, v),
+                 3.5 * flops)
+      del q, kk, v
+    if "logits" in args.ops:
+      n_rows = min(args.logits_rows, t)
+      ks = jax.random.split(jax.random.fold_in(key, t * 13), 3)
+      iq = jax.random.normal(ks[0], (b, n_rows, args.i, args.j), dtype)
+      ik = jax.random.normal(ks[1], (b, t, args.j), dtype)
+      iw = jax.random.normal(ks[2], (b, n_rows, args.i), jnp.float32)
+      flops = b * 2 * args.i * args.j * n_rows * t
+      kern = functools.partial(indexer_logits, interpret=interpret)
+      for impl, fn in (("pallas", kern), ("reference",
+                                          reference.indexer_logits)):
+        wrap = lambda f: (lambda *a: (f(*a),))   # fwd_bwd reads output [0]
+        record("logits", impl, "fwd", t, n_rows, jax.jit(fn), (iq, ik, iw),
+               flops)
+        if args.bwd:
+          record("logits", impl, "fwd+bwd", t, n_rows, fwd_bwd(wrap(fn), 3),
+                 (iq, ik, iw), 5 * flops)
+      del iq, ik, iw
   return rows
 
 
@@ -171,11 +194,11 @@ def main(argv=None):
                       "R 64, I 64, J 128, bf16)")
   p.add_argument("--t", type=int, nargs="+", help="sequence lengths")
   p.add_argument("--k", type=int, nargs="+", help="selected keys")
-  for name in ("n", "c", "r", "h", "e", "i", "j", "batch", "reps"):
+  for name in ("n", "c", "r", "h", "e", "i", "j", "batch", "reps",
+               "logits_rows"):
     p.add_argument(f"--{name}", type=int)
   p.add_argument("--dtype", choices=["float32", "bfloat16"])
-  p.add_argument("--ops", nargs="+", default=["sparse", "indexer", "dense"],
-                 choices=["sparse", "indexer", "dense"])
+  p.add_argument("--ops", nargs="+", default=OPS, choices=OPS)
   p.add_argument("--no-bwd", dest="bwd", action="store_false")
   p.add_argument("--q-chunk", type=int, default=256,
                  help="query chunk of the jnp references")

@@ -21,6 +21,11 @@ exact ties still go to the lower index.
 
 T == S is assumed when ``segment_ids_BT`` is given (self-attention, as in the
 reference, which indexes keys' segments with the same array).
+
+``indexer_logits`` (same maths as ``reference.indexer_logits``, unmasked
+[B, T, S] f32) is the differentiable piece for the indexer's KL losses: a
+custom VJP with a dq/dw kernel and a dk kernel, so that neither direction
+holds the [T, I, S] dots that the jnp version and its autodiff keep.
 """
 
 from __future__ import annotations

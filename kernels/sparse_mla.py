@@ -11,15 +11,16 @@ with ``valid = False`` masked (logit NEG_INF, as in the reference):
 Backward (flash-attention style, p recomputed from lse, delta = sum(o * do)):
   dp = do . kv_v^T,   ds = p * (dp - delta + dlse)
   dq[t, n]        = scale * sum_k ds[n, k] kv[idx[t, k]]
-  dkv_sel[t, k]   = sum_n (scale * ds[n, k] q[t, n] + p[n, k] do[t, n])  (V cols)
+  dkv_sel[t, k]   = sum_n scale * ds[n, k] q[t, n]  (+ p[n, k] do[t, n] on
+                    the first v_dim columns)
   dkv[s]          = sum over (t, k) with idx[t, k] = s of dkv_sel[t, k]
 
 Layout. D = v_dim + R is split into a "value" part (the first v_dim columns,
 which are also the values) and a "rope" part (the rest), each zero-padded to a
 power of two >= 16 (Triton block shapes are powers of two and tl.dot needs
-dims >= 16; for DeepSeek, 576 = 512 + 64 needs no padding). Heads are padded to
-a multiple of the head blocks. ``valid`` is folded into the index: sel = idx where
-valid else -1 - idx, so one int32 array travels and the row is recoverable
+dims >= 16; for DeepSeek, 576 = 512 + 64 needs no padding). Heads are padded
+to a multiple of the head blocks. ``valid`` is folded into the index: sel = idx
+where valid else -1 - idx, so one int32 array travels and the row is recoverable
 (invalid entries still gather a real row, exactly as the reference does).
 
 Kernels (Triton style: BlockSpecs, ref indexing, fori_loop over K blocks, the
