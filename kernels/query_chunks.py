@@ -53,3 +53,28 @@ def causal_segment_mask(q_index_T: jax.Array, k_index_S: jax.Array,
   if q_seg_BT is not None:
     mask = mask & (q_seg_BT[:, :, None] == k_seg_BS[:, None, :])
   return mask
+
+
+def map_causal_chunks(fn: Callable[..., Any], chunk: int,
+                      xs_BT: tuple[jax.Array, ...],
+                      keys_BS: tuple[jax.Array, ...], remat: bool = True,
+                      max_unroll: int = 16) -> Any:
+  """Like ``map_query_chunks`` for causal self-attention, but the query chunk
+  [start, end) sees only the key prefix [0, end): ``fn(start, *x_chunks,
+  *key_prefixes)``. Keys past the chunk are masked anyway, so this skips
+  about half the score work. The chunks are unrolled (each has its own key
+  length); above ``max_unroll`` chunks it falls back to full-length keys.
+  """
+  t = xs_BT[0].shape[1]
+  n = -(-t // chunk)
+  if n == 1 or n > max_unroll:
+    nx = len(xs_BT)
+    return map_query_chunks(lambda start, *a: fn(start, *a[:nx], *keys_BS),
+                            chunk, *xs_BT, remat=remat)
+  body = jax.checkpoint(fn) if remat else fn
+  outs = []
+  for i in range(n):
+    s0, s1 = i * chunk, min(t, (i + 1) * chunk)
+    outs.append(body(jnp.int32(s0), *(x[:, s0:s1] for x in xs_BT),
+                     *(k[:, :s1] for k in keys_BS)))
+  return jax.tree.map(lambda *ys: jnp.concatenate(ys, axis=1), *outs)

@@ -90,8 +90,10 @@ def _dense_target(cfg, params, toks):
     p = jnp.sum(prob, axis=1)
     return p / p.sum(-1, keepdims=True), jnp.broadcast_to(mask, p.shape)
 
-  _, (p, mask) = mla.dense_attention(q_nope, q_rope, kv, k_rope,
-                                     p0["attn"]["wkv_b"], cfg, probe=probe)
+  # One chunk: every query's row spans all T keys.
+  _, (p, mask) = mla.dense_attention(
+      q_nope, q_rope, kv, k_rope, p0["attn"]["wkv_b"],
+      dataclasses.replace(cfg, attn_q_chunk=T), probe=probe)
   return p, mask
 
 

@@ -141,11 +141,12 @@ def recall_metrics(p_BTS: jax.Array, logits_BTS: jax.Array, mask_BTS: jax.Array,
   return {"recall": selected, "recall_oracle": oracle, "recall_local": local}
 
 
-def dense_probe(k_BSJ: jax.Array, topk: int, loss: bool, metrics: bool):
+def dense_probe(topk: int, loss: bool, metrics: bool):
   """The chunk probe for ``mla.dense_attention``: the warm-up KL per token and
-  optionally recall, from the chunk's probabilities and indexer q, w."""
+  optionally recall, from the chunk's probabilities, the indexer q and w of
+  its queries and the indexer keys of its key prefix."""
 
-  def probe(start, prob_BNTS, mask_BTS, q_BTIJ, w_BTI):
+  def probe(start, prob_BNTS, mask_BTS, q_BTIJ, w_BTI, k_BSJ):
     p = _normalise(jax.lax.stop_gradient(jnp.sum(prob_BNTS, axis=1)))
     logits = indexer_logits(q_BTIJ, k_BSJ, w_BTI)
     out = {}
@@ -232,8 +233,8 @@ def make_layer_attend(cfg: ModelConfig, attention: str,
       if attention == "dense":
         o, per_tok = mla.dense_attention(
             q_nope, q_rope, kv, k_rope, a["wkv_b"], cfg, segment_ids_BT,
-            probe=dense_probe(ik, topk, options.indexer_loss, options.metrics),
-            probe_args=(iq, iw))
+            probe=dense_probe(topk, options.indexer_loss, options.metrics),
+            probe_args=(iq, iw), probe_keys=(ik,))
         aux.update(_layer_means(per_tok))
         return o, aux
       idx, valid = kernels.indexer_topk(iq, ik, iw, topk, segment_ids_BT,
@@ -253,7 +254,8 @@ def make_layer_attend(cfg: ModelConfig, attention: str,
             jax.lax.stop_gradient(q_nope), jax.lax.stop_gradient(q_rope),
             jax.lax.stop_gradient(kv), jax.lax.stop_gradient(k_rope),
             jax.lax.stop_gradient(a["wkv_b"]), cfg, segment_ids_BT,
-            probe=dense_probe(ik, topk, False, True), probe_args=(iq, iw))
+            probe=dense_probe(topk, False, True), probe_args=(iq, iw),
+            probe_keys=(ik,))
         aux.update(_layer_means(per_tok))
       if options.return_indices:
         aux["idx"], aux["valid"] = idx, valid

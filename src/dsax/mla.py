@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from dsax import rope
 from dsax.config import ModelConfig
-from dsax.kernels.query_chunks import causal_segment_mask, map_query_chunks
+from dsax.kernels.query_chunks import causal_segment_mask, map_causal_chunks
 
 NEG_INF = -1e30
 
@@ -78,13 +78,17 @@ def dense_attention(q_nope_BTNH: jax.Array, q_rope_BTNR: jax.Array,
                     wkv_b_CNK: jax.Array, cfg: ModelConfig,
                     segment_ids_BT: jax.Array | None = None,
                     probe: Callable[..., Any] | None = None,
-                    probe_args: tuple[jax.Array, ...] = ()):
+                    probe_args: tuple[jax.Array, ...] = (),
+                    probe_keys: tuple[jax.Array, ...] = ()):
   """Causal expanded-form MLA over query chunks. Returns o_BTNE.
 
-  ``probe(start, prob_BNTS, mask_BTS, *probe_arg_chunks)`` sees each chunk's
-  attention probabilities (the DSA warm-up target is computed there, so the
-  scores are formed once) and returns a tree of [B, chunk, ...] arrays; with
-  a probe the result is ``(o_BTNE, probe_out)``.
+  Query chunk [s0, s1) is scored only against keys [0, s1) (the rest are in
+  its future). ``probe(start, prob_BNTS, mask_BTS, *probe_arg_chunks,
+  *probe_key_prefixes)`` sees each chunk's attention probabilities (the DSA
+  warm-up target is computed there, so the scores are formed once) and returns
+  a tree of [B, chunk, ...] arrays; with a probe the result is
+  ``(o_BTNE, probe_out)``. ``probe_args`` are per query [B,T,...],
+  ``probe_keys`` per key [B,S,...].
   """
   cdt = jnp.dtype(cfg.compute_dtype)
   h = cfg.qk_nope_head_dim
@@ -92,26 +96,30 @@ def dense_attention(q_nope_BTNH: jax.Array, q_rope_BTNR: jax.Array,
   k_nope_BSNH, v_BSNE = kvb[..., :h], kvb[..., h:]
   scale = softmax_scale(cfg)
   b, s_len = kv_BSC.shape[:2]
-  k_index = jnp.arange(s_len)
   seg_BT = (jnp.zeros((b, s_len), jnp.int32) if segment_ids_BT is None
             else segment_ids_BT)
+  n_args = len(probe_args)
 
-  def chunk_fn(start, qn, qr, seg, *pargs):
-    tq = qn.shape[1]
-    s = (jnp.einsum("btnh,bsnh->bnts", qn, k_nope_BSNH,
+  def chunk_fn(start, qn, qr, seg, *rest):
+    pargs, (k_nope, v, k_rope, seg_k, *pkeys) = rest[:n_args], rest[n_args:]
+    tq, sk = qn.shape[1], k_nope.shape[1]
+    s = (jnp.einsum("btnh,bsnh->bnts", qn, k_nope,
                     preferred_element_type=jnp.float32)
-         + jnp.einsum("btnr,bsr->bnts", qr, k_rope_BSR.astype(cdt),
+         + jnp.einsum("btnr,bsr->bnts", qr, k_rope.astype(cdt),
                       preferred_element_type=jnp.float32)) * scale
-    mask = causal_segment_mask(start + jnp.arange(tq), k_index, seg, seg_BT)
+    mask = causal_segment_mask(start + jnp.arange(tq), jnp.arange(sk), seg,
+                               seg_k)
     s = jnp.where(mask[:, None], s, NEG_INF)
     prob = jax.nn.softmax(s, axis=-1)
-    o = jnp.einsum("bnts,bsne->btne", prob.astype(cdt), v_BSNE)
+    o = jnp.einsum("bnts,bsne->btne", prob.astype(cdt), v)
     if probe is None:
       return o
-    return o, probe(start, prob, mask, *pargs)
+    return o, probe(start, prob, mask, *pargs, *pkeys)
 
-  return map_query_chunks(chunk_fn, cfg.attn_q_chunk, q_nope_BTNH,
-                          q_rope_BTNR, seg_BT, *probe_args)
+  return map_causal_chunks(
+      chunk_fn, cfg.attn_q_chunk, (q_nope_BTNH, q_rope_BTNR, seg_BT)
+      + tuple(probe_args),
+      (k_nope_BSNH, v_BSNE, k_rope_BSR, seg_BT) + tuple(probe_keys))
 
 
 def absorb_query(q_nope_BTNH: jax.Array, wkv_b_CNK: jax.Array,
