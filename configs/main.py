@@ -26,15 +26,15 @@ def get_config(arg=None) -> ExperimentConfig:
                             q_chunk=256))
   scale = 10 if full else 1
   phases = (
-      PhaseConfig(name="pretrain", kind="pretrain", steps=80 * scale,
+      PhaseConfig(name="pretrain", kind="pretrain", steps=60 * scale,
                   lr=3e-3, warmup_steps=20),
       # The paper's warm-up: lr 1e-3, main attention dense, indexer only.
       PhaseConfig(name="warmup", kind="warmup", steps=30 * scale, lr=1e-3,
                   warmup_steps=5, schedule="constant"),
-      PhaseConfig(name="sparse", kind="sparse", steps=20 * scale, lr=3e-4,
+      PhaseConfig(name="sparse", kind="sparse", steps=15 * scale, lr=3e-4,
                   indexer_lr=1e-3, warmup_steps=5, schedule="constant"),
       # The dense control: the same base, steps, data and lr, dense attention.
-      PhaseConfig(name="dense", kind="pretrain", steps=20 * scale, lr=3e-4,
+      PhaseConfig(name="dense", kind="pretrain", steps=15 * scale, lr=3e-4,
                   warmup_steps=5, schedule="constant", init_from="pretrain",
                   data_from="sparse"),
   )

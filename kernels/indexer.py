@@ -38,6 +38,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from dsax.kernels.tiling import pad_axis, pow2, resolve_interpret, round_up
+
 
 @dataclasses.dataclass(frozen=True)
 class IndexerBlocks:
@@ -47,28 +49,6 @@ class IndexerBlocks:
   q_chunk: int = 512      # queries per top-k step: scores [B, q_chunk, S] f32
   num_warps: int = 4
   num_stages: int = 2
-
-
-def resolve_interpret(interpret: bool | None) -> bool:
-  if interpret is None:
-    return jax.default_backend() == "cpu"
-  return bool(interpret)
-
-
-def pow2(x: int, least: int = 16) -> int:
-  return max(least, pl.next_power_of_2(int(x)))
-
-
-def round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
-def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
-  if x.shape[axis] == size:
-    return x
-  pads = [(0, 0)] * x.ndim
-  pads[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pads, constant_values=value)
 
 
 def _scores_kernel(qpos_ref, qseg_ref, kseg_ref, q_ref, w_ref, k_ref, o_ref,

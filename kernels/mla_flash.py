@@ -34,6 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from dsax.kernels.query_chunks import causal_segment_mask, map_query_chunks
+from dsax.kernels.tiling import pad_axis, pow2, resolve_interpret, round_up
 
 NEG_INF = -1e30   # masked logit, as in the model's dense path
 
@@ -47,28 +48,6 @@ class FlashBlocks:
   block_k_bwd: int = 32
   num_warps: int = 4
   num_stages: int = 2
-
-
-def resolve_interpret(interpret: bool | None) -> bool:
-  if interpret is None:
-    return jax.default_backend() == "cpu"
-  return bool(interpret)
-
-
-def pow2(x: int, least: int = 16) -> int:
-  return max(least, pl.next_power_of_2(int(x)))
-
-
-def round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
-def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
-  if x.shape[axis] == size:
-    return x
-  pads = [(0, 0)] * x.ndim
-  pads[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pads, constant_values=value)
 
 
 def pieces(d: int, least: int = 16) -> list[tuple[int, int, int]]:

@@ -55,6 +55,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from dsax.kernels.tiling import pad_axis, pow2, resolve_interpret, round_up
+
 NEG_INF = -1e30   # masked logit, the reference's value
 
 
@@ -79,29 +81,6 @@ class SparseMLABlocks:
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def resolve_interpret(interpret: bool | None) -> bool:
-  """None: interpret on CPU, compile elsewhere."""
-  if interpret is None:
-    return jax.default_backend() == "cpu"
-  return bool(interpret)
-
-
-def pow2(x: int, least: int = 16) -> int:
-  return max(least, pl.next_power_of_2(int(x)))
-
-
-def round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
-def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
-  if x.shape[axis] == size:
-    return x
-  pads = [(0, 0)] * x.ndim
-  pads[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pads, constant_values=value)
 
 
 def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -1,7 +1,6 @@
 """Trainer: freezing, optimizer-state partition, crash/resume, signals,
 non-finite losses."""
 
-import dataclasses
 import json
 import os
 import signal
