@@ -12,6 +12,7 @@ import pytest
 from conftest import init, tiny
 from dsax import dsa, mla, model
 from dsax.kernels import reference
+from test_model import _grad_wrt_embeddings
 
 T = 40
 
@@ -62,13 +63,9 @@ def test_causality_by_gradient_with_sparse_attention():
   params = init(cfg)
   toks = tokens(b=1)
   seg = jnp.array([[1] * 17 + [2] * 23])
-  emb = model.embed(params, toks, cfg)
-  for t in (3, 16, 17, 30):
-    def f(e):
-      logits, _ = model.forward(params, toks, cfg, seg, embeddings_BTD=e,
-                                attention="sparse")
-      return jax.nn.log_softmax(logits[0, t])[11]
-    g = np.asarray(jax.grad(f)(emb))[0]
+  ts = (3, 16, 17, 30)
+  grads = _grad_wrt_embeddings(cfg, params, toks, ts, seg, attention="sparse")
+  for t, g in zip(ts, grads):
     assert np.all(g[t + 1:] == 0.0), t
     if t >= 17:
       assert np.all(g[:17] == 0.0), t
@@ -133,8 +130,8 @@ def test_gradient_isolation_in_sparse_mode():
     logits, aux = model.forward(p, toks, cfg, attention="sparse")
     return model.lm_loss(logits[:, :-1], toks[:, 1:]), aux["indexer_kl"].sum()
 
-  g_lm = jax.grad(lambda p: losses(p)[0])(params)
-  g_ix = jax.grad(lambda p: losses(p)[1])(params)
+  g_lm, g_ix = jax.jit(lambda p: (jax.grad(lambda q: losses(q)[0])(p),
+                                   jax.grad(lambda q: losses(q)[1])(p)))(params)
   idx_lm, rest_lm = _split(g_lm)
   idx_ix, rest_ix = _split(g_ix)
   assert all(np.all(np.asarray(g) == 0) for g in idx_lm)

@@ -51,22 +51,25 @@ def test_yarn_changes_logits():
   assert float(jnp.abs(a - b).max()) > 1e-3
 
 
-def _grad_wrt_embeddings(cfg, params, toks, t, segment_ids=None):
+def _grad_wrt_embeddings(cfg, params, toks, ts, segment_ids=None,
+                         attention="dense"):
+  """d log p(token 7 at position t) / d embeddings, [T, D] for each t."""
   emb = model.embed(params, toks, cfg)
 
-  def f(e):
+  def f(e, t):
     logits, _ = model.forward(params, toks, cfg, segment_ids,
-                              embeddings_BTD=e)
+                              embeddings_BTD=e, attention=attention)
     return jax.nn.log_softmax(logits[0, t])[7]
-  return np.asarray(jax.grad(f)(emb))[0]
+  g = jax.jit(jax.grad(f))
+  return [np.asarray(g(emb, t))[0] for t in ts]
 
 
 def test_causality_by_gradient():
   cfg = tiny(init_std=0.1, attn_q_chunk=8)  # several query chunks
   params = init(cfg)
   toks = jax.random.randint(jax.random.PRNGKey(2), (1, 20), 0, 256)
-  for t in (0, 7, 8, 13):
-    g = _grad_wrt_embeddings(cfg, params, toks, t)
+  ts = (0, 7, 8, 13)
+  for t, g in zip(ts, _grad_wrt_embeddings(cfg, params, toks, ts)):
     assert np.all(g[t + 1:] == 0.0), t
     assert np.abs(g[:t + 1]).sum(axis=-1).min() > 0
 
@@ -76,7 +79,7 @@ def test_packed_documents_do_not_attend_across_boundaries():
   params = init(cfg)
   toks = jax.random.randint(jax.random.PRNGKey(3), (1, 20), 0, 256)
   seg = jnp.array([[1] * 6 + [2] * 9 + [3] * 5])
-  g = _grad_wrt_embeddings(cfg, params, toks, 10, seg)
+  g, = _grad_wrt_embeddings(cfg, params, toks, (10,), seg)
   assert np.all(g[:6] == 0.0) and np.all(g[11:] == 0.0)
   assert np.abs(g[6:11]).sum(axis=-1).min() > 0
   # A document's logits do not depend on what precedes it in the row.
