@@ -1,0 +1,151 @@
+"""Evaluation of a finished run: retrieval tasks, loss by position and length,
+indexer recall by layer; the report (``launch.py eval RUN_DIR``).
+
+Models (phases found under RUN_DIR/phases): the base (the first pretrain phase
+that is not the control) and the dense control with dense attention; the
+sparse phase with sparse attention at each k; recall by layer for the warm-up
+and sparse phases' indexers at each k. Modules: ``retrieval`` (teacher-forced
+and greedy task scoring, eval sets), ``position`` (held-out loss by position and
+length, recall), ``report`` (results.json, report.md, plots, compare).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+from dsax.evals import position, report, retrieval
+
+
+def _log(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
+
+
+def load_run(run_dir: str):
+  """(cfg, tokenizer, val_docs) of a run directory."""
+  from dsax import data  # pylint: disable=import-outside-toplevel
+  from dsax.config import ExperimentConfig, from_dict  # pylint: disable=import-outside-toplevel
+  path = os.path.join(run_dir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no config.json in {run_dir}: not a run directory")
+  with open(path, encoding="utf-8") as f:
+    cfg = from_dict(ExperimentConfig, json.load(f))
+  tok, _, val = data.prepare(cfg.data,
+                             data.tokenizer_cache_dir(cfg.data, run_dir))
+  return cfg, tok, val
+
+
+def plan(cfg, run_dir: str, ks: Sequence[int]) -> dict[str, list]:
+  """{"modes": [(label, phase, attention, topk)], "recall": [(label, phase,
+  topk)]} for the phases whose parameters exist."""
+  have = lambda n: os.path.isdir(os.path.join(run_dir, "phases", n))
+  kind = lambda k: [p.name for p in cfg.phases
+                    if p.kind == k and p.name != cfg.control and have(p.name)]
+  modes, recall = [], []
+  base = kind("pretrain")
+  if base:
+    modes.append((f"base ({base[0]}) dense", base[0], "dense", None))
+  if cfg.control and have(cfg.control):
+    modes.append((f"control ({cfg.control}) dense", cfg.control, "dense",
+                  None))
+  for w in kind("warmup")[:1]:
+    recall += [(f"warm-up ({w}) k={k}", w, k) for k in ks]
+  for s in kind("sparse")[:1]:
+    modes += [(f"sparse ({s}) k={k}", s, "sparse", k) for k in ks]
+    recall += [(f"sparse ({s}) k={k}", s, k) for k in ks]
+  return {"modes": modes, "recall": recall}
+
+
+def run_eval(run_dir: str, ks: Sequence[int] | None = None,
+             lengths: Sequence[int] | None = None, quick: bool = False,
+             seed: int = 0, out_dir: str | None = None,
+             tasks: Sequence[str] | None = None,
+             per_cell: int | None = None, greedy_n: int | None = None,
+             heldout_batches: int | None = None) -> dict[str, Any]:
+  """Evaluates a run's phases and writes the report to RUN_DIR/eval."""
+  from dsax import checkpoint, data  # pylint: disable=import-outside-toplevel
+  from dsax import params as P  # pylint: disable=import-outside-toplevel
+  t0 = time.perf_counter()
+  cfg, tok, val = load_run(run_dir)
+  seq_len = cfg.eval.seq_len or cfg.data.seq_len
+  ks = list(ks or [cfg.model.indexer.topk])
+  lengths = sorted(set(lengths or ([seq_len, 2 * seq_len] if quick else
+                                   [seq_len, 2 * seq_len, 4 * seq_len])))
+  tasks = list(tasks or (("passkey", "niah_single", "mqar") if quick else
+                         ("passkey",) + retrieval.RULER_TASKS + ("mqar",)))
+  per_cell = per_cell or (2 if quick else 4)
+  greedy_n = 2 if greedy_n is None and quick else (
+      8 if greedy_n is None else greedy_n)
+  n_batches = heldout_batches or (2 if quick else cfg.eval.final_batches)
+  depths = (0.0, 0.5, 1.0) if quick else retrieval.PASSKEY_DEPTHS
+  out_dir = out_dir or os.path.join(run_dir, "eval")
+  todo = plan(cfg, run_dir, ks)
+  if not todo["modes"] and not todo["recall"]:
+    raise FileNotFoundError(f"no phase parameters under {run_dir}/phases")
+
+  _log(f"eval {cfg.name}: lengths {lengths}, k {ks}, tasks {tasks}")
+  examples = retrieval.build_eval_set(tok, seed, lengths, depths, tasks,
+                                      per_cell)
+  _log(f"eval set: {len(examples)} examples (seed {seed})")
+  long_len = max(lengths)
+  batches = {l: data.heldout_batches(cfg.data, tok, val, n_batches, l)
+             for l in lengths}
+  batches = {l: b for l, b in batches.items() if b}
+  abstract = P.abstract_params(cfg.model)
+  cache: dict[str, Any] = {}
+
+  def load(name):
+    if name not in cache:
+      cache[name] = checkpoint.load_params(
+          os.path.join(run_dir, "phases", name), abstract)
+    return cache[name]
+
+  results: dict[str, Any] = {
+      "run": cfg.name,
+      "settings": {"ks": ks, "lengths": lengths, "tasks": tasks,
+                   "depths": list(depths), "per_cell": per_cell,
+                   "seed": seed, "quick": quick, "heldout_batches": n_batches,
+                   "tokenizer": tok.kind, "train_seq_len": cfg.data.seq_len,
+                   "n_examples": len(examples),
+                   "greedy_method": {"dense": "decode.generate",
+                                     "sparse": "full forward per token"}},
+      "modes": {}, "recall": {}}
+  greedy_set = retrieval.greedy_subset(examples, greedy_n)
+  for label, phase, attention, k in todo["modes"]:
+    _log(f"  {label}")
+    params = load(phase)
+    logits_fn = retrieval.model_logits_fn(params, cfg.model, attention, k)
+    scored = retrieval.score_examples(logits_fn, examples, tok)
+    entry: dict[str, Any] = {
+        "phase": phase, "attention": attention, "topk": k,
+        "retrieval": retrieval.accuracy_tables(scored)}
+    if greedy_set:
+      g = retrieval.greedy_scores(
+          greedy_set, tok, params=params,
+          logits_fn=logits_fn if attention == "sparse" else None, model_cfg=cfg.model,
+                                  attention=attention)
+      entry["greedy"] = {"method": g[0]["method"], "n": len(g),
+                         "score": sum(x["score"] for x in g) / len(g),
+                         "examples": g}
+    nll = position.model_nll_fn(params, cfg.model, attention, k)
+    if long_len in batches:
+      entry["loss_by_position"] = position.loss_by_position(
+          nll, batches[long_len])
+    entry["loss_vs_length"] = {str(l): position.mean_loss(nll, b)
+                               for l, b in batches.items()}
+    results["modes"][label] = entry
+  for label, phase, k in todo["recall"]:
+    if long_len in batches:
+      _log(f"  recall: {label}")
+      results["recall"][label] = position.recall_by_layer(
+          load(phase), cfg.model, batches[long_len], k)
+  results["settings"]["wall_seconds"] = time.perf_counter() - t0
+  paths = report.write_report(out_dir, results)
+  _log("wrote " + ", ".join(paths))
+  return results
+
+
+__all__ = ["position", "report", "retrieval", "run_eval", "plan", "load_run"]
