@@ -1,9 +1,12 @@
 #!/usr/bin/env python
-"""dsax launcher: run a config or a sweep (eval, compare, prepare: later).
+"""dsax launcher: run a config or a sweep, evaluate or compare runs (prepare:
+later).
 
   python launch.py tiny_run --dry-run
   python launch.py tiny_run --set phases.sparse.steps=5 --workdir /tmp/run
   python launch.py --sweep experiments/sweep_topk.py --dry-run
+  python launch.py eval work/tiny_run --k 16,32 --quick
+  python launch.py compare work/run_a work/run_b
 
 A config is ``configs/NAME.py`` (``NAME:ARG`` passes ARG to its get_config);
 ``--set`` overrides are dotted and strict (dsax.config.override). A bad config
@@ -32,13 +35,18 @@ SUBCOMMANDS = {
 USAGE = """\
 launch.py CONFIG[:ARG] [--set KEY=VALUE ...] [--workdir DIR] [--dry-run]
        launch.py --sweep FILE [--set KEY=VALUE ...] [--workdir ROOT] [--dry-run]
-       launch.py {eval,compare,prepare} ...   (not implemented yet)"""
+       launch.py eval RUN_DIR [--k 64,128] [--lengths ...] [--quick]
+       launch.py compare RUN_DIR [RUN_DIR ...] [--out DIR]
+       launch.py prepare ...   (not implemented yet)"""
+
+IMPLEMENTED = ("eval", "compare")
 
 
 def _epilog() -> str:
   lines = ["commands (the first argument; anything else is a config name):"]
   for name, (_, text) in SUBCOMMANDS.items():
-    lines.append(f"  {name:9s}{text} (not implemented yet)")
+    todo = "" if name in IMPLEMENTED else " (not implemented yet)"
+    lines.append(f"  {name:9s}{text}{todo}")
   try:
     from dsax import sweep
     names = ", ".join(sweep.available_configs(ROOT)) or "none"
@@ -72,8 +80,57 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def _int_list(text: str) -> list[int]:
+  try:
+    values = [int(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"expected comma-separated integers, got {text!r}") from None
+  if not values or min(values) <= 0:
+    raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+  return values
+
+
 def build_subparser(name: str) -> argparse.ArgumentParser:
   args, text = SUBCOMMANDS[name]
+  if name == "eval":
+    p = argparse.ArgumentParser(
+        prog="launch.py eval", usage=f"launch.py eval {args}",
+        description=f"{text}. Writes results.json, report.md and PNG plots "
+        "to RUN_DIR/eval (see dsax.evals).")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--k", type=_int_list, default=None, metavar="K[,K...]",
+                   help="sparse top-k values (default: the run's "
+                   "model.indexer.topk)")
+    p.add_argument("--lengths", type=_int_list, default=None,
+                   metavar="L[,L...]", help="eval lengths in tokens (default: "
+                   "1, 2 (and 4 without --quick) x the eval seq_len)")
+    p.add_argument("--tasks", default=None, metavar="T[,T...]",
+                   help="retrieval tasks (default: all; --quick: passkey, "
+                   "niah_single, mqar)")
+    p.add_argument("--per-cell", type=int, default=None,
+                   help="examples per (task, length, depth) cell")
+    p.add_argument("--greedy", type=int, default=None, metavar="N",
+                   help="examples in the greedy-generation check (0: none; "
+                   "default 8, --quick 2)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="eval set seed (same seed, same prompts)")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer lengths, depths, tasks, examples and batches")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output directory (default: RUN_DIR/eval)")
+    return p
+  if name == "compare":
+    p = argparse.ArgumentParser(
+        prog="launch.py compare", usage=f"launch.py compare {args}",
+        description=f"{text}: merges RUN_DIR/eval/results.json of each run "
+        "into one table (compare.md, compare.json) and one loss-by-position "
+        "plot.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output directory (default: <parent of the first "
+                   "run>/compare)")
+    return p
   p = argparse.ArgumentParser(
       prog=f"launch.py {name}", usage=f"launch.py {name} {args}",
       description=f"{text}. Not implemented yet.")
@@ -220,10 +277,42 @@ def run_sweep(args) -> int:
   return 0
 
 
+def run_eval(args) -> int:
+  if not os.path.isfile(os.path.join(args.run_dir, "config.json")):
+    return _error(f"{args.run_dir} has no config.json: not a run directory")
+  from dsax import evals  # imports jax lazily
+  tasks = args.tasks.split(",") if args.tasks else None
+  evals.run_eval(args.run_dir, ks=args.k, lengths=args.lengths,
+                 quick=args.quick, seed=args.seed, out_dir=args.out,
+                 tasks=tasks, per_cell=args.per_cell, greedy_n=args.greedy)
+  out = args.out or os.path.join(args.run_dir, "eval")
+  with open(os.path.join(out, "report.md"), encoding="utf-8") as f:
+    print(f.read())
+  print(f"eval directory: {os.path.abspath(out)}")
+  return 0
+
+
+def run_compare(args) -> int:
+  from dsax.evals import report  # no jax
+  out = args.out or os.path.join(
+      os.path.dirname(os.path.abspath(args.run_dirs[0])), "compare")
+  try:
+    table, _ = report.compare(args.run_dirs, out)
+  except FileNotFoundError as e:
+    return _error(e)
+  print(table)
+  print(f"compare directory: {os.path.abspath(out)}")
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv and argv[0] in SUBCOMMANDS:
-    build_subparser(argv[0]).parse_args(argv[1:])
+    sub = build_subparser(argv[0]).parse_args(argv[1:])
+    if argv[0] == "eval":
+      return run_eval(sub)
+    if argv[0] == "compare":
+      return run_compare(sub)
     return _error(f"launch.py {argv[0]} is not implemented yet")
   parser = build_parser()
   args = parser.parse_args(argv)

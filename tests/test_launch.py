@@ -73,12 +73,61 @@ def test_help_is_fast_and_imports_no_jax():
     assert word in out.stdout
 
 
-@pytest.mark.parametrize("command", ["eval", "compare", "prepare"])
+@pytest.mark.parametrize("command", ["prepare"])
 def test_reserved_commands_say_not_implemented(command):
   out = cli(command, "somewhere")
   assert out.returncode == 2
   assert "not implemented yet" in out.stderr
   assert cli(command, "--help").returncode == 0
+
+
+@pytest.mark.parametrize("command", ["eval", "compare"])
+def test_eval_and_compare_need_a_run(command, tmp_path):
+  assert cli(command, "--help").returncode == 0
+  out = cli(command, str(tmp_path / "nowhere"))
+  assert out.returncode == 2
+  assert "not implemented" not in out.stderr
+  assert "error:" in out.stderr and "nowhere" in out.stderr
+
+
+def test_eval_rejects_bad_k(tmp_path):
+  out = cli("eval", str(tmp_path), "--k", "16,x")
+  assert out.returncode == 2 and "comma-separated integers" in out.stderr
+
+
+def test_eval_then_compare(tmp_path, capsys):
+  """launch.py eval on a run directory with random-init phases, then compare
+  (in process: one jax start-up)."""
+  import dataclasses
+  import jax
+  from configs import tiny_run
+  from dsax import checkpoint
+  from dsax import params as P
+  d = str(tmp_path / "run")
+  cfg = tiny_run.get_config()
+  cfg = dataclasses.replace(
+      cfg, workdir=d, data=dataclasses.replace(
+          cfg.data, max_docs=12, val_fraction=0.25, batch_size=2))
+  os.makedirs(d)
+  with open(os.path.join(d, "config.json"), "w") as f:
+    f.write(C.dumps(cfg))
+  for i, ph in enumerate(cfg.phases):
+    checkpoint.save_params(os.path.join(d, "phases", ph.name),
+                           P.init_params(cfg.model, jax.random.PRNGKey(i)))
+  assert launch.main(["eval", d, "--k", "16", "--lengths", "300", "--quick",
+                      "--tasks", "passkey", "--per-cell", "1",
+                      "--greedy", "0"]) == 0
+  out = capsys.readouterr().out
+  assert "| sparse (sparse) k=16 |" in out
+  with open(os.path.join(d, "eval", "results.json")) as f:
+    res = json.load(f)
+  assert res["settings"]["ks"] == [16] and res["settings"]["lengths"] == [300]
+  assert os.path.isfile(os.path.join(d, "eval", "retrieval_passkey.png"))
+  cmp_dir = str(tmp_path / "cmp")
+  assert launch.main(["compare", d, d, "--out", cmp_dir]) == 0
+  out = capsys.readouterr().out
+  assert "tiny_run / base (pretrain) dense" in out
+  assert os.path.isfile(os.path.join(cmp_dir, "compare_loss_by_position.png"))
 
 
 def test_command_word_only_counts_first():
