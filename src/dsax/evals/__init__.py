@@ -3,8 +3,8 @@ indexer recall by layer; the report (``launch.py eval RUN_DIR``).
 
 Models (phases found under RUN_DIR/phases): the base (the first pretrain phase
 that is not the control) and the dense control with dense attention; the
-sparse phase with sparse attention at each k; recall by layer for the warm-up
-and sparse phases' indexers at each k. Modules: ``retrieval`` (teacher-forced
+sparse phase with sparse attention at each k; recall by layer for the base
+(untrained indexer), warm-up and sparse phases' indexers at each k. Modules: ``retrieval`` (teacher-forced
 and greedy task scoring, eval sets), ``position`` (held-out loss by position and
 length, recall), ``report`` (results.json, report.md, plots, compare).
 """
@@ -48,6 +48,8 @@ def plan(cfg, run_dir: str, ks: Sequence[int]) -> dict[str, list]:
   base = kind("pretrain")
   if base:
     modes.append((f"base ({base[0]}) dense", base[0], "dense", None))
+    # The base's indexer is untrained: recall before the warm-up.
+    recall += [(f"base ({base[0]}) k={k}", base[0], k) for k in ks]
   if cfg.control and have(cfg.control):
     modes.append((f"control ({cfg.control}) dense", cfg.control, "dense",
                   None))

@@ -204,7 +204,8 @@ def plot_passkey(modes: dict, path: str) -> None:
     acc = np.array([[pk[l].get(d, np.nan) for d in depths] for l in lengths],
                    float)
     panels[label] = (lengths, depths, acc)
-  _heatmaps(panels, path, "Passkey accuracy (teacher-forced)", "needle depth",
+  _heatmaps(panels, path, "Passkey accuracy (teacher-forced; white: not "
+            "run)", "needle depth",
             "length (tokens)")
 
 
@@ -217,22 +218,29 @@ def plot_tasks(modes: dict, path: str) -> None:
     acc = np.array([[tk[t].get(l, np.nan) for l in lengths] for t in names],
                    float)
     panels[label] = (names, lengths, acc)
-  _heatmaps(panels, path, "Task accuracy per length (teacher-forced)",
+  _heatmaps(panels, path, "Task accuracy per length (teacher-forced; white: "
+            "length below the task's shortest example)",
             "length (tokens)", "task")
 
 
 def plot_recall(recall: dict, path: str) -> None:
   plt = _plt()
   n = len(recall)
-  fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), squeeze=False)
+  ncol = min(n, 3)
+  nrow = -(-n // ncol)
+  fig, axes = plt.subplots(nrow, ncol, figsize=(4.4 * ncol, 3.4 * nrow),
+                           squeeze=False)
+  top = max(max(max(v) for v in rec.values()) for rec in recall.values())
+  for ax in axes.flat[n:]:
+    ax.axis("off")
   names = {"recall": "selected (indexer top-k)", "recall_oracle": "oracle top-k",
            "recall_local": "local window", "recall_random": "random k keys"}
-  for ax, (label, rec) in zip(axes[0], recall.items()):
+  for ax, (label, rec) in zip(axes.flat, recall.items()):
     layers = np.arange(len(rec["recall"]))
     for key, name in names.items():
       ax.plot(layers, rec[key], marker="o", label=name)
     ax.set_xticks(layers)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, min(1.05, 1.15 * top))
     ax.set_xlabel("layer")
     ax.set_ylabel("share of dense attention mass")
     ax.set_title(label, fontsize=9)
@@ -250,7 +258,7 @@ def write_report(outdir: str, results: dict) -> list[str]:
   paths = [os.path.join(outdir, "results.json"),
            os.path.join(outdir, "report.md")]
   with open(paths[0], "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=2, sort_keys=True)
+    json.dump(results, f, indent=2)  # keep the modes in evaluation order
     f.write("\n")
   with open(paths[1], "w", encoding="utf-8") as f:
     f.write(markdown(results) + "\n")
