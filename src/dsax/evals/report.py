@@ -114,6 +114,12 @@ def markdown(results: dict) -> str:
     lines += [f"| {k} | " + " | ".join(_fmt(v.get(l)) for l in lengths) + " |"
               for k, v in lvl.items()]
     lines.append("")
+  if results.get("recall"):
+    lines += ["Recall: share of the head-summed dense attention mass (queries "
+              "that see more than k keys) in the indexer's top-k (selected), "
+              "the k largest (oracle), the k most recent keys (local) and k "
+              "uniformly random visible keys (random: its expectation k/n_t).",
+              ""]
   for label, rec in results.get("recall", {}).items():
     keys = ("recall", "recall_oracle", "recall_local", "recall_random")
     lines += [f"## Indexer recall by layer: {label}", "",
