@@ -116,11 +116,15 @@ def run_eval(run_dir: str, ks: Sequence[int] | None = None,
                                      "sparse": "full forward per token"}},
       "modes": {}, "recall": {}}
   greedy_set = retrieval.greedy_subset(examples, greedy_n)
+  # The scorer brings [B, T, V] f32 logits to the host: keep them under 2 GB.
+  batch_size = int(max(1, min(8, 2**31 // (4 * cfg.model.vocab_size
+                                           * (max(lengths) + 64)))))
+  results["settings"]["batch_size"] = batch_size
   for label, phase, attention, k in todo["modes"]:
     _log(f"  {label}")
     params = load(phase)
     logits_fn = retrieval.model_logits_fn(params, cfg.model, attention, k)
-    scored = retrieval.score_examples(logits_fn, examples, tok)
+    scored = retrieval.score_examples(logits_fn, examples, tok, batch_size)
     entry: dict[str, Any] = {
         "phase": phase, "attention": attention, "topk": k,
         "retrieval": retrieval.accuracy_tables(scored)}
