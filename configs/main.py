@@ -44,4 +44,4 @@ def get_config(arg=None) -> ExperimentConfig:
                       batch_size=4, val_fraction=0.02, seed=0),
       phases=phases, control="dense",
       eval=EvalConfig(every=0, batches=2, final_batches=4),
-      log_every=10, save_every=50)
+      log_every=10, save_every=50, report=True)

@@ -357,6 +357,7 @@ class ExperimentConfig:
   keep_checkpoints: int = 2
   control: str = ""               # a dense phase compared with the sparse one
   compare: bool = True            # held-out comparison and summary.json
+  report: bool = False            # then dsax.evals' quick report in eval/
 
   def check(self) -> None:
     names = [p.name for p in self.phases]

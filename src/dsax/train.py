@@ -378,6 +378,10 @@ def run(cfg: ExperimentConfig, workdir: str) -> dict:
   summary: dict[str, Any] = {}
   if cfg.compare:
     summary = heldout.compare(cfg, evaluator, workdir)
+  if cfg.report:  # a light report; `launch.py eval RUN_DIR` gives the full one
+    from dsax import evals  # pylint: disable=import-outside-toplevel
+    evals.run_eval(workdir, quick=True, lengths=[cfg.data.seq_len],
+                   tasks=("passkey", "mqar"))
   summary["wall_seconds"] = time.perf_counter() - t0
   heldout.write_summary(workdir, summary)
   return summary
