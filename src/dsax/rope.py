@@ -58,13 +58,18 @@ def angles(positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
   return positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
 
 
+def _cos_sin(x: jax.Array, ang: jax.Array):
+  """cos and sin of ang [B,T,R/2], broadcast over x's middle (head) axes."""
+  extra = x.ndim - ang.ndim
+  ang = ang.reshape(ang.shape[:2] + (1,) * extra + ang.shape[2:])
+  return jnp.cos(ang), jnp.sin(ang)
+
+
 def apply_interleaved(x: jax.Array, ang: jax.Array) -> jax.Array:
   """Rotates pairs (x[2i], x[2i+1]). x [B,T,...,R], ang [B,T,R/2]."""
   dtype = x.dtype
   x = x.astype(jnp.float32)
-  extra = x.ndim - ang.ndim
-  ang = ang.reshape(ang.shape[:2] + (1,) * extra + ang.shape[2:])
-  cos, sin = jnp.cos(ang), jnp.sin(ang)
+  cos, sin = _cos_sin(x, ang)
   x1, x2 = x[..., 0::2], x[..., 1::2]
   y1 = x1 * cos - x2 * sin
   y2 = x1 * sin + x2 * cos
@@ -75,9 +80,7 @@ def apply_half(x: jax.Array, ang: jax.Array) -> jax.Array:
   """Rotates pairs (x[i], x[i+R/2]) (non-interleaved). x [B,T,...,R]."""
   dtype = x.dtype
   x = x.astype(jnp.float32)
-  extra = x.ndim - ang.ndim
-  ang = ang.reshape(ang.shape[:2] + (1,) * extra + ang.shape[2:])
-  cos, sin = jnp.cos(ang), jnp.sin(ang)
+  cos, sin = _cos_sin(x, ang)
   half = x.shape[-1] // 2
   x1, x2 = x[..., :half], x[..., half:]
   return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos],
