@@ -1,0 +1,344 @@
+"""One attention layer, forward + backward: dense MLA vs DSA (indexer + sparse).
+
+  python experiments/bench_attention.py                  # T = 2K..16K, ~5 min
+  python experiments/bench_attention.py --quick          # T = 1K, 2K smoke test
+  python experiments/bench_attention.py --lengths 4096,8192 --reps 5
+
+The layer is ``model.attention_block`` on a normalised hidden state x_BTD:
+q/kv projections, core attention, output projection. Timed: jax.grad of
+sum(out * ct) w.r.t. x and the layer's parameters (attention and indexer).
+
+  dense   core = mla.dense_attention (expanded form, chunked over queries with
+          model.attn_q_chunk; each chunk forms a [N, chunk, keys] slab).
+          With at most 16 chunks (query_chunks.map_causal_chunks' max_unroll)
+          the chunks are unrolled and each scores only its causal key prefix
+          (about half the work); with more, a rolled lax.map scores all S
+          keys and masks the upper triangle. The rows say which path ran.
+          Default chunk 256: the rolled path at 8K/16K (a larger chunk that
+          unrolls, e.g. 1024 at 16K, compiles to ~38 GB of temp buffers).
+  sparse  core = dsa.make_layer_attend(attention="sparse",
+          indexer_loss=False): indexer projection + causal top-k (reference,
+          chunked by indexer.q_chunk), then sparse MLA in absorbed (MQA) form.
+  core    kernels.sparse_mla alone (fwd + bwd w.r.t. q and kv) given the
+          indices the indexer chose: its time should grow ~linearly in T.
+  indexer indexer_project + kernels.indexer_topk, forward only (with
+          indexer_loss=False the indexer gets no gradient).
+
+All kernels use impl="reference" (jnp; Pallas on CPU would be interpret mode).
+Everything is compiled first, then repetitions run in rounds over all T and
+all variants (see ``measure``); the minimum is reported (other processes
+share the 2 cores: load only adds time) and every repetition is printed.
+Dense repetitions after the first are dropped when they would exceed
+--dense-budget-s: at 16K one dense fwd+bwd takes minutes on this CPU, which
+is why the default run takes ~12 min rather than 5.
+
+FLOPs, DESIGN.md formulas, per query at context L (forward): dense MLA
+2*N*(H+R+E)*L, sparse MQA 2*N*(C+R+C)*min(k, L), indexer 2*I*J*L, summed over
+the causal sequence L = 1..T. Forward + backward counts 3x the forward
+(backward = 2x: the usual model-FLOPs convention; recomputation by remat and
+the masked upper triangle that the chunked dense path computes are not
+counted, so dense achieved GFLOP/s is "useful" throughput). The indexer has
+no backward here (1x). Projections (q/kv/out, absorb/expand) are linear in
+T and are not in the formulas; they are in the measured layer times.
+
+Peak memory: XLA's compiled memory analysis of each jitted fwd+bwd
+(temp + argument + output bytes, minus aliased), i.e. the buffer-assignment
+peak of the executable, not process RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from dsax import dsa, kernels, mla, model  # noqa: E402
+from dsax import params as P  # noqa: E402
+from dsax.config import IndexerConfig, ModelConfig  # noqa: E402
+from dsax.kernels import query_chunks  # noqa: E402
+
+
+VARIANTS = ("dense", "sparse", "core", "indexer")
+
+
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--lengths", default="2048,4096,8192,16384",
+                  help="comma-separated T values")
+  ap.add_argument("--quick", action="store_true", help="T = 1K, 2K")
+  ap.add_argument("--k", type=int, default=256, help="selected keys")
+  ap.add_argument("--batch", type=int, default=1)
+  ap.add_argument("--d", type=int, default=1024, help="model width D")
+  ap.add_argument("--q", type=int, default=384, help="q-latent rank Q")
+  ap.add_argument("--n", type=int, default=16, help="heads N")
+  ap.add_argument("--c", type=int, default=512, help="kv-latent rank C")
+  ap.add_argument("--r", type=int, default=64, help="rope dim R")
+  ap.add_argument("--h", type=int, default=128, help="qk nope head dim H")
+  ap.add_argument("--e", type=int, default=128, help="value head dim E")
+  ap.add_argument("--i", type=int, default=8, help="indexer heads I")
+  ap.add_argument("--j", type=int, default=64, help="indexer head dim J")
+  ap.add_argument("--ri", type=int, default=32, help="indexer rope dim")
+  ap.add_argument("--dense-chunk", type=int, default=256,
+                  help="model.attn_q_chunk of the dense path")
+  ap.add_argument("--sparse-chunk", type=int, default=16,
+                  help="indexer.q_chunk (top-k and sparse MLA chunks)")
+  ap.add_argument("--reps", type=int, default=3,
+                  help="interleaved repetitions per T (min)")
+  ap.add_argument("--dense-budget-s", type=float, default=60.0,
+                  help="dense reps (>= 1) per T: as many as fit this")
+  ap.add_argument("--budget-s", type=float, default=60.0,
+                  help="extra rounds of the sparse variants per T (total "
+                       ">= 2 reps): as many as fit this")
+  ap.add_argument("--dtype", default="float32")
+  ap.add_argument("--variants", default=",".join(VARIANTS),
+                  help="subset of dense,sparse,core,indexer to time")
+  args = ap.parse_args(argv)
+  args.variants = [v for v in args.variants.split(",") if v]
+  args.lengths = ([1024, 2048] if args.quick
+                  else [int(x) for x in args.lengths.split(",") if x])
+  return args
+
+
+def layer_config(args) -> ModelConfig:
+  return ModelConfig(
+      vocab_size=256, d_model=args.d, n_layers=1, n_heads=args.n,
+      q_lora_rank=args.q, kv_lora_rank=args.c, qk_nope_head_dim=args.h,
+      qk_rope_head_dim=args.r, v_head_dim=args.e, d_ff=4 * args.d,
+      param_dtype=args.dtype, compute_dtype=args.dtype,
+      attn_q_chunk=args.dense_chunk,
+      indexer=IndexerConfig(n_heads=args.i, head_dim=args.j, rope_dim=args.ri,
+                            topk=args.k, q_chunk=args.sparse_chunk))
+
+
+def layer_params(cfg: ModelConfig, key) -> dict:
+  """The attention and indexer parameters of one layer (L axis dropped)."""
+  layers = P.init_params(cfg, key)["layers"]
+  return {name: jax.tree.map(lambda x: x[0], layers[name])
+          for name in ("attn", "indexer")}
+
+
+def flops(args, t: int) -> dict[str, float]:
+  """Forward FLOPs of the causal sequence by the DESIGN.md formulas."""
+  causal = t * (t + 1) / 2                            # sum of L = 1..T
+  sel = sum(min(args.k, L) for L in range(1, t + 1))  # sum of min(k, L)
+  return dict(
+      dense=2 * args.n * (args.h + args.r + args.e) * causal * args.batch,
+      sparse=2 * args.n * (2 * args.c + args.r) * sel * args.batch,
+      indexer=2 * args.i * args.j * causal * args.batch)
+
+
+def peak_mb(compiled) -> float:
+  m = compiled.memory_analysis()
+  if m is None:
+    return float("nan")
+  total = (m.temp_size_in_bytes + m.argument_size_in_bytes
+           + m.output_size_in_bytes - m.alias_size_in_bytes)
+  return total / 2**20
+
+
+def build(args, t: int, key):
+  """The four jitted functions at length t and their inputs."""
+  cfg = layer_config(args)
+  b = args.batch
+  dtype = jnp.dtype(args.dtype)
+  kp, kx, kc, kq = jax.random.split(key, 4)
+  p = layer_params(cfg, kp)
+  x = jax.random.normal(kx, (b, t, args.d), dtype)
+  ct = jax.random.normal(kc, (b, t, args.d), dtype) * 1e-3
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  opts = dsa.DSAOptions(indexer_loss=False, impl="reference")
+
+  def layer_out(p, x, attention):
+    ang = mla.mla_angles(positions, cfg)
+    attend = None
+    if attention == "sparse":
+      attend = dsa.make_layer_attend(cfg, "sparse", opts, positions,
+                                     None)(p, x)
+    out, _, _, _ = model.attention_block(p, x, ang, cfg, None, attend)
+    return out
+
+  def dense_loss(p, x, ct):
+    return jnp.sum(layer_out(p, x, "dense").astype(jnp.float32) * ct)
+
+  def sparse_loss(p, x, ct):
+    return jnp.sum(layer_out(p, x, "sparse").astype(jnp.float32) * ct)
+
+  # Inputs of the core and the indexer, as the sparse layer forms them.
+  scale = mla.softmax_scale(cfg)
+  ang = mla.mla_angles(positions, cfg)
+  ang_i = dsa.indexer_angles(positions, cfg)
+
+  @jax.jit
+  def core_inputs(p, x):
+    a = p["attn"]
+    q_nope, q_rope, cq = mla.project_q(a, x, ang, cfg)
+    kv, k_rope = mla.project_kv(a, x, ang, cfg)
+    q_full = jnp.concatenate([mla.absorb_query(q_nope, a["wkv_b"], cfg),
+                              q_rope], -1)
+    kv_full = jnp.concatenate([kv, k_rope.astype(kv.dtype)], -1)
+    return q_full, kv_full, cq
+
+  def indexer(pi, x, cq):
+    iq, ik, iw = dsa.indexer_project(pi, x, cq, ang_i, cfg)
+    return kernels.indexer_topk(iq, ik, iw, args.k, None,
+                                q_chunk=cfg.indexer.q_chunk, impl="reference")
+
+  def core_loss(q_full, kv_full, idx, valid, ct_o):
+    o, _ = kernels.sparse_mla(q_full, kv_full, idx, valid, scale, args.c,
+                              q_chunk=cfg.indexer.q_chunk, impl="reference")
+    return jnp.sum(o.astype(jnp.float32) * ct_o)
+
+  q_full, kv_full, cq = core_inputs(p, x)
+  idx_fn = jax.jit(indexer).lower(p["indexer"], x, cq).compile()
+  idx, valid = idx_fn(p["indexer"], x, cq)
+  ct_o = jax.random.normal(kq, q_full.shape[:3] + (args.c,), dtype) * 1e-3
+  fns = {
+      "dense": (jax.jit(jax.grad(dense_loss, (0, 1))), (p, x, ct)),
+      "sparse": (jax.jit(jax.grad(sparse_loss, (0, 1))), (p, x, ct)),
+      "core": (jax.jit(jax.grad(core_loss, (0, 1))),
+               (q_full, kv_full, idx, valid, ct_o)),
+  }
+  compiled = {"indexer": (idx_fn, (p["indexer"], x, cq))}
+  for name, (fn, inputs) in fns.items():
+    if name in args.variants:
+      compiled[name] = (fn.lower(*inputs).compile(), inputs)
+  return compiled
+
+
+def run_once(fn, inputs) -> float:
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*inputs))
+  return time.perf_counter() - t0
+
+
+def measure(args) -> list[dict]:
+  """Compiles every (T, variant) first, then runs rounds over all of them.
+
+  Round r runs, for each T in turn, dense, sparse, core, indexer: the
+  variants of one T are interleaved, and each T's repetitions are spread over
+  the whole run, so a background load that comes and goes (other processes
+  share the 2 cores) biases neither a ratio nor the slope over T. Every call
+  of an ahead-of-time compiled executable is a measurement; the min over reps
+  is reported. After round 0 each T's reps are cut to fit the budgets: dense
+  >= 1 rep (--dense-budget-s), the other variants >= 2 (--budget-s).
+  """
+  compiled, compile_s = {}, {}
+  for t in args.lengths:
+    t0 = time.perf_counter()
+    compiled[t] = build(args, t, jax.random.PRNGKey(t))
+    compile_s[t] = time.perf_counter() - t0
+    print(f"  compiled T={t} in {compile_s[t]:.1f} s", flush=True)
+  names = [n for n in VARIANTS if n in args.variants]
+  times = {t: {n: [] for n in VARIANTS} for t in args.lengths}
+  reps = {(t, n): args.reps for t in args.lengths for n in names}
+  start = time.perf_counter()
+  for r in range(args.reps):
+    for t in args.lengths:
+      for n in names:
+        if r < reps[(t, n)]:
+          times[t][n].append(run_once(*compiled[t][n]))
+      if r == 0:
+        tt = times[t]
+        if tt["dense"]:
+          reps[(t, "dense")] = max(1, min(args.reps, int(
+              args.dense_budget_s // tt["dense"][0])))
+        other0 = sum(tt[n][0] for n in names if n != "dense")
+        for n in names:
+          if n != "dense":
+            reps[(t, n)] = min(args.reps, max(2, 1 + int(
+                args.budget_s // max(other0, 1e-9))))
+    print(f"  round {r} done, elapsed {time.perf_counter() - start:.0f} s",
+          flush=True)
+  rows = []
+  for t in args.lengths:
+    row = dict(t=t, compile_s=compile_s[t])
+    for n in VARIANTS:
+      tn = times[t][n]
+      row[f"{n}_ms"] = min(tn) * 1e3 if tn else float("nan")
+      row[f"{n}_all_ms"] = [round(x * 1e3, 1) for x in tn]
+      row[f"{n}_mb"] = (peak_mb(compiled[t][n][0]) if n in compiled[t]
+                        else float("nan"))
+    f = flops(args, t)
+    row["gf_dense"] = 3 * f["dense"] / 1e9
+    row["gf_core"] = 3 * f["sparse"] / 1e9
+    row["gf_indexer"] = f["indexer"] / 1e9
+    row["gf_sparse"] = row["gf_core"] + row["gf_indexer"]
+    for n, g in (("dense", "gf_dense"), ("sparse", "gf_sparse"),
+                 ("core", "gf_core"), ("indexer", "gf_indexer")):
+      row[f"{n}_gflops"] = row[g] / (row[f"{n}_ms"] / 1e3)
+    rows.append(row)
+  return rows
+
+
+def slope(ts, ys) -> float:
+  if len(ts) < 2:
+    return float("nan")
+  return float(np.polyfit(np.log(ts), np.log(ys), 1)[0])
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  print(f"jax {jax.__version__} on {jax.default_backend()} "
+        f"({os.cpu_count()} cpus); B={args.batch} D={args.d} Q={args.q} "
+        f"N={args.n} C={args.c} R={args.r} H={args.h} E={args.e} I={args.i} "
+        f"J={args.j} k={args.k} dtype={args.dtype}; dense chunk "
+        f"{args.dense_chunk}, sparse/indexer chunk {args.sparse_chunk}; "
+        f"min of up to {args.reps} reps, rounds interleaved over T and "
+        "variants")
+  print("peak MB = XLA compiled memory analysis (temp + args + outputs - "
+        "aliased) of the jitted fwd+bwd; GFLOP = DESIGN.md formulas, "
+        "fwd+bwd = 3x fwd, indexer fwd only")
+  hdr = (f"{'T':>6} {'dense_ms':>9} {'sparse_ms':>9} {'core_ms':>8} "
+         f"{'idx_ms':>8} {'dense_MB':>8} {'sparse_MB':>9} {'core_MB':>8} "
+         f"{'GF_dense':>8} {'GF_sp':>7} {'GF_core':>7} {'GF_idx':>7} "
+         f"{'dense':>6} {'sparse':>6} {'core':>6} {'idx':>6}  (GFLOP/s)")
+  t_start = time.perf_counter()
+  rows = measure(args)
+  print(hdr, flush=True)
+  for r in rows:
+    t = r["t"]
+    print(f"{t:6d} {r['dense_ms']:9.1f} {r['sparse_ms']:9.1f} "
+          f"{r['core_ms']:8.1f} {r['indexer_ms']:8.1f} {r['dense_mb']:8.1f} "
+          f"{r['sparse_mb']:9.1f} {r['core_mb']:8.1f} {r['gf_dense']:8.1f} "
+          f"{r['gf_sparse']:7.1f} {r['gf_core']:7.1f} {r['gf_indexer']:7.1f} "
+          f"{r['dense_gflops']:6.1f} {r['sparse_gflops']:6.1f} "
+          f"{r['core_gflops']:6.1f} {r['indexer_gflops']:6.1f}")
+  unroll = inspect.signature(
+      query_chunks.map_causal_chunks).parameters["max_unroll"].default
+  for r in rows:
+    n = -(-r["t"] // args.dense_chunk)
+    path = ("causal-prefix, unrolled" if 1 < n <= unroll
+            else "all keys, rolled")
+    print(f"T={r['t']} dense path: {n} chunks, {path}")
+    print(f"T={r['t']} reps ms: dense {r['dense_all_ms']} sparse "
+          f"{r['sparse_all_ms']} core {r['core_all_ms']} indexer "
+          f"{r['indexer_all_ms']}; sparse - core - indexer (projections, "
+          f"absorb/expand) {r['sparse_ms'] - r['core_ms'] - r['indexer_ms']:.0f}"
+          f" ms; compile {r['compile_s']:.1f} s")
+  print(f"wall {time.perf_counter() - t_start:.0f} s")
+  last = rows[-1]
+  half = [r for r in rows if r["t"] * 2 == last["t"]]
+  mem_growth = (last["sparse_mb"] / half[0]["sparse_mb"] if half
+                else float("nan"))
+  ts = [r["t"] for r in rows]
+  print(f"sparse-core slope {slope(ts, [r['core_ms'] for r in rows]):.3f}, "
+        f"indexer slope {slope(ts, [r['indexer_ms'] for r in rows]):.3f}, "
+        f"dense slope {slope(ts, [r['dense_ms'] for r in rows]):.3f}, "
+        f"sparse-layer slope {slope(ts, [r['sparse_ms'] for r in rows]):.3f}"
+        f"; indexer share of the sparse layer at T={last['t']}: "
+        f"{last['indexer_ms'] / last['sparse_ms']:.2f}")
+  print(f"summary: time_ratio={last['sparse_ms'] / last['dense_ms']:.3f} "
+        f"mem_growth={mem_growth:.3f} "
+        f"slope={slope(ts, [r['core_ms'] for r in rows]):.3f}")
+
+
+if __name__ == "__main__":
+  main()
