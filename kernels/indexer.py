@@ -38,7 +38,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from dsax.kernels.tiling import pad_axis, pow2, resolve_interpret, round_up
+from dsax.kernels.tiling import (check_blocks, pad_axis, pow2,
+                                 resolve_interpret, round_up)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,11 +130,7 @@ def check_inputs(q_BTIJ, k_BSJ, w_BTI, topk, segment_ids_BT,
     if not jnp.issubdtype(segment_ids_BT.dtype, jnp.integer):
       raise TypeError(f"segment_ids_BT must be integer, got "
                       f"{segment_ids_BT.dtype}")
-  for name in ("block_t", "block_s", "q_chunk"):
-    val = getattr(block, name)
-    if not isinstance(val, int) or val < 1:
-      raise ValueError(f"IndexerBlocks.{name} must be a positive int, got "
-                       f"{val!r}")
+  check_blocks(block, ("block_t", "block_s", "q_chunk"))
 
 
 def indexer_topk(q_BTIJ: jax.Array, k_BSJ: jax.Array, w_BTI: jax.Array,

@@ -34,7 +34,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from dsax.kernels.query_chunks import causal_segment_mask, map_query_chunks
-from dsax.kernels.tiling import pad_axis, pow2, resolve_interpret, round_up
+from dsax.kernels.tiling import (check_blocks, pad_axis, pow2,
+                                 resolve_interpret, round_up)
 
 NEG_INF = -1e30   # masked logit, as in the model's dense path
 
@@ -441,11 +442,7 @@ def check_inputs(q_BTNK, k_BSNK, v_BSNE, scale, segment_ids_BT, block):
     if segment_ids_BT.shape != (b, t):
       raise ValueError(f"segment_ids_BT shape {segment_ids_BT.shape} != "
                        f"(B, T) = {(b, t)}")
-  for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
-    val = getattr(block, name)
-    if not isinstance(val, int) or val < 1:
-      raise ValueError(f"FlashBlocks.{name} must be a positive int, got "
-                       f"{val!r}")
+  check_blocks(block, ("block_q", "block_k", "block_q_bwd", "block_k_bwd"))
 
 
 def mla_flash(q_BTNK: jax.Array, k_BSNK: jax.Array, v_BSNE: jax.Array,

@@ -55,7 +55,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from dsax.kernels.tiling import pad_axis, pow2, resolve_interpret, round_up
+from dsax.kernels.tiling import (check_blocks, pad_axis, pow2,
+                                 resolve_interpret, round_up)
 
 NEG_INF = -1e30   # masked logit, the reference's value
 
@@ -487,12 +488,8 @@ def check_inputs(q_BTND, kv_BSD, idx_BTK, valid_BTK, scale, v_dim,
   if not isinstance(scale, (int, float)) or not math.isfinite(scale):
     raise TypeError(f"scale must be a finite Python number (static), got "
                     f"{scale!r}")
-  for name in ("block_n", "block_k", "block_n_dq", "block_n_dkv",
-               "block_k_dkv", "bwd_q_chunk"):
-    val = getattr(block, name)
-    if not isinstance(val, int) or val < 1:
-      raise ValueError(f"SparseMLABlocks.{name} must be a positive int, "
-                       f"got {val!r}")
+  check_blocks(block, ("block_n", "block_k", "block_n_dq", "block_n_dkv",
+                       "block_k_dkv", "bwd_q_chunk"))
 
 
 def sparse_mla(q_BTND: jax.Array, kv_BSD: jax.Array, idx_BTK: jax.Array,

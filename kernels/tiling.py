@@ -30,3 +30,12 @@ def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
   pads = [(0, 0)] * x.ndim
   pads[axis] = (0, size - x.shape[axis])
   return jnp.pad(x, pads, constant_values=value)
+
+
+def check_blocks(block, names) -> None:
+  """Each named field of a block-size dataclass is a positive int."""
+  for name in names:
+    val = getattr(block, name)
+    if not isinstance(val, int) or val < 1:
+      raise ValueError(f"{type(block).__name__}.{name} must be a positive "
+                       f"int, got {val!r}")
