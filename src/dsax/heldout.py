@@ -1,4 +1,5 @@
-"""Held-out evaluation and the end-of-run comparison (summary.json).
+"""Held-out evaluation over fixed batches (the comparison that fills a run's
+summary.json is ``dsax.evals.comparison``).
 
 For a parameter set and an attention mode, over fixed held-out batches:
   loss        token-weighted mean next-token NLL
@@ -22,8 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsax import checkpoint, dsa, model
-from dsax import params as P
+from dsax import dsa, model
 from dsax.config import ExperimentConfig
 
 log = logging.getLogger("dsax")
@@ -78,66 +78,6 @@ class Evaluator:
 
   def quick(self, params, attention: str) -> dict[str, float]:
     return self.evaluate(params, attention, n_batches=self.cfg.eval.batches)
-
-
-def _phase_of_kind(cfg: ExperimentConfig, kind: str) -> str | None:
-  for p in cfg.phases:
-    if p.kind == kind and p.name != cfg.control:
-      return p.name
-  return None
-
-
-def compare(cfg: ExperimentConfig, evaluator: Evaluator,
-            workdir: str) -> dict[str, Any]:
-  """The base, the warmed-up indexer, the sparse model and the dense control
-  on the same held-out batches; prints a table, returns the summary."""
-  abstract = P.abstract_params(cfg.model)
-
-  def load(name):
-    return checkpoint.load_params(os.path.join(workdir, "phases", name),
-                                  abstract)
-
-  base, warm, sparse = (_phase_of_kind(cfg, k)
-                        for k in ("pretrain", "warmup", "sparse"))
-  rows: dict[str, dict[str, float]] = {}
-  out: dict[str, Any] = {}
-  if base:
-    rows[f"base ({base}), dense"] = r = evaluator.evaluate(load(base))
-    out.update(heldout_loss_base=r["loss"], warmup_kl_start=r["indexer_kl"],
-               recall_before_warmup=r["recall"])
-  if warm:
-    rows[f"warm-up ({warm}), dense"] = r = evaluator.evaluate(load(warm))
-    out.update(warmup_kl_end=r["indexer_kl"], recall_after_warmup=r["recall"],
-               recall_oracle=r["recall_oracle"],
-               recall_local_window=r["recall_local"])
-    if "warmup_kl_start" in out:
-      out["warmup_kl_drop"] = 1 - out["warmup_kl_end"] / out["warmup_kl_start"]
-  if cfg.control:
-    rows[f"dense control ({cfg.control})"] = r = evaluator.evaluate(
-        load(cfg.control))
-    out["heldout_loss_dense"] = r["loss"]
-  if sparse:
-    rows[f"sparse ({sparse}), top-k"] = r = evaluator.evaluate(
-        load(sparse), "sparse")
-    out.update(heldout_loss_sparse=r["loss"], recall_sparse_model=r["recall"])
-    if "heldout_loss_dense" in out:
-      out["sparse_vs_dense_loss"] = (out["heldout_loss_sparse"]
-                                     / out["heldout_loss_dense"] - 1)
-  table = format_table(rows)
-  print(table, flush=True)
-  with open(os.path.join(workdir, "comparison.txt"), "w") as f:
-    f.write(table + "\n")
-  return out
-
-
-def format_table(rows: dict[str, dict[str, float]]) -> str:
-  cols = ("loss", "indexer_kl", "recall", "recall_oracle", "recall_local")
-  width = max([len(k) for k in rows] + [10])
-  lines = [f"{'model':<{width}}  " + "  ".join(f"{c:>13}" for c in cols)]
-  for name, r in rows.items():
-    lines.append(f"{name:<{width}}  " + "  ".join(f"{r[c]:>13.4f}"
-                                                  for c in cols))
-  return "\n".join(lines)
 
 
 def write_summary(workdir: str, summary: dict[str, Any]) -> None:

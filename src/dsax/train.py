@@ -313,7 +313,8 @@ def write_config(cfg: ExperimentConfig, workdir: str) -> None:
 
 def run(cfg: ExperimentConfig, workdir: str) -> dict:
   """Runs every phase (resuming from the latest checkpoint), then, with
-  ``cfg.compare``, the held-out comparison; returns the summary."""
+  the held-out comparison and report (``evals.finish_run``); returns the
+  summary."""
   from dsax import data, heldout, metrics  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
@@ -375,13 +376,8 @@ def run(cfg: ExperimentConfig, workdir: str) -> dict:
   finally:
     writer.close()
     ckpts.close()
-  summary: dict[str, Any] = {}
-  if cfg.compare:
-    summary = heldout.compare(cfg, evaluator, workdir)
-  if cfg.report:  # a light report; `launch.py eval RUN_DIR` gives the full one
-    from dsax import evals  # pylint: disable=import-outside-toplevel
-    evals.run_eval(workdir, quick=True, lengths=[cfg.data.seq_len],
-                   tasks=("passkey", "mqar"))
+  from dsax import evals  # pylint: disable=import-outside-toplevel
+  summary = evals.finish_run(cfg, workdir, tok, val_docs, evaluator)
   summary["wall_seconds"] = time.perf_counter() - t0
   heldout.write_summary(workdir, summary)
   return summary

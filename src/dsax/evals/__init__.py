@@ -6,7 +6,9 @@ that is not the control) and the dense control with dense attention; the
 sparse phase with sparse attention at each k; recall by layer for the base
 (untrained indexer), warm-up and sparse phases' indexers at each k. Modules: ``retrieval`` (teacher-forced
 and greedy task scoring, eval sets), ``position`` (held-out loss by position and
-length, recall), ``report`` (results.json, report.md, plots, compare).
+length, recall), ``comparison`` (the held-out table that fills a run's
+summary.json), ``report`` (results.json, report.md, plots, compare).
+``finish_run`` is what a training run calls at its end.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from dsax.evals import position, report, retrieval
+from dsax.evals import comparison, position, report, retrieval
 
 
 def _log(msg: str) -> None:
@@ -66,12 +68,18 @@ def run_eval(run_dir: str, ks: Sequence[int] | None = None,
              seed: int = 0, out_dir: str | None = None,
              tasks: Sequence[str] | None = None,
              per_cell: int | None = None, greedy_n: int | None = None,
-             heldout_batches: int | None = None) -> dict[str, Any]:
-  """Evaluates a run's phases and writes the report to RUN_DIR/eval."""
-  from dsax import checkpoint, data  # pylint: disable=import-outside-toplevel
+             heldout_batches: int | None = None, prepared=None,
+             evaluator=None) -> dict[str, Any]:
+  """Evaluates a run's phases and writes the report to RUN_DIR/eval.
+
+  ``prepared`` = (cfg, tokenizer, val_docs) and ``evaluator`` (a
+  ``heldout.Evaluator``) let a finished training run pass what it has built;
+  otherwise both come from RUN_DIR.
+  """
+  from dsax import checkpoint, data, heldout  # pylint: disable=import-outside-toplevel
   from dsax import params as P  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
-  cfg, tok, val = load_run(run_dir)
+  cfg, tok, val = prepared or load_run(run_dir)
   seq_len = cfg.eval.seq_len or cfg.data.seq_len
   ks = list(ks or [cfg.model.indexer.topk])
   lengths = sorted(set(lengths or ([seq_len, 2 * seq_len] if quick else
@@ -143,6 +151,11 @@ def run_eval(run_dir: str, ks: Sequence[int] | None = None,
     entry["loss_vs_length"] = {str(l): position.mean_loss(nll, b)
                                for l, b in batches.items()}
     results["modes"][label] = entry
+  _log("  held-out comparison")
+  rows, summary = comparison.compare(
+      cfg, evaluator or heldout.Evaluator(cfg, tok, val), load,
+      lambda n: os.path.isdir(os.path.join(run_dir, "phases", n)))
+  results["heldout"] = {"rows": rows, "summary": summary}
   for label, phase, k in todo["recall"]:
     if long_len in batches:
       _log(f"  recall: {label}")
@@ -154,4 +167,34 @@ def run_eval(run_dir: str, ks: Sequence[int] | None = None,
   return results
 
 
-__all__ = ["position", "report", "retrieval", "run_eval", "plan", "load_run"]
+def finish_run(cfg, run_dir: str, tokenizer, val_docs,
+               evaluator) -> dict[str, Any]:
+  """The end of a training run: the held-out comparison (printed, written to
+  comparison.txt; ``cfg.compare``) and, with ``cfg.report``, the eval report
+  (quick settings; ``launch.py eval RUN_DIR`` gives the full one). Returns
+  the summary keys of ``comparison``."""
+  from dsax import checkpoint  # pylint: disable=import-outside-toplevel
+  from dsax import params as P  # pylint: disable=import-outside-toplevel
+  summary: dict[str, Any] = {}
+  if cfg.report:
+    results = run_eval(run_dir, quick=True, lengths=[cfg.data.seq_len],
+                       tasks=("passkey", "mqar"),
+                       prepared=(cfg, tokenizer, val_docs),
+                       evaluator=evaluator)
+    rows, summary = results["heldout"]["rows"], results["heldout"]["summary"]
+  elif cfg.compare:
+    abstract = P.abstract_params(cfg.model)
+    rows, summary = comparison.compare(
+        cfg, evaluator, lambda n: checkpoint.load_params(
+            os.path.join(run_dir, "phases", n), abstract))
+  else:
+    return summary
+  table = comparison.format_table(rows)
+  print(table, flush=True)
+  with open(os.path.join(run_dir, "comparison.txt"), "w") as f:
+    f.write(table + "\n")
+  return summary
+
+
+__all__ = ["comparison", "position", "report", "retrieval", "run_eval",
+           "finish_run", "plan", "load_run"]

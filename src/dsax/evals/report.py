@@ -7,7 +7,8 @@
                      "greedy": {"method", "n", "score"},
                      "loss_by_position": position.loss_by_position(...),
                      "loss_vs_length": {length: loss}}},
-   "recall": {label: position.recall_by_layer(...)}}
+   "recall": {label: position.recall_by_layer(...)},
+   "heldout": {"rows": {model: comparison row}, "summary": {key: value}}}
 Every part is optional. Plots (matplotlib, Agg):
   loss_by_position.png   NLL per position bucket, one line per mode
   loss_vs_length.png     mean held-out NLL against evaluation length
@@ -64,6 +65,13 @@ def markdown(results: dict) -> str:
   settings = results.get("settings")
   if settings:
     lines += ["Settings: `" + json.dumps(settings, sort_keys=True) + "`", ""]
+  held = results.get("heldout", {}).get("rows")
+  if held:
+    from dsax.evals import comparison  # pylint: disable=import-outside-toplevel
+    lines += ["## Held-out comparison", "",
+              "Same held-out batches for every model; the sparse model with "
+              "its top-k attention, the others dense.", ""]
+    lines += comparison.markdown_table(held) + [""]
   rows = summary_rows(results)
   cols = ("loss", "passkey_acc", "tasks_acc", "greedy_score", "recall")
   if rows:

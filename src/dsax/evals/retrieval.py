@@ -37,13 +37,15 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from dsax import tasks
+from dsax import tasks, tasks_needles
 
 LogitsFn = Callable[[np.ndarray], Any]
 
 PASSKEY_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 RULER_TASKS = ("niah_single", "niah_multikey", "niah_multivalue",
                "niah_multiquery", "variable_tracking", "cwe", "fwe")
+# Tasks with a filler around their needles (noise or natural-text haystack).
+NEEDLE_TASKS = frozenset(tasks_needles.LAYOUTS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,10 +73,13 @@ def build_eval_set(tokenizer, seed: int, lengths: Sequence[int],
                    depths: Sequence[float] = PASSKEY_DEPTHS,
                    task_names: Sequence[str] = ("passkey",) + RULER_TASKS
                    + ("mqar",), per_cell: int = 4,
-                   haystack: str = "noise") -> list[tasks.Example]:
-  """Passkey on lengths x depths; every other task per length (depth drawn).
+                   haystacks: Sequence[str] = tasks.HAYSTACKS
+                   ) -> list[tasks.Example]:
+  """Passkey on lengths x depths (its Landmark filler); every other task per
+  length (depth drawn), the needle tasks once per haystack in ``haystacks``.
 
-  ``meta["cell"]`` = {"task", "length", "depth"} (depth None off the grid).
+  ``meta["cell"]`` = {"task", "length", "depth", "haystack"} (depth None off
+  the grid; haystack None for the list tasks, which are their own haystack).
   """
   def count(text: str) -> int:
     return len(tokenizer.encode_array(text))
@@ -83,17 +88,30 @@ def build_eval_set(tokenizer, seed: int, lengths: Sequence[int],
   for ti, task in enumerate(task_names):
     shortest = tasks.min_tokens(task, count)
     cell_depths = depths if task == "passkey" else (None,)
+    stacks = (("noise",) if task == "passkey" or task not in NEEDLE_TASKS
+              else tuple(haystacks))
     for length in lengths:
       if length < shortest + tasks.tolerance(length):
         continue
-      for di, depth in enumerate(cell_depths):
-        rng = np.random.default_rng([seed, ti, int(length), di])
-        for _ in range(per_cell):
-          ex = tasks.generate(task, rng, int(length), count, haystack, depth)
-          ex.meta["cell"] = {"task": task, "length": int(length),
-                             "depth": depth}
-          out.append(ex)
+      for hi, stack in enumerate(stacks):
+        hay = stack if task in NEEDLE_TASKS else None
+        for di, depth in enumerate(cell_depths):
+          rng = np.random.default_rng([seed, ti, int(length), di, hi])
+          for _ in range(per_cell):
+            ex = tasks.generate(task, rng, int(length), count, stack, depth)
+            ex.meta["cell"] = {"task": task, "length": int(length),
+                               "depth": depth, "haystack": hay}
+            out.append(ex)
   return out
+
+
+def table_name(cell: dict) -> str:
+  """A task's row in the accuracy tables: ``niah_single/natural`` for a
+  needle task on a named haystack, else the task (passkey: its own filler)."""
+  hay = cell.get("haystack")
+  if hay is None or cell["task"] == "passkey":
+    return cell["task"]
+  return f"{cell['task']}/{hay}"
 
 
 # ------------------------------------------------------- teacher forcing
@@ -138,18 +156,20 @@ def score_examples(logits_fn: LogitsFn, examples: Sequence[tasks.Example],
   res = teacher_forced(logits_fn, encoded, batch_size, pad_to)
   for ex, r, e in zip(examples, res, encoded):
     r.update(cell=ex.meta.get("cell", {"task": ex.task,
-                                       "length": len(e.ids), "depth": None}),
+                                       "length": len(e.ids), "depth": None,
+                                       "haystack": ex.meta.get("haystack")}),
              n_tokens=int(len(e.ids)))
   return res
 
 
 def accuracy_tables(results: Sequence[dict]) -> dict[str, Any]:
-  """``passkey``: {length: {depth: acc}}; ``tasks``: {task: {length: acc}};
-  also ``token_acc`` per task and length. Keys are strings (JSON)."""
+  """``passkey``: {length: {depth: acc}}; ``tasks``: {task: {length: acc}}
+  with needle tasks split by haystack (``table_name``); also ``token_acc``
+  per task and length. Keys are strings (JSON)."""
   cells: dict[tuple, list[dict]] = {}
   for r in results:
     c = r["cell"]
-    cells.setdefault((c["task"], c["length"], c["depth"]), []).append(r)
+    cells.setdefault((table_name(c), c["length"], c["depth"]), []).append(r)
   passkey: dict[str, dict[str, float]] = {}
   per_task: dict[str, dict[str, list]] = {}
   token: dict[str, dict[str, list]] = {}
