@@ -71,6 +71,28 @@ def test_same_seed_gives_identical_eval_set():
     assert abs(n - x.meta["cell"]["length"]) <= tasks.tolerance(n)
 
 
+def test_needle_tasks_on_both_haystacks():
+  """RULER needle tasks come once per haystack (noise, natural text), passkey
+  only on its Landmark filler, list tasks on none; the tables keep the
+  haystacks apart, and an oracle scores every row."""
+  ex = small_set(lengths=(700,), task_names=("passkey", "niah_single", "mqar"),
+                 depths=(0.5,), per_cell=1)
+  cells = [(e.task, e.meta["cell"]["haystack"]) for e in ex]
+  assert cells == [("passkey", "noise"), ("niah_single", "noise"),
+                   ("niah_single", "natural"), ("mqar", None)]
+  noise, natural = ex[1], ex[2]
+  assert natural.meta["haystack"] == "natural"
+  # The natural filler is prose, not the Landmark sentences.
+  assert "The grass is green" in noise.prompt
+  assert "The grass is green" not in natural.prompt
+  res = retrieval.score_examples(oracle_fn(ex), ex, TOK)
+  tables = retrieval.accuracy_tables(res)
+  assert set(tables["tasks"]) == {"passkey", "niah_single/noise",
+                                  "niah_single/natural", "mqar"}
+  assert all(v == 1.0 for row in tables["tasks"].values()
+             for v in row.values())
+
+
 def test_lengths_below_a_task_are_skipped():
   ex = retrieval.build_eval_set(TOK, 0, (100, 300), (0.5,), ("passkey",), 1)
   assert [x.meta["cell"]["length"] for x in ex] == [300]
@@ -250,6 +272,18 @@ def test_run_eval_writes_report(tmp_path):
   assert set(res["modes"]) == set(saved["modes"])
   md = open(os.path.join(out, "report.md")).read()
   assert "Passkey accuracy" in md and "recall by layer" in md
+  # The held-out comparison (what a run's summary.json holds) is in the report.
+  assert "Held-out comparison" in md
+  held = saved["heldout"]
+  assert set(held["rows"]) == {"base (pretrain), dense",
+                               "warm-up (warmup), dense",
+                               "dense control (dense)",
+                               "sparse (sparse), top-k"}
+  assert held["summary"]["heldout_loss_sparse"] == pytest.approx(
+      held["rows"]["sparse (sparse), top-k"]["loss"])
+  assert held["summary"]["sparse_vs_dense_loss"] == pytest.approx(
+      held["summary"]["heldout_loss_sparse"]
+      / held["summary"]["heldout_loss_dense"] - 1)
   # compare: two runs' results in one table and plot.
   d2 = str(tmp_path / "run2")
   os.makedirs(os.path.join(d2, "eval"))
