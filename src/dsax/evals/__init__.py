@@ -178,7 +178,7 @@ def finish_run(cfg, run_dir: str, tokenizer, val_docs,
   summary: dict[str, Any] = {}
   if cfg.report:
     results = run_eval(run_dir, quick=True, lengths=[cfg.data.seq_len],
-                       tasks=("passkey", "mqar"),
+                       tasks=("passkey", "niah_single", "mqar"),
                        prepared=(cfg, tokenizer, val_docs),
                        evaluator=evaluator)
     rows, summary = results["heldout"]["rows"], results["heldout"]["summary"]
