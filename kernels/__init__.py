@@ -53,11 +53,15 @@ def indexer_topk(q_BTIJ, k_BSJ, w_BTI, topk, segment_ids_BT=None, *,
 
 
 def mla_flash(q_BTNK, k_BSNK, v_BSNE, scale, segment_ids_BT=None, *,
-              q_chunk=256, impl="auto"):
+              target=None, q_chunk=256, impl="auto"):
   """Causal, in-segment dense attention (expanded MLA, K = H + R).
-  Returns (o_BTNE, lse_BTN)."""
+  Returns (o_BTNE, lse_BTN), and the DSA warm-up KL_BT when ``target =
+  (q_I_BTIJ, k_I_BSJ, w_BTI)`` is given (the kernel computes it in query
+  chunks of ``q_chunk``, no T x S x N; differentiable in the target only)."""
   if resolve_impl(impl) == "pallas":
     return _mla_flash_kernel.mla_flash(q_BTNK, k_BSNK, v_BSNE, scale,
-                                       segment_ids_BT)
+                                       segment_ids_BT, target=target,
+                                       target_chunk=q_chunk)
   return _mla_flash_kernel.mla_flash_reference(q_BTNK, k_BSNK, v_BSNE, scale,
-                                               segment_ids_BT, q_chunk=q_chunk)
+                                               segment_ids_BT, target=target,
+                                               q_chunk=q_chunk)

@@ -1,39 +1,54 @@
-"""The tiny DSA model with impl="pallas" (interpret mode on CPU) equals
-impl="reference": logits, indexer KL and every parameter gradient."""
+"""The tiny DSA model with model.kernel_impl="pallas" (interpret mode on CPU)
+equals kernel_impl="reference": logits, indexer KL and every parameter
+gradient, in the sparse phase, the dense warm-up (attention and the fused
+warm-up KL in mla_flash) and plain dense pretraining."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import init, tiny
 from dsax import model
+from dsax.config import ConfigError, override
 from dsax.dsa import DSAOptions
 
 FAST = ({"xla_backend_optimization_level": 0}
         if jax.default_backend() == "cpu" else {})
 
+TOKS = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 40)))
+SEG = jnp.asarray([[0] * 15 + [1] * 25, [0] * 40])
 
-def test_sparse_model_pallas_equals_reference():
-  cfg = tiny(init_std=0.1)          # topk 16 < T: the selection is sparse
+
+def run(cfg, attention, options):
+  """(logits, per-layer indexer KL or None), gradients of LM + sum(KL)."""
   params = init(cfg)
-  toks = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 40)))
-  seg = jnp.asarray([[0] * 15 + [1] * 25, [0] * 40])
 
-  def run(impl):
-    def loss(p):
-      logits, aux = model.forward(p, toks, cfg, seg, attention="sparse",
-                                  dsa_options=DSAOptions(impl=impl))
-      lm = -jnp.mean(jax.nn.log_softmax(logits)[:, :-1, :]
-                     * jax.nn.one_hot(toks[:, 1:], 256))
-      return lm + jnp.sum(aux["indexer_kl"]), (logits, aux["indexer_kl"])
+  def loss(p):
+    logits, aux = model.forward(p, TOKS, cfg, SEG, attention=attention,
+                                dsa_options=options)
+    lm = -jnp.mean(jax.nn.log_softmax(logits)[:, :-1, :]
+                   * jax.nn.one_hot(TOKS[:, 1:], 256))
+    kl = aux.get("indexer_kl")
+    return lm + (0.0 if kl is None else jnp.sum(kl)), (logits, kl)
 
-    return jax.jit(jax.value_and_grad(loss, has_aux=True),
-                   compiler_options=FAST)(params)
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True),
+                            compiler_options=FAST)(params)
+  return out, grads
 
-  (_, (logits, kl)), grads = run("pallas")
-  (_, (rlogits, rkl)), rgrads = run("reference")
+
+def check_impls_agree(attention, options, **cfg_kw):
+  # topk 16 < T = 40: the sparse selection is sparse. Query chunks of 16:
+  # the warm-up KL runs over three chunks, the last one partial.
+  cfg = tiny(init_std=0.1, attn_q_chunk=16, **cfg_kw)
+  (logits, kl), grads = run(
+      override(cfg, {"kernel_impl": "pallas"}), attention, options)
+  (rlogits, rkl), rgrads = run(cfg, attention, options)
   np.testing.assert_allclose(logits, rlogits, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(kl, rkl, rtol=1e-5, atol=1e-6)
+  assert (kl is None) == (rkl is None)
+  if kl is not None:
+    assert float(jnp.min(rkl)) > 0.01        # a real divergence, not ~0
+    np.testing.assert_allclose(kl, rkl, rtol=1e-5, atol=1e-6)
 
   def check(path, g, r):
     scale = float(np.abs(np.asarray(r)).max()) + 1e-12
@@ -41,3 +56,23 @@ def test_sparse_model_pallas_equals_reference():
                                err_msg=jax.tree_util.keystr(path))
 
   jax.tree_util.tree_map_with_path(check, grads, rgrads)
+  assert any(float(np.abs(g).max()) > 0 for g in jax.tree.leaves(
+      grads["layers"]["indexer"])) == (kl is not None)
+
+
+def test_sparse_model_pallas_equals_reference():
+  check_impls_agree("sparse", DSAOptions())
+
+
+def test_dense_warmup_pallas_equals_reference():
+  """The dense path through mla_flash and its fused warm-up KL."""
+  check_impls_agree("dense", DSAOptions())
+
+
+def test_dense_pretrain_pallas_equals_reference():
+  check_impls_agree("dense", None)
+
+
+def test_kernel_impl_is_validated():
+  with pytest.raises(ConfigError, match="model.kernel_impl.*'triton'"):
+    override(tiny(), {"kernel_impl": "triton"})

@@ -69,6 +69,9 @@ class ModelConfig:
   compute_dtype: str = "float32"  # matmul inputs; softmax and norms are f32
   attn_q_chunk: int = 512         # queries per chunk in dense attention
   remat: bool = False             # rematerialise each layer in the backward
+  # Attention kernels (dsax.kernels): "reference" (jnp), "pallas", or "auto"
+  # (pallas on GPU/TPU, reference on CPU); DSAOptions.impl defaults to it.
+  kernel_impl: str = "reference"
   indexer: IndexerConfig = IndexerConfig()
 
   @property
@@ -92,6 +95,9 @@ def _check_model(cfg: ModelConfig) -> None:
     if getattr(cfg, name) not in ("float32", "bfloat16"):
       raise ConfigError(f"model.{name} must be float32 or bfloat16, "
                         f"got {getattr(cfg, name)!r}")
+  if cfg.kernel_impl not in ("reference", "pallas", "auto"):
+    raise ConfigError(f"model.kernel_impl must be reference, pallas or auto, "
+                      f"got {cfg.kernel_impl!r}")
   ix = cfg.indexer
   for name in ("n_heads", "head_dim", "topk", "q_chunk"):
     if getattr(ix, name) <= 0:
@@ -336,10 +342,13 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh; -1 takes the remaining devices."""
+  """Device mesh (dsax.sharding); -1 takes the remaining devices. data and
+  fsdp split the batch rows (fsdp also the parameters), sequence the
+  positions of each row (context parallelism), tensor the heads and widths."""
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
+  sequence: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

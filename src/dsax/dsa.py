@@ -45,7 +45,8 @@ class DSAOptions:
   metrics: bool = False         # recall of selected / oracle / local window
   return_indices: bool = False  # aux["idx"], aux["valid"] per layer
   topk: int | None = None       # overrides cfg.indexer.topk
-  impl: str = "reference"       # kernels: "reference" | "pallas" | "auto"
+  impl: str | None = None       # kernels: None = cfg.kernel_impl, or
+                                # "reference" | "pallas" | "auto"
 
 
 # ------------------------------------------------------------------ indexer
@@ -221,6 +222,9 @@ def make_layer_attend(cfg: ModelConfig, attention: str,
   ang_i = indexer_angles(positions_BT, cfg)
   scale = mla.softmax_scale(cfg)
   chunk = cfg.indexer.q_chunk
+  impl = options.impl or cfg.kernel_impl
+  # Recall needs the probabilities: only the jnp path (a probe) has them.
+  fused = kernels.resolve_impl(impl) != "reference" and not options.metrics
 
   def for_layer(p, h_BTD):
     def attend(q_nope, q_rope, cq, kv, k_rope):
@@ -230,6 +234,15 @@ def make_layer_attend(cfg: ModelConfig, attention: str,
           p["indexer"], jax.lax.stop_gradient(h_BTD),
           None if cq is None else jax.lax.stop_gradient(cq), ang_i, cfg)
       aux: dict[str, Any] = {}
+      if attention == "dense" and fused:
+        # The flash kernel's warm-up KL: a second pass over key blocks.
+        target = (iq, ik, iw) if options.indexer_loss else None
+        out = mla.dense_attention(q_nope, q_rope, kv, k_rope, a["wkv_b"], cfg,
+                                  segment_ids_BT, impl=impl, target=target)
+        if target is None:
+          return out, aux
+        aux["indexer_kl"] = jnp.mean(out[1])
+        return out[0], aux
       if attention == "dense":
         o, per_tok = mla.dense_attention(
             q_nope, q_rope, kv, k_rope, a["wkv_b"], cfg, segment_ids_BT,
@@ -238,13 +251,13 @@ def make_layer_attend(cfg: ModelConfig, attention: str,
         aux.update(_layer_means(per_tok))
         return o, aux
       idx, valid = kernels.indexer_topk(iq, ik, iw, topk, segment_ids_BT,
-                                        q_chunk=chunk, impl=options.impl)
+                                        q_chunk=chunk, impl=impl)
       q_full = jnp.concatenate([mla.absorb_query(q_nope, a["wkv_b"], cfg),
                                 q_rope], axis=-1)
       kv_full = jnp.concatenate([kv, k_rope.astype(kv.dtype)], axis=-1)
       o_lat, _ = kernels.sparse_mla(q_full, kv_full, idx, valid, scale,
                                     cfg.kv_lora_rank, q_chunk=chunk,
-                                    impl=options.impl)
+                                    impl=impl)
       o = mla.expand_output(o_lat, a["wkv_b"], cfg)
       if options.indexer_loss:
         aux["indexer_kl"] = jnp.mean(sparse_kl(q_full, kv_full, idx, valid,

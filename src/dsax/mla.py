@@ -23,7 +23,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from dsax import rope
+from dsax import kernels, rope
 from dsax.config import ModelConfig
 from dsax.kernels.query_chunks import causal_segment_mask, map_causal_chunks
 
@@ -79,8 +79,15 @@ def dense_attention(q_nope_BTNH: jax.Array, q_rope_BTNR: jax.Array,
                     segment_ids_BT: jax.Array | None = None,
                     probe: Callable[..., Any] | None = None,
                     probe_args: tuple[jax.Array, ...] = (),
-                    probe_keys: tuple[jax.Array, ...] = ()):
+                    probe_keys: tuple[jax.Array, ...] = (), *,
+                    impl: str | None = None, target: tuple | None = None):
   """Causal expanded-form MLA over query chunks. Returns o_BTNE.
+
+  ``impl`` (None: cfg.kernel_impl) "pallas" (or "auto" off CPU) runs the
+  kernels.mla_flash kernel instead, unless a probe is given (a probe needs the
+  probabilities, which the kernel never forms). There ``target = (q_I_BTIJ,
+  k_I_BSJ, w_BTI)`` asks the kernel for the fused DSA warm-up KL, and the
+  result is ``(o_BTNE, kl_BT)``.
 
   Query chunk [s0, s1) is scored only against keys [0, s1) (the rest are in
   its future). ``probe(start, prob_BNTS, mask_BTS, *probe_arg_chunks,
@@ -95,6 +102,20 @@ def dense_attention(q_nope_BTNH: jax.Array, q_rope_BTNR: jax.Array,
   kvb = jnp.einsum("bsc,cnk->bsnk", kv_BSC.astype(cdt), wkv_b_CNK.astype(cdt))
   k_nope_BSNH, v_BSNE = kvb[..., :h], kvb[..., h:]
   scale = softmax_scale(cfg)
+  if probe is None and kernels.resolve_impl(impl or cfg.kernel_impl) != (
+      "reference"):
+    # The kernel takes one qk dim K = H + R: the shared rope key per head.
+    k_rope = jnp.broadcast_to(k_rope_BSR.astype(cdt)[:, :, None],
+                              k_nope_BSNH.shape[:3] + k_rope_BSR.shape[-1:])
+    out = kernels.mla_flash(
+        jnp.concatenate([q_nope_BTNH.astype(cdt), q_rope_BTNR.astype(cdt)],
+                        -1), jnp.concatenate([k_nope_BSNH, k_rope], -1),
+        v_BSNE, scale, segment_ids_BT, target=target,
+        q_chunk=cfg.attn_q_chunk, impl="pallas")
+    return out[0] if target is None else (out[0], out[2])
+  if target is not None:
+    raise ValueError("dense_attention: target (the fused warm-up KL) needs "
+                     "the kernel path (impl pallas or auto off CPU, no probe)")
   b, s_len = kv_BSC.shape[:2]
   seg_BT = (jnp.zeros((b, s_len), jnp.int32) if segment_ids_BT is None
             else segment_ids_BT)
