@@ -58,6 +58,36 @@ def test_sparse_attention_is_sparse_when_k_is_small():
                                 np.broadcast_to([1, 2, 3], (2, 2, 3)))
 
 
+@pytest.mark.parametrize("q_lora_rank", [32, 0])
+def test_sparse_decode_matches_sparse_forward(q_lora_rank):
+  """Prefill a prompt longer than k, then one token at a time with the
+  indexer-key cache: the logits of the sparse forward at every position."""
+  from dsax import decode
+  cfg = cfg_with(topk=4, q_lora_rank=q_lora_rank)
+  params = init(cfg)
+  toks = tokens(t=24)
+  sparse, _ = model.forward(params, toks, cfg, attention="sparse")
+  dense, _ = model.forward(params, toks, cfg)
+  assert float(jnp.abs(sparse[:, 8:] - dense[:, 8:]).max()) > 1e-3
+  prompt = 7
+  first, cache = decode.prefill(params, toks[:, :prompt], cfg, 24, "sparse")
+  step = jax.jit(decode.decode_step, static_argnums=(3, 4))
+  outs = [first]
+  for t in range(prompt, 24):
+    out, cache = step(params, cache, toks[:, t], cfg, "sparse")
+    outs.append(out[:, None])
+  dec = jnp.concatenate(outs, axis=1)
+  np.testing.assert_array_less(np.abs(np.asarray(dec - sparse)).max(), 1e-4)
+  assert cache["index_k"].shape == (cfg.n_layers, 2, 24, cfg.indexer.head_dim)
+  if q_lora_rank == 0:
+    return
+  # Greedy generation through the sparse cache runs end to end.
+  gen = decode.generate(params, toks[:, :prompt], cfg, 3, attention="sparse")
+  assert gen.shape == (2, prompt + 3)
+  np.testing.assert_array_equal(gen[:, prompt],
+                                jnp.argmax(sparse[:, prompt - 1], -1))
+
+
 def test_causality_by_gradient_with_sparse_attention():
   cfg = cfg_with(topk=6)
   params = init(cfg)

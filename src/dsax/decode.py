@@ -2,6 +2,12 @@
 
 The cache holds only ``[c_kv ; k_rope]`` per token and layer: C + R numbers,
 against 2 * N * (H + R) (or N * (H + R + E)) for an expanded KV cache.
+
+Sparse decoding (``attention="sparse"``, DSA) also caches the indexer key k_I
+(J numbers per token and layer). A step scores the cache with the new token's
+indexer query, I[s] = sum_i w[i] relu(q_I[i] . k_I[s]) for s <= t, keeps the
+top-k, and attends only to those latent rows (``kernels.sparse_mla``): the
+same selection and attention as the sparse forward at position t.
 """
 
 from __future__ import annotations
@@ -11,38 +17,75 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dsax import mla, model
+from dsax import dsa, kernels, mla, model
 from dsax.config import ModelConfig
+from dsax.kernels.reference import indexer_logits
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict[str, Any]:
+def init_cache(cfg: ModelConfig, batch: int, max_len: int,
+               attention: str = "dense") -> dict[str, Any]:
   dt = jnp.dtype(cfg.compute_dtype)
-  return {
+  cache = {
       "kv": jnp.zeros((cfg.n_layers, batch, max_len, cfg.kv_lora_rank), dt),
       "k_rope": jnp.zeros((cfg.n_layers, batch, max_len, cfg.qk_rope_head_dim),
                           dt),
       "length": jnp.zeros((), jnp.int32),
   }
+  if attention == "sparse":
+    cache["index_k"] = jnp.zeros(
+        (cfg.n_layers, batch, max_len, cfg.indexer.head_dim), dt)
+  return cache
 
 
 def prefill(params: dict[str, Any], tokens_BT: jax.Array, cfg: ModelConfig,
-            max_len: int):
-  """Runs the expanded forward on a prompt; returns (logits_BTV, cache)."""
+            max_len: int, attention: str = "dense", topk: int | None = None):
+  """Runs the expanded forward on a prompt; returns (logits_BTV, cache).
+  ``attention="sparse"``: the DSA forward at ``topk`` (None: the config's),
+  and the cache holds the indexer keys too."""
   b, t = tokens_BT.shape
   if t > max_len:
     raise ValueError(f"prompt length {t} exceeds max_len {max_len}")
-  logits, aux = model.forward(params, tokens_BT, cfg, return_cache=True)
+  opts = None
+  if attention == "sparse":
+    opts = dsa.DSAOptions(indexer_loss=False, topk=topk, return_keys=True)
+  logits, aux = model.forward(params, tokens_BT, cfg, return_cache=True,
+                              attention=attention, dsa_options=opts)
   pad = [(0, 0), (0, 0), (0, max_len - t), (0, 0)]
-  cache = {"kv": jnp.pad(aux["kv"], pad), "k_rope": jnp.pad(aux["k_rope"], pad),
-           "length": jnp.int32(t)}
+  names = ("kv", "k_rope") + (("index_k",) if attention == "sparse" else ())
+  cache = {n: jnp.pad(aux[n].astype(jnp.dtype(cfg.compute_dtype)), pad)
+           for n in names}
+  cache["length"] = jnp.int32(t)
   return logits, cache
 
 
+def sparse_select(p_indexer: dict[str, Any], h_B1D: jax.Array,
+                  cq_B1Q: jax.Array | None, index_k_BSJ: jax.Array,
+                  pos: jax.Array, topk: int, cfg: ModelConfig):
+  """(idx_B1K, valid_B1K, k_new_B1J): the top-k cached keys s <= pos by the
+  new token's indexer scores (ties to the lower index, invalid slots point at
+  pos, as ``kernels.indexer_topk``), and its own indexer key."""
+  b, max_len = index_k_BSJ.shape[:2]
+  ang = dsa.indexer_angles(jnp.full((b, 1), pos, jnp.int32), cfg)
+  q, k_new, w = dsa.indexer_project(p_indexer, h_B1D, cq_B1Q, ang, cfg)
+  keys = jax.lax.dynamic_update_slice(
+      index_k_BSJ, k_new.astype(index_k_BSJ.dtype), (0, pos, 0))
+  visible = jnp.arange(max_len) <= pos
+  scores = jnp.where(visible[None, None],
+                     indexer_logits(q, keys, w), -jnp.inf)
+  _, idx = jax.lax.top_k(scores, min(topk, max_len))
+  valid = visible[idx]
+  return jnp.where(valid, idx, pos).astype(jnp.int32), valid, keys
+
+
 def decode_step(params: dict[str, Any], cache: dict[str, Any],
-                tokens_B: jax.Array, cfg: ModelConfig):
+                tokens_B: jax.Array, cfg: ModelConfig,
+                attention: str = "dense", topk: int | None = None):
   """Appends one token per row at position ``cache['length']``; returns
-  (logits_BV, new cache). Attention is the absorbed (MQA) form."""
+  (logits_BV, new cache). Attention is the absorbed (MQA) form; with
+  ``attention="sparse"`` over the indexer's top-k rows only."""
   pos = cache["length"]
+  sparse = attention == "sparse"
+  topk = topk or cfg.indexer.topk
   b = tokens_B.shape[0]
   max_len = cache["kv"].shape[2]
   x = model.embed(params, tokens_B[:, None], cfg)
@@ -52,26 +95,41 @@ def decode_step(params: dict[str, Any], cache: dict[str, Any],
   cdt = jnp.dtype(cfg.compute_dtype)
 
   def layer(x, xs):
-    p, kv_l, kr_l = xs
+    p, kv_l, kr_l, ik_l = xs
     a = p["attn"]
     h = mla.rms_norm(x, p["attn_norm"], cfg.norm_eps)
-    q_nope, q_rope, _ = mla.project_q(a, h, ang, cfg)
+    q_nope, q_rope, cq = mla.project_q(a, h, ang, cfg)
     kv_new, kr_new = mla.project_kv(a, h, ang, cfg)
     kv_l = jax.lax.dynamic_update_slice(kv_l, kv_new.astype(kv_l.dtype),
                                         (0, pos, 0))
     kr_l = jax.lax.dynamic_update_slice(kr_l, kr_new.astype(kr_l.dtype),
                                         (0, pos, 0))
-    o = mla.absorbed_attention(q_nope, q_rope, kv_l, kr_l, a["wkv_b"],
-                               mask_B1S, cfg)
+    if sparse:
+      idx, valid, ik_l = sparse_select(p["indexer"], h, cq, ik_l, pos, topk,
+                                       cfg)
+      q_full = jnp.concatenate(
+          [mla.absorb_query(q_nope, a["wkv_b"], cfg), q_rope], axis=-1)
+      kv_full = jnp.concatenate([kv_l, kr_l.astype(kv_l.dtype)], axis=-1)
+      o_lat, _ = kernels.sparse_mla(q_full, kv_full, idx, valid,
+                                    mla.softmax_scale(cfg), cfg.kv_lora_rank,
+                                    impl=cfg.kernel_impl)
+      o = mla.expand_output(o_lat, a["wkv_b"], cfg)
+    else:
+      o = mla.absorbed_attention(q_nope, q_rope, kv_l, kr_l, a["wkv_b"],
+                                 mask_B1S, cfg)
     x = x + mla.output_projection(o, a["wo"]).astype(x.dtype)
     h = mla.rms_norm(x, p["mlp_norm"], cfg.norm_eps)
     x = x + model.swiglu(p["mlp"], h, cdt).astype(x.dtype)
-    return x, (kv_l, kr_l)
+    return x, (kv_l, kr_l, ik_l)
 
-  x, (kv, k_rope) = jax.lax.scan(
-      layer, x, (params["layers"], cache["kv"], cache["k_rope"]))
+  index_k = cache["index_k"] if sparse else jnp.zeros((cfg.n_layers, 0))
+  x, (kv, k_rope, index_k) = jax.lax.scan(
+      layer, x, (params["layers"], cache["kv"], cache["k_rope"], index_k))
   logits = model.unembed(params, x, cfg)[:, 0]
-  return logits, {"kv": kv, "k_rope": k_rope, "length": pos + 1}
+  new = {"kv": kv, "k_rope": k_rope, "length": pos + 1}
+  if sparse:
+    new["index_k"] = index_k
+  return logits, new
 
 
 def sample(logits_BV: jax.Array, key: jax.Array,
@@ -85,16 +143,19 @@ def sample(logits_BV: jax.Array, key: jax.Array,
 
 def generate(params: dict[str, Any], prompt_BT: jax.Array, cfg: ModelConfig,
              steps: int, key: jax.Array | None = None,
-             temperature: float = 0.0) -> jax.Array:
-  """Prompt plus ``steps`` new tokens, [B, T + steps]."""
+             temperature: float = 0.0, attention: str = "dense",
+             topk: int | None = None) -> jax.Array:
+  """Prompt plus ``steps`` new tokens, [B, T + steps]; ``attention`` and
+  ``topk`` as in ``prefill``."""
   if key is None:
     key = jax.random.PRNGKey(0)
-  logits, cache = prefill(params, prompt_BT, cfg, prompt_BT.shape[1] + steps)
-  step = jax.jit(decode_step, static_argnums=3)
+  logits, cache = prefill(params, prompt_BT, cfg, prompt_BT.shape[1] + steps,
+                          attention, topk)
+  step = jax.jit(decode_step, static_argnums=(3, 4, 5))
   tok = sample(logits[:, -1], key, temperature)
   out = [tok]
   for i in range(steps - 1):
-    logits_b, cache = step(params, cache, tok, cfg)
+    logits_b, cache = step(params, cache, tok, cfg, attention, topk)
     tok = sample(logits_b, jax.random.fold_in(key, i + 1), temperature)
     out.append(tok)
   return jnp.concatenate([prompt_BT, jnp.stack(out, axis=1)], axis=1)

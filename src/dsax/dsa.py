@@ -44,6 +44,7 @@ class DSAOptions:
   indexer_loss: bool = True     # per-layer indexer KL in aux["indexer_kl"]
   metrics: bool = False         # recall of selected / oracle / local window
   return_indices: bool = False  # aux["idx"], aux["valid"] per layer
+  return_keys: bool = False     # aux["index_k"]: indexer keys (decode cache)
   topk: int | None = None       # overrides cfg.indexer.topk
   impl: str | None = None       # kernels: None = cfg.kernel_impl, or
                                 # "reference" | "pallas" | "auto"
@@ -272,6 +273,8 @@ def make_layer_attend(cfg: ModelConfig, attention: str,
         aux.update(_layer_means(per_tok))
       if options.return_indices:
         aux["idx"], aux["valid"] = idx, valid
+      if options.return_keys:
+        aux["index_k"] = ik
       return o, aux
 
     return attend
