@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
                  "work/<name>); with --sweep, the root (default: work)")
   p.add_argument("--dry-run", action="store_true",
                  help="print the resolved config(s) as JSON; run nothing")
+  dist = p.add_argument_group(
+      "several processes (jax.distributed; README: several hosts)")
+  dist.add_argument("--coordinator", metavar="HOST:PORT",
+                    help="process 0's address (env DSAX_COORDINATOR)")
+  dist.add_argument("--num-processes", type=int, metavar="N",
+                    help="processes in the run (env DSAX_NUM_PROCESSES)")
+  dist.add_argument("--process-id", type=int, metavar="I",
+                    help="this process, 0..N-1 (env DSAX_PROCESS_ID)")
   return p
 
 
@@ -322,6 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.error("give a CONFIG[:ARG] or --sweep FILE")
   from dsax.config import ConfigError
   try:
+    if not args.dry_run:  # before JAX touches a device
+      from dsax import sharding
+      sharding.init_distributed(args.coordinator, args.num_processes,
+                                args.process_id)
     return run_sweep(args) if args.sweep else run_one(args)
   except ConfigError as e:
     return _error(e)

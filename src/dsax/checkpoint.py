@@ -6,6 +6,12 @@ A run directory holds
   phases/<name>/                           the parameters each phase ended with
 The manager keeps the last ``keep`` steps. A state is saved only when every
 parameter is finite, so a non-finite loss never replaces a good checkpoint.
+
+Arrays are saved sharded, each process writing its shards (orbax coordinates
+several processes). A restore target whose ShapeDtypeStructs carry shardings
+(``train.abstract_state(cfg, phase, mesh)``) restores straight onto them, so a
+checkpoint saved on one mesh restores onto a mesh of another shape; a target
+without shardings restores onto this process's first device.
 """
 
 from __future__ import annotations
@@ -18,10 +24,25 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 
+@jax.jit
+def _finite(leaves: list[jax.Array]) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def all_finite(tree: Any) -> bool:
+  """Whether every float leaf is finite (one replicated scalar, so it also
+  works on arrays sharded over several processes)."""
   leaves = [x for x in jax.tree.leaves(tree)
             if jnp.issubdtype(x.dtype, jnp.floating)]
-  return bool(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])))
+  return bool(_finite(leaves)) if leaves else True
+
+
+def _targets(abstract: Any) -> Any:
+  """Restore targets: leaves without a sharding go to the first local device."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(
+      lambda a: a if getattr(a, "sharding", None) is not None else
+      jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
 
 
 class RunCheckpoints:
@@ -55,7 +76,7 @@ class RunCheckpoints:
 
   def restore_state(self, step: int, abstract_state: Any) -> Any:
     out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
+        state=ocp.args.StandardRestore(_targets(abstract_state))))
     return out["state"]
 
   def save_phase_params(self, name: str, params: Any) -> str:
@@ -80,8 +101,9 @@ def save_params(path: str, params: Any) -> None:
 
 def load_params(path: str, abstract_params: Any) -> Any:
   """Reads a parameter tree written by ``save_params`` into the given
-  structure (shapes and dtypes must match)."""
+  structure (shapes and dtypes must match; shardings as in the module
+  docstring)."""
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no parameter checkpoint at {path}")
-  return ocp.StandardCheckpointer().restore(path, abstract_params)
+  return ocp.StandardCheckpointer().restore(path, _targets(abstract_params))

@@ -275,7 +275,7 @@ class DataConfig:
   text_field: str = "text"        # JSONL / HF field holding the text
   hf_name: str = ""               # a cached Hugging Face dataset for "hf"
   hf_split: str = "train"
-  tokenizer: str = "bytes"        # "bytes" | "bpe"
+  tokenizer: str = "bytes"        # "bytes" | "bpe" | "file:PATH" (json)
   bpe_vocab_size: int = 4096
   seq_len: int = 1024             # tokens per packed sequence
   batch_size: int = 8

@@ -12,6 +12,12 @@ only they have optimizer state. Losses per phase kind:
             the two groups have their own optimizers (optax.multi_transform).
 
 The host loop does no array maths and reads each step's metrics one step late.
+
+Sharding (dsax.sharding): the step is jitted with the shardings of the state,
+the frozen parameters and the batch, state donated; one device is the mesh
+(1, 1, 1, 1). Several processes (``jax.distributed``) run the same loop; each
+feeds the batch rows its devices hold, and only process 0 writes logs, metrics
+and summaries (orbax coordinates the checkpoint writes).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import tqdm
 
 from dsax import checkpoint, dsa, model
 from dsax import params as P
+from dsax import sharding as S
 from dsax.config import ConfigError, ExperimentConfig, PhaseConfig, dumps
 
 log = logging.getLogger("dsax")
@@ -149,7 +156,9 @@ def batch_loss(params, batch, cfg: ExperimentConfig, phase_kind: str,
 
 
 def make_train_step(cfg: ExperimentConfig, phase: PhaseConfig, tx,
-                    sched: optax.Schedule) -> Callable:
+                    sched: optax.Schedule, mesh=None) -> Callable:
+  """``step(state, frozen, batch) -> (state, metrics)`` jitted on ``mesh``
+  (default: ``cfg.mesh`` over all devices) with the state donated."""
   topk = phase.topk or cfg.model.indexer.topk
 
   def loss_fn(trainable, frozen, batch):
@@ -177,11 +186,67 @@ def make_train_step(cfg: ExperimentConfig, phase: PhaseConfig, tx,
     return {"trainable": trainable, "opt": opt,
             "step": state["step"] + 1}, out
 
-  return jax.jit(step, donate_argnums=(0,))
+  mesh = S.make_mesh(cfg.mesh) if mesh is None else mesh
+  state_sh, frozen_sh = phase_shardings(cfg, phase, mesh)
+  rep = S.replicated(mesh)
+  return jax.jit(step, donate_argnums=(0,),
+                 in_shardings=(state_sh, frozen_sh, data_sharding(cfg, mesh)),
+                 out_shardings=(state_sh, rep))
 
 
-def device_batch(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-  return {k: jnp.asarray(v) for k, v in batch.items()}
+def data_sharding(cfg: ExperimentConfig, mesh) -> jax.sharding.NamedSharding:
+  return S.batch_sharding(mesh, cfg.data.batch_size, cfg.data.seq_len)
+
+
+def flat_param_shardings(cfg: ExperimentConfig, mesh) -> dict[str, Any]:
+  return flatten(S.param_shardings(cfg.model, mesh))
+
+
+def phase_shardings(cfg: ExperimentConfig, phase: PhaseConfig, mesh):
+  """(state shardings, frozen-parameter shardings) of a phase, flat paths."""
+  abstract = abstract_state(cfg, phase)
+  flat_sh = flat_param_shardings(cfg, mesh)
+  shapes = {k: v.shape for k, v in flatten(P.abstract_params(cfg.model)).items()}
+  trainable = {k: flat_sh[k] for k in abstract["trainable"]}
+  state = {"trainable": trainable,
+           "opt": S.opt_shardings(abstract["opt"], {
+               k: (shapes[k], v) for k, v in trainable.items()}, mesh),
+           "step": S.replicated(mesh)}
+  return state, {k: v for k, v in flat_sh.items() if k not in trainable}
+
+
+def init_params(cfg: ExperimentConfig, mesh) -> Any:
+  """Fresh parameters on their shardings. Initialised eagerly, as on one
+  device (a jitted init fuses differently and changes the last bits), then
+  each process hands over its devices' shards."""
+  params = P.init_params(cfg.model, jax.random.PRNGKey(cfg.seed))
+  return S.put_global(params, S.param_shardings(cfg.model, mesh))
+
+
+def init_state(cfg: ExperimentConfig, phase: PhaseConfig, params: Any, mesh,
+               state: Any = None):
+  """(state, frozen, tx, sched) of a phase starting from ``params``, or
+  continuing a restored ``state`` (already on its shardings)."""
+  flat = flatten(params)
+  labels = labels_for(phase, list(flat))
+  tx, sched = optimizer(phase, labels)
+  state_sh, frozen_sh = phase_shardings(cfg, phase, mesh)
+  frozen = jax.device_put({k: flat[k] for k in frozen_sh}, frozen_sh)
+  if state is None:
+    trainable = jax.device_put({k: flat[k] for k in state_sh["trainable"]},
+                               state_sh["trainable"])
+    opt = jax.jit(tx.init, out_shardings=state_sh["opt"])(trainable)
+    state = {"trainable": trainable, "opt": opt,
+             "step": S.put_global(np.int32(0), state_sh["step"])}
+  return state, frozen, tx, sched
+
+
+def host_params(params: Any) -> Any:
+  """Parameters every process can read whole (for its local evaluation)."""
+  if jax.process_count() == 1:
+    return params
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return multihost_utils.process_allgather(params, tiled=True)
 
 
 # --------------------------------------------------------------- the loop
@@ -222,26 +287,21 @@ def _check_finite(phase: str, step: int, out: dict[str, Any],
 def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
               data_iter, ckpts: checkpoint.RunCheckpoints, meta: dict,
               writer, evaluate: Callable[[Any, str], dict] | None,
-              start_step: int = 0, state: Any = None) -> Any:
+              start_step: int = 0, state: Any = None, mesh=None) -> Any:
   """Trains one phase from ``params`` (or a restored ``state``); returns the
   phase's final parameters. ``meta["global_base"]`` is the global step of
   the phase's step 0."""
-  flat = flatten(params)
-  labels = labels_for(phase, list(flat))
-  trainable = {k: v for k, v in flat.items() if k in labels}
-  frozen = {k: v for k, v in flat.items() if k not in labels}
-  tx, sched = optimizer(phase, labels)
-  if state is None:
-    state = {"trainable": trainable, "opt": tx.init(trainable),
-             "step": jnp.int32(0)}
-  step_fn = make_train_step(cfg, phase, tx, sched)
+  mesh = S.make_mesh(cfg.mesh) if mesh is None else mesh
+  state, frozen, tx, sched = init_state(cfg, phase, params, mesh, state)
+  step_fn = make_train_step(cfg, phase, tx, sched, mesh)
+  batch_sh = data_sharding(cfg, mesh)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   base = meta["global_base"]
   last_saved = ckpts.latest_step()
   pending = None
   t_last = time.perf_counter()
   bar = tqdm.tqdm(total=phase.steps, initial=start_step, desc=phase.name,
-                  dynamic_ncols=True, leave=True)
+                  dynamic_ncols=True, leave=True, disable=not S.is_primary())
 
   def emit(s, out, dt):
     vals = _check_finite(phase.name, s, out, last_saved)
@@ -261,7 +321,7 @@ def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
   last_vals: dict[str, float] = {}
   with _Signals() as sigs:
     for s in range(start_step + 1, phase.steps + 1):
-      batch = device_batch(next(data_iter))
+      batch = S.global_batch(next(data_iter), batch_sh)
       state, out = step_fn(state, frozen, batch)
       if pending is not None:  # read the previous step's metrics now
         now = time.perf_counter()
@@ -270,10 +330,12 @@ def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
       pending = (s, out)
       bar.update(1)
       if cfg.eval.every and evaluate is not None and s % cfg.eval.every == 0:
-        ev = evaluate(unflatten({**frozen, **state["trainable"]}),
-                      phase.attention)
-        writer.write(phase.name, base + s, {f"eval_{k}": v
-                                            for k, v in ev.items()})
+        # Every process joins the gather; process 0 alone evaluates.
+        now_params = host_params(unflatten({**frozen, **state["trainable"]}))
+        if S.is_primary():
+          ev = evaluate(now_params, phase.attention)
+          writer.write(phase.name, base + s, {f"eval_{k}": v
+                                              for k, v in ev.items()})
       if sigs.caught is not None:
         last_vals = emit(*pending, time.perf_counter() - t_last)
         save(s)
@@ -296,13 +358,25 @@ def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
   return unflatten({**frozen, **state["trainable"]}), state
 
 
-def abstract_state(cfg: ExperimentConfig, phase: PhaseConfig) -> Any:
+def abstract_state(cfg: ExperimentConfig, phase: PhaseConfig,
+                   mesh=None) -> Any:
+  """The phase's train state as ShapeDtypeStructs; with ``mesh``, each one
+  carries its sharding (a restore target for orbax)."""
   flat = flatten(P.abstract_params(cfg.model))
   labels = labels_for(phase, list(flat))
   trainable = {k: v for k, v in flat.items() if k in labels}
   tx, _ = optimizer(phase, labels)
-  return {"trainable": trainable, "opt": jax.eval_shape(tx.init, trainable),
-          "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  state = {"trainable": trainable, "opt": jax.eval_shape(tx.init, trainable),
+           "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  if mesh is None:
+    return state
+  return S.with_shardings(state, phase_shardings(cfg, phase, mesh)[0])
+
+
+def abstract_params(cfg: ExperimentConfig, mesh) -> Any:
+  """The parameters as ShapeDtypeStructs carrying their shardings."""
+  return S.with_shardings(P.abstract_params(cfg.model),
+                          S.param_shardings(cfg.model, mesh))
 
 
 def write_config(cfg: ExperimentConfig, workdir: str) -> None:
@@ -318,10 +392,17 @@ def run(cfg: ExperimentConfig, workdir: str) -> dict:
   from dsax import data, heldout, metrics  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
-  metrics.setup_logging(workdir)
-  write_config(cfg, workdir)
+  primary = S.is_primary()
+  if primary:
+    metrics.setup_logging(workdir)
+    write_config(cfg, workdir)
+  else:
+    _secondary_logging()
   preflight(cfg)
-  log.info("run %s in %s", cfg.name, os.path.abspath(workdir))
+  mesh = S.make_mesh(cfg.mesh)
+  data_sharding(cfg, mesh)  # batch divisibility, before any data work
+  log.info("run %s in %s; mesh %s", cfg.name, os.path.abspath(workdir),
+           dict(mesh.shape))
   tok, train_docs, val_docs = data.prepare(
       cfg.data, data.tokenizer_cache_dir(cfg.data, workdir))
   if tok.vocab_size > cfg.model.vocab_size:
@@ -330,8 +411,8 @@ def run(cfg: ExperimentConfig, workdir: str) -> dict:
   data_iter = data.make_train_iterator(cfg.data, tok, train_docs)
   evaluator = heldout.Evaluator(cfg, tok, val_docs)
   ckpts = checkpoint.RunCheckpoints(workdir, cfg.keep_checkpoints)
-  writer = metrics.MetricWriter(workdir)
-  abstract = P.abstract_params(cfg.model)
+  writer = metrics.MetricWriter(workdir, enabled=primary)
+  abstract = abstract_params(cfg, mesh)
   meta: dict[str, Any] = {"done": [], "data_start": {}, "phase": None,
                           "phase_step": 0, "global_base": 0}
   resume_state, latest = None, ckpts.latest_step()
@@ -347,12 +428,13 @@ def run(cfg: ExperimentConfig, workdir: str) -> dict:
         continue
       resuming = meta["phase"] == phase.name and latest is not None
       if resuming:
-        resume_state = ckpts.restore_state(latest, abstract_state(cfg, phase))
+        resume_state = ckpts.restore_state(latest,
+                                           abstract_state(cfg, phase, mesh))
         params = unflatten({**flatten(_phase_init(cfg, phase, meta, ckpts,
-                                                  abstract)),
+                                                  abstract, mesh=mesh)),
                             **resume_state["trainable"]})
       else:
-        params = _phase_init(cfg, phase, meta, ckpts, abstract, params)
+        params = _phase_init(cfg, phase, meta, ckpts, abstract, params, mesh)
         if phase.data_from:
           data_iter.set_state(meta["data_start"][phase.data_from])
         meta["data_start"][phase.name] = data_iter.get_state()
@@ -361,7 +443,7 @@ def run(cfg: ExperimentConfig, workdir: str) -> dict:
           cfg, phase, params, data_iter, ckpts, meta, writer,
           evaluator.quick if cfg.eval.every else None,
           start_step=meta["phase_step"] if resuming else 0,
-          state=resume_state if resuming else None)
+          state=resume_state if resuming else None, mesh=mesh)
       resume_state = None
       ckpts.save_phase_params(phase.name, params)
       meta["done"].append(phase.name)
@@ -376,6 +458,8 @@ def run(cfg: ExperimentConfig, workdir: str) -> dict:
   finally:
     writer.close()
     ckpts.close()
+  if not primary:  # the end-of-run evaluation is local to process 0
+    return {}
   from dsax import evals  # pylint: disable=import-outside-toplevel
   summary = evals.finish_run(cfg, workdir, tok, val_docs, evaluator)
   summary["wall_seconds"] = time.perf_counter() - t0
@@ -383,15 +467,29 @@ def run(cfg: ExperimentConfig, workdir: str) -> dict:
   return summary
 
 
+def _secondary_logging() -> None:
+  """Processes other than 0 log to stderr only, tagged with their index."""
+  logger = logging.getLogger("dsax")
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
+  for h in list(logger.handlers):
+    logger.removeHandler(h)
+  handler = logging.StreamHandler()
+  handler.setFormatter(logging.Formatter(
+      f"[process {jax.process_index()}] %(asctime)s %(message)s", "%H:%M:%S"))
+  logger.addHandler(handler)
+
+
 def _phase_init(cfg: ExperimentConfig, phase: PhaseConfig, meta: dict,
                 ckpts: checkpoint.RunCheckpoints, abstract: Any,
-                current: Any = None) -> Any:
-  """The parameters a phase starts from (see PhaseConfig.init_from)."""
+                current: Any = None, mesh=None) -> Any:
+  """The parameters a phase starts from (see PhaseConfig.init_from), on
+  ``abstract``'s shardings."""
   names = [p.name for p in cfg.phases]
   idx = names.index(phase.name)
   source = phase.init_from or (names[idx - 1] if idx else "")
   if not source:
-    return P.init_params(cfg.model, jax.random.PRNGKey(cfg.seed))
+    return init_params(cfg, S.make_mesh(cfg.mesh) if mesh is None else mesh)
   if source in names:
     if current is not None and source == names[idx - 1] and not phase.init_from:
       return current

@@ -1,0 +1,275 @@
+"""Sharded training: meshes, shardings, multi-device and multi-process runs.
+
+The multi-device checks run in subprocesses that set
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before JAX starts (this
+file is also the worker: ``python tests/test_sharding.py WORKER``); one
+subprocess compiles every mesh in turn. Reference: the same steps on one device.
+Tolerance (f32; sharded reductions add in another order): losses within
+1e-5 relative + 1e-6 absolute, final parameters within 1e-5 absolute; the
+selected indices of the trained indexer are identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+LOSS_RTOL, LOSS_ATOL = 1e-5, 1e-6
+PARAM_ATOL = 1e-5
+# (data, fsdp, tensor, sequence); the first is the one-device reference.
+MESHES = [(1, 1, 1, 1), (8, 1, 1, 1), (2, 2, 2, 1), (1, 4, 2, 1),
+          (2, 1, 1, 4)]
+STEPS = 2
+FAST = ["data.seq_len=64", "data.batch_size=8", "data.max_docs=12",
+        "eval.every=0", "model.indexer.topk=8", "compare=false",
+        "log_every=1", "model.n_layers=1",
+        "model.indexer.q_chunk=64"]
+
+
+def _config(extra=()):
+  sys.path.insert(0, ROOT)
+  from configs.tiny_run import get_config  # pylint: disable=import-outside-toplevel
+  from dsax.config import override  # pylint: disable=import-outside-toplevel
+  return override(get_config(), FAST + list(extra))
+
+
+# ------------------------------------------------------------------ workers
+
+
+def _batches(cfg, n):
+  from dsax import data  # pylint: disable=import-outside-toplevel
+  tok, train_docs, _ = data.prepare(cfg.data, None)
+  it = data.make_train_iterator(cfg.data, tok, train_docs)
+  return [next(it) for _ in range(n)]
+
+
+def _mesh(shape):
+  import jax  # pylint: disable=import-outside-toplevel
+  from dsax import sharding as S  # pylint: disable=import-outside-toplevel
+  from dsax.config import MeshConfig  # pylint: disable=import-outside-toplevel
+  d, f, t, s = shape
+  return S.make_mesh(MeshConfig(data=d, fsdp=f, tensor=t, sequence=s),
+                     jax.devices()[:d * f * t * s])
+
+
+def _steps(cfg, phase, params, mesh, batches, state=None):
+  """Runs len(batches) steps of a phase; (params, state, losses)."""
+  from dsax import sharding as S  # pylint: disable=import-outside-toplevel
+  from dsax import train  # pylint: disable=import-outside-toplevel
+  state, frozen, tx, sched = train.init_state(cfg, phase, params, mesh, state)
+  step = train.make_train_step(cfg, phase, tx, sched, mesh)
+  bsh = train.data_sharding(cfg, mesh)
+  losses = []
+  for batch in batches:
+    state, out = step(state, frozen, S.global_batch(batch, bsh))
+    losses.append(float(out["loss"]))
+  return train.unflatten({**frozen, **state["trainable"]}), state, losses
+
+
+def _indices(cfg, params, mesh, batch):
+  """Selected keys of every layer (sparse forward), gathered whole."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from dsax import dsa, model  # pylint: disable=import-outside-toplevel
+  from dsax import sharding as S  # pylint: disable=import-outside-toplevel
+  from dsax import train  # pylint: disable=import-outside-toplevel
+  opts = dsa.DSAOptions(indexer_loss=False, return_indices=True)
+  fwd = jax.jit(lambda p, b: model.forward(
+      p, b["inputs"], cfg.model, b["segment_ids"], positions_BT=b["positions"],
+      attention="sparse", dsa_options=opts)[1]["idx"],
+                out_shardings=S.replicated(mesh))
+  return np.asarray(fwd(params, S.global_batch(batch,
+                                               train.data_sharding(cfg, mesh))))
+
+
+def _checkpoint_case(cfg, batches, out_dir):
+  """Pretrain 2 steps on 4 devices, save, restore onto 2 devices, 2 more
+  steps; the uninterrupted 4-device run gives the reference losses."""
+  from dsax import checkpoint, train  # pylint: disable=import-outside-toplevel
+  phase = cfg.phases[0]
+  mesh4, mesh2 = _mesh((4, 1, 1, 1)), _mesh((2, 1, 1, 1))
+  params4 = train.init_params(cfg, mesh4)
+  _, state, _ = _steps(cfg, phase, params4, mesh4, batches[:2])
+  ckpts = checkpoint.RunCheckpoints(os.path.join(out_dir, "run"))
+  ckpts.save(2, state, {"row": 0}, {"phase": phase.name})
+  _, _, straight = _steps(cfg, phase, params4, mesh4, batches[2:4], state)
+  restored = ckpts.restore_state(2, train.abstract_state(cfg, phase, mesh2))
+  ckpts.close()
+  devices = sorted({len(x.sharding.device_set)
+                    for x in restored["trainable"].values()})
+  _, _, resumed = _steps(cfg, phase, train.init_params(cfg, mesh2), mesh2,
+                         batches[2:4], restored)
+  return {"straight": straight, "resumed": resumed,
+          "restored_devices": devices}
+
+
+def worker_meshes(out_dir, *shapes):
+  """Every phase on each mesh ("d,f,t,s"; "ckpt": the checkpoint case);
+  writes result.json and <mesh>.npz (final parameters, selected indices)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from dsax import train  # pylint: disable=import-outside-toplevel
+  cfg = _config()
+  batches = _batches(cfg, 3 * STEPS)
+  out = {}
+  for name in shapes:
+    t0 = time.perf_counter()
+    if name == "ckpt":
+      out[name] = _checkpoint_case(cfg, batches, out_dir)
+    else:
+      shape = tuple(int(x) for x in name.split(","))
+      mesh = _mesh(shape)
+      params, losses = train.init_params(cfg, mesh), []
+      for i, phase in enumerate(cfg.phases[:3]):
+        params, _, ls = _steps(cfg, phase, params, mesh,
+                               batches[i * STEPS:(i + 1) * STEPS])
+        losses += ls
+      arrays = {k: np.asarray(v) for k, v in train.flatten(params).items()}
+      arrays["idx"] = _indices(cfg, params, mesh, batches[0])
+      np.savez(os.path.join(out_dir, name + ".npz"), **arrays)
+      out[name] = {"losses": losses,
+                   "embed_spec": str(params["embed"].sharding.spec)}
+    out[name]["seconds"] = time.perf_counter() - t0
+  with open(os.path.join(out_dir, "result.json"), "w") as f:
+    json.dump(out, f)
+
+
+# -------------------------------------------------------------------- tests
+
+# Compile time dominates; level-0 XLA CPU codegen halves it. The reference
+# runs under the same flags, so the comparison is unaffected.
+FAST_XLA = "--xla_backend_optimization_level=0 " \
+           "--xla_llvm_disable_expensive_passes=true"
+
+
+def _spawn(args, devices=1, **kw):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+      f"{FAST_XLA} --xla_force_host_platform_device_count={devices}"))
+  env.update(kw.pop("env", {}))
+  return subprocess.Popen([sys.executable] + args, cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, **kw)
+
+
+def _wait(proc, timeout=400):
+  out, err = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, err[-4000:]
+  return out, err
+
+
+@pytest.fixture(scope="module")
+def meshes(tmp_path_factory):
+  """Runs the mesh workers, two at a time (two cores); returns (results,
+  npz per mesh, wall seconds)."""
+  t0 = time.perf_counter()
+  key = lambda s: ",".join(map(str, s))  # noqa: E731
+  groups = [[key(s) for s in MESHES[:3]], [key(s) for s in MESHES[3:]] +
+            ["ckpt"]]
+  dirs = [tmp_path_factory.mktemp(f"meshes{i}") for i in range(len(groups))]
+  procs = [_spawn([os.path.abspath(__file__), "meshes", str(d), *g],
+                  devices=8) for d, g in zip(dirs, groups)]
+  results, arrays = {}, {}
+  for proc, d in zip(procs, dirs):
+    _wait(proc)
+    with open(d / "result.json") as f:
+      results.update(json.load(f))
+    for name in os.listdir(d):
+      if name.endswith(".npz"):
+        arrays[name[:-4]] = dict(np.load(d / name))
+  return results, arrays, time.perf_counter() - t0
+
+
+def test_every_phase_on_every_mesh_matches_one_device(meshes):
+  results, arrays, wall = meshes
+  ref_key = ",".join(map(str, MESHES[0]))
+  ref_losses, ref = results[ref_key]["losses"], arrays[ref_key]
+  report = {}
+  for shape in MESHES[1:]:
+    key = ",".join(map(str, shape))
+    losses = results[key]["losses"]
+    assert len(losses) == 3 * STEPS
+    np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL,
+                               atol=LOSS_ATOL, err_msg=key)
+    params = arrays[key]
+    assert set(params) == set(ref)
+    diff = max(float(np.max(np.abs(params[k] - ref[k])))
+               for k in ref if k != "idx")
+    assert diff <= PARAM_ATOL, (key, diff)
+    report[key] = (max(abs(a - b) for a, b in zip(losses, ref_losses)), diff)
+  # The parameters really are sharded where the mesh allows.
+  assert results["2,2,2,1"]["embed_spec"] == "P('tensor', 'fsdp')"
+  print(f"max |loss diff|, max |param diff| per mesh: {report}; "
+        f"workers {wall:.1f} s")
+
+
+def test_selected_indices_agree_on_every_mesh(meshes):
+  _, arrays, _ = meshes
+  ref = arrays[",".join(map(str, MESHES[0]))]["idx"]
+  assert ref.ndim == 4 and ref.shape[-1] == 8  # L, B, T, K
+  for shape in MESHES[1:]:
+    key = ",".join(map(str, shape))
+    np.testing.assert_array_equal(arrays[key]["idx"], ref, err_msg=key)
+
+
+def test_checkpoint_from_four_devices_continues_on_two(meshes):
+  case = meshes[0]["ckpt"]
+  assert case["restored_devices"] == [2]
+  np.testing.assert_allclose(case["resumed"], case["straight"],
+                             rtol=LOSS_RTOL, atol=LOSS_ATOL)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_agree_and_match_one_process(tmp_path):
+  sets = FAST + ["phases.pretrain.steps=3", "phases.warmup.steps=0",
+                 "phases.sparse.steps=0", "phases.dense.steps=0",
+                 "data.batch_size=4"]
+  args = [os.path.join(ROOT, "launch.py"), "tiny_run"]
+  for item in sets:
+    args += ["--set", item]
+  port = _free_port()
+  t0 = time.perf_counter()
+  two_args = args + ["--workdir", str(tmp_path / "two")]
+  procs = [_spawn(two_args + ["--coordinator", f"localhost:{port}",
+                              "--num-processes", "2", "--process-id", "0"]),
+           # The second process reads the same settings from the environment.
+           _spawn(two_args, env={"DSAX_COORDINATOR": f"localhost:{port}",
+                                 "DSAX_NUM_PROCESSES": "2",
+                                 "DSAX_PROCESS_ID": "1"})]
+  single = _spawn(args + ["--workdir", str(tmp_path / "one")])
+  errs = [_wait(p)[1] for p in procs]
+  _wait(single)
+  wall = time.perf_counter() - t0
+  from dsax import metrics  # pylint: disable=import-outside-toplevel
+  two = sorted((r["step"], r["loss"]) for r in
+               metrics.read_metrics(str(tmp_path / "two")))
+  one = sorted((r["step"], r["loss"]) for r in
+               metrics.read_metrics(str(tmp_path / "one")))
+  assert [s for s, _ in two] == [1, 2, 3] == [s for s, _ in one]
+  np.testing.assert_allclose([l for _, l in two], [l for _, l in one],
+                             rtol=LOSS_RTOL, atol=LOSS_ATOL)
+  # Each process reports the same last loss; process 1 writes no files.
+  done = [re.search(r"phase pretrain done: 3 steps;.* loss ([-+.e0-9]+),",
+                    e) for e in errs]
+  assert all(done), errs[1][-2000:]
+  assert done[0].group(1) == done[1].group(1)
+  assert "[process 1]" in errs[1]
+  print(f"two processes: losses {two}; one process {one}; {wall:.1f} s")
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, ROOT)
+  if sys.argv[1] == "meshes":
+    worker_meshes(*sys.argv[2:])
