@@ -70,9 +70,10 @@ def check_config(cfg: DataConfig) -> None:
   """Raises ConfigError naming the ``data.*`` key of an impossible value."""
   if cfg.source not in SOURCES:
     raise ConfigError(f"data.source must be one of {SOURCES}, got {cfg.source!r}")
-  if cfg.tokenizer not in ("bytes", "bpe"):
-    raise ConfigError(
-        f"data.tokenizer must be 'bytes' or 'bpe', got {cfg.tokenizer!r}")
+  if cfg.tokenizer not in ("bytes", "bpe") and not (
+      cfg.tokenizer.startswith("file:") and len(cfg.tokenizer) > 5):
+    raise ConfigError(f"data.tokenizer must be 'bytes', 'bpe' or 'file:PATH' "
+                      f"(a tokenizer.json), got {cfg.tokenizer!r}")
   if cfg.tokenizer == "bpe" and cfg.bpe_vocab_size <= 256:
     raise ConfigError(f"data.bpe_vocab_size must be > 256 (the byte alphabet), "
                       f"got {cfg.bpe_vocab_size}")

@@ -1,4 +1,5 @@
-"""Tokenizers: raw UTF-8 bytes, or a byte-level BPE trained on the train split.
+"""Tokenizers: raw UTF-8 bytes, a byte-level BPE trained on the train split, or
+a saved ``tokenizers`` file (a pretrained model's tokenizer.json).
 
 Both are lossless: ``decode(encode(s)) == s`` for every string ``s``.
 
@@ -10,6 +11,9 @@ Both are lossless: ``decode(encode(s)) == s`` for every string ``s``.
   ``<cache_dir>/tokenizers/bpe-<key>.json``, where ``key`` hashes the data config
   that decides the documents, the seed, the vocab size and the training text itself,
   so a second run with the same data loads it instead of training.
+- ``file:PATH``: the ``tokenizers.Tokenizer`` saved at PATH (e.g. the one
+  ``launch.py prepare smollm2`` writes), used as is: its ids are the model's.
+  Special tokens are not added on encode; decode keeps them.
 """
 
 from __future__ import annotations
@@ -42,10 +46,11 @@ class Tokenizer:
 
   def __init__(self, kind: str = "bytes",
                bpe: tokenizers.Tokenizer | None = None):
-    if kind not in ("bytes", "bpe"):
-      raise ConfigError(f"data.tokenizer must be 'bytes' or 'bpe', got {kind!r}")
-    if (kind == "bpe") != (bpe is not None):
-      raise ValueError("a 'bpe' Tokenizer needs a trained tokenizers.Tokenizer "
+    if kind not in ("bytes", "bpe", "file"):
+      raise ConfigError(f"data.tokenizer must be 'bytes', 'bpe' or "
+                        f"'file:PATH', got {kind!r}")
+    if (kind != "bytes") != (bpe is not None):
+      raise ValueError(f"a {kind!r} Tokenizer needs a tokenizers.Tokenizer "
                        "and a 'bytes' one must not get one")
     self.kind = kind
     self._bpe = bpe
@@ -63,7 +68,8 @@ class Tokenizer:
     """Like ``encode`` but an int32 array; the packer's fast path."""
     if self._bpe is None:
       return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
-    return np.asarray(self._bpe.encode(text).ids, np.int32)
+    return np.asarray(self._bpe.encode(text, add_special_tokens=False).ids,
+                      np.int32)
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     """Invalid UTF-8 (a cut through a multi-byte character) becomes U+FFFD."""
@@ -130,12 +136,24 @@ def _train_bpe(sample: Sequence[str], vocab_size: int) -> tokenizers.Tokenizer:
   return tok
 
 
+def load_file(spec: str) -> Tokenizer:
+  """The tokenizer ``file:PATH`` names (ConfigError if PATH is unreadable)."""
+  path = os.path.expanduser(spec[len("file:"):])
+  try:
+    return Tokenizer("file", tokenizers.Tokenizer.from_file(path))
+  except Exception as e:  # tokenizers raises bare Exceptions
+    raise ConfigError(f"data.tokenizer={spec!r}: cannot load {path} "
+                      f"({e})") from None
+
+
 def build_tokenizer(cfg: DataConfig, train_docs: Sequence[str],
                     cache_dir: str | os.PathLike | None) -> Tokenizer:
   """The tokenizer ``cfg.tokenizer`` names; BPE is trained on ``train_docs`` only
   and cached under ``cache_dir`` (None: not cached)."""
   if cfg.tokenizer == "bytes":
     return Tokenizer("bytes")
+  if cfg.tokenizer.startswith("file:"):
+    return load_file(cfg.tokenizer)
   if cfg.tokenizer != "bpe":
     raise ConfigError(
         f"data.tokenizer must be 'bytes' or 'bpe', got {cfg.tokenizer!r}")
