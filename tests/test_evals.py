@@ -262,7 +262,7 @@ def test_run_eval_writes_report(tmp_path):
                                  "control (dense) dense",
                                  "sparse (sparse) k=16"}
   assert saved["modes"]["sparse (sparse) k=16"]["greedy"]["method"] == (
-      "forward-per-token")
+      "decode.generate")
   assert saved["modes"]["base (pretrain) dense"]["greedy"]["method"] == (
       "decode.generate")
   rec = saved["recall"]["warm-up (warmup) k=16"]

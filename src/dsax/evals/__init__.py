@@ -120,8 +120,7 @@ def run_eval(run_dir: str, ks: Sequence[int] | None = None,
                    "seed": seed, "quick": quick, "heldout_batches": n_batches,
                    "tokenizer": tok.kind, "train_seq_len": cfg.data.seq_len,
                    "n_examples": len(examples),
-                   "greedy_method": {"dense": "decode.generate",
-                                     "sparse": "full forward per token"}},
+                   "greedy_method": "decode.generate"},
       "modes": {}, "recall": {}}
   greedy_set = retrieval.greedy_subset(examples, greedy_n)
   # The scorer brings [B, T, V] f32 logits to the host: keep them under 2 GB.
@@ -137,10 +136,9 @@ def run_eval(run_dir: str, ks: Sequence[int] | None = None,
         "phase": phase, "attention": attention, "topk": k,
         "retrieval": retrieval.accuracy_tables(scored)}
     if greedy_set:
-      g = retrieval.greedy_scores(
-          greedy_set, tok, params=params,
-          logits_fn=logits_fn if attention == "sparse" else None, model_cfg=cfg.model,
-                                  attention=attention)
+      g = retrieval.greedy_scores(greedy_set, tok, params=params,
+                                  model_cfg=cfg.model, attention=attention,
+                                  topk=k)
       entry["greedy"] = {"method": g[0]["method"], "n": len(g),
                          "score": sum(x["score"] for x in g) / len(g),
                          "examples": g}

@@ -18,11 +18,10 @@ up to a multiple of ``pad_to`` (causal models: padding after a position does not
 change its logits), so few shapes are compiled.
 
 Greedy check (``greedy_scores``): the answer generated token by token and scored
-with ``dsax.tasks.score``. Dense attention uses ``dsax.decode.generate`` (latent
-cache, absorbed form); sparse attention has no decode path, so it re-runs the
-full sparse forward once per generated token on the prompt plus what has been
-generated (right-padded to one fixed length per example): O(A) forwards, fine
-at the small sizes this is meant for.
+with ``dsax.tasks.score``. A model uses ``dsax.decode.generate`` (latent cache,
+absorbed form; sparse attention also caches the indexer keys and attends to the
+top-k rows per step); a bare ``LogitsFn`` (a test's fake model) re-runs the
+full forward once per generated token.
 
 Eval sets (``build_eval_set``): every cell (task, length, depth) draws from its
 own generator seeded with ``(seed, task index, length, depth index)``, so the same
@@ -248,26 +247,26 @@ def _generate_by_forward(logits_fn: LogitsFn, ids: np.ndarray,
 def greedy_scores(examples: Sequence[tasks.Example], tokenizer, *,
                   logits_fn: LogitsFn | None = None, params=None,
                   model_cfg=None, attention: str = "dense",
+                  topk: int | None = None,
                   extra_tokens: int = 0) -> list[dict]:
   """Greedy answers (as many tokens as the reference, plus ``extra_tokens``)
-  scored with ``tasks.score``. Dense with params (and no logits_fn):
-  ``decode.generate``; otherwise a full forward per generated token."""
+  scored with ``tasks.score``. With params (and no logits_fn):
+  ``decode.generate`` (sparse at ``topk``); otherwise a full forward per
+  generated token."""
   out = []
   for ex in examples:
     e = encode(ex, tokenizer)
     steps = e.n_answer + extra_tokens
     prompt = e.ids[:e.n_prompt]
-    if attention == "dense" and params is not None and logits_fn is None:
+    if params is not None and logits_fn is None:
       import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
       from dsax import decode  # pylint: disable=import-outside-toplevel
       full = decode.generate(params, jnp.asarray(prompt[None]), model_cfg,
-                             steps)
+                             steps, attention=attention, topk=topk)
       gen = np.asarray(full)[0, len(prompt):]
       method = "decode.generate"
     else:
       method = "forward-per-token"
-      if logits_fn is None:
-        logits_fn = model_logits_fn(params, model_cfg, attention)
       gen = _generate_by_forward(logits_fn, prompt, steps)
     text = tokenizer.decode(gen)
     out.append({"cell": ex.meta.get("cell"), "prediction": text,
