@@ -48,12 +48,40 @@ class IndexerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """DeepSeekMoE feed-forward (dsax.moe); n_routed_experts=0: a dense SwiGLU
+  in every layer. The first ``first_k_dense`` layers keep the dense MLP
+  (width model.d_ff); the others route each token to ``n_activated`` of the
+  routed experts (width ``d_expert``) and add the shared experts."""
+  n_routed_experts: int = 0    # X; 0 = no MoE
+  n_shared_experts: int = 1    # one shared SwiGLU of width n_shared * d_expert
+  n_activated: int = 2         # experts per token (HF num_experts_per_tok)
+  d_expert: int = 32           # routed expert width (HF moe_intermediate_size)
+  first_k_dense: int = 1       # HF first_k_dense_replace
+  score_func: str = "softmax"  # "softmax" (V2) | "sigmoid" (V3)
+  # "greedy" | "group_limited_greedy" (V2: groups by max score) | "noaux_tc"
+  # (V3: groups by the sum of their top-2 biased scores; adds the selection-
+  # only bias e_score_correction_bias)
+  topk_method: str = "greedy"
+  n_group: int = 1
+  topk_group: int = 1
+  norm_topk_prob: bool = False
+  routed_scaling_factor: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A decoder-only MLA transformer with an optional lightning indexer."""
+  """A decoder-only transformer (MLA or GQA attention) with an optional
+  lightning indexer. ``attention_type="gqa"`` is the Llama/Qwen2 family:
+  n_kv_heads, head_dim and qkv_bias apply, the MLA ranks and dims do not."""
   vocab_size: int = 256
   d_model: int = 64          # D
   n_layers: int = 2          # L
   n_heads: int = 4           # N
+  attention_type: str = "mla"  # "mla" | "gqa"
+  n_kv_heads: int = 2        # G (gqa): query heads per kv head = N / G
+  head_dim: int = 16         # H (gqa): q/k/v head dim, RoPE half-split on all
+  qkv_bias: bool = False     # gqa: biases on the q/k/v projections (Qwen2)
   q_lora_rank: int = 32      # Q; 0 = direct query projection (DeepSeek-V2-Lite)
   kv_lora_rank: int = 32     # C
   qk_nope_head_dim: int = 16 # H
@@ -73,6 +101,7 @@ class ModelConfig:
   # (pallas on GPU/TPU, reference on CPU); DSAOptions.impl defaults to it.
   kernel_impl: str = "reference"
   indexer: IndexerConfig = IndexerConfig()
+  moe: MoEConfig = MoEConfig()
 
   @property
   def qk_head_dim(self) -> int:
@@ -82,10 +111,18 @@ class ModelConfig:
 def _check_model(cfg: ModelConfig) -> None:
   positive = ["vocab_size", "d_model", "n_layers", "n_heads", "kv_lora_rank",
               "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "d_ff",
-              "attn_q_chunk"]
+              "attn_q_chunk", "n_kv_heads", "head_dim"]
   for name in positive:
     if getattr(cfg, name) <= 0:
       raise ConfigError(f"model.{name} must be > 0, got {getattr(cfg, name)}")
+  if cfg.attention_type not in ("mla", "gqa"):
+    raise ConfigError(f"model.attention_type must be mla or gqa, "
+                      f"got {cfg.attention_type!r}")
+  if cfg.attention_type == "gqa" and cfg.n_heads % cfg.n_kv_heads:
+    raise ConfigError(f"model.n_kv_heads={cfg.n_kv_heads} must divide "
+                      f"model.n_heads={cfg.n_heads}")
+  if cfg.head_dim % 2:
+    raise ConfigError(f"model.head_dim must be even (RoPE), got {cfg.head_dim}")
   if cfg.q_lora_rank < 0:
     raise ConfigError(f"model.q_lora_rank must be >= 0, got {cfg.q_lora_rank}")
   if cfg.qk_rope_head_dim % 2:
@@ -112,10 +149,51 @@ def _check_model(cfg: ModelConfig) -> None:
   if ix.fp8 and ix.head_dim > 128 and ix.head_dim % 128:
     raise ConfigError(f"model.indexer.fp8 scales 128-vectors: head_dim must be "
                       f"<= 128 or a multiple of 128, got {ix.head_dim}")
+  _check_moe(cfg)
   rs = cfg.rope_scaling
   if rs.enabled and rs.factor <= 1.0:
     raise ConfigError(
         f"model.rope_scaling.factor must be > 1 when enabled, got {rs.factor}")
+
+
+def _check_moe(cfg: ModelConfig) -> None:
+  m = cfg.moe
+  if m.n_routed_experts < 0:
+    raise ConfigError(
+        f"model.moe.n_routed_experts must be >= 0, got {m.n_routed_experts}")
+  if not m.n_routed_experts:
+    return
+  if not 1 <= m.n_activated <= m.n_routed_experts:
+    raise ConfigError(f"model.moe.n_activated must be in [1, n_routed_experts="
+                      f"{m.n_routed_experts}], got {m.n_activated}")
+  if m.d_expert <= 0 or m.n_shared_experts < 0:
+    raise ConfigError(f"model.moe.d_expert must be > 0 and n_shared_experts "
+                      f">= 0, got {m.d_expert} and {m.n_shared_experts}")
+  if not 0 <= m.first_k_dense < cfg.n_layers:
+    raise ConfigError(f"model.moe.first_k_dense must be in [0, n_layers="
+                      f"{cfg.n_layers}), got {m.first_k_dense}")
+  if m.score_func not in ("softmax", "sigmoid"):
+    raise ConfigError(f"model.moe.score_func must be softmax or sigmoid, "
+                      f"got {m.score_func!r}")
+  methods = ("greedy", "group_limited_greedy", "noaux_tc")
+  if m.topk_method not in methods:
+    raise ConfigError(f"model.moe.topk_method must be one of {methods}, "
+                      f"got {m.topk_method!r}")
+  if m.n_group <= 0 or m.n_routed_experts % m.n_group:
+    raise ConfigError(f"model.moe.n_group must divide n_routed_experts="
+                      f"{m.n_routed_experts}, got {m.n_group}")
+  if not 1 <= m.topk_group <= m.n_group:
+    raise ConfigError(f"model.moe.topk_group must be in [1, n_group="
+                      f"{m.n_group}], got {m.topk_group}")
+  per_group = m.n_routed_experts // m.n_group
+  if m.topk_method != "greedy" and m.topk_group * per_group < m.n_activated:
+    raise ConfigError(f"model.moe.topk_group={m.topk_group} groups of "
+                      f"{per_group} experts hold fewer than n_activated="
+                      f"{m.n_activated}")
+  if m.topk_method == "noaux_tc" and per_group < 2:
+    raise ConfigError(f"model.moe.topk_method=noaux_tc ranks groups by their "
+                      f"top-2 scores: n_routed_experts / n_group must be >= 2, "
+                      f"got {per_group}")
 
 
 def validate(cfg: Any) -> Any:
@@ -271,7 +349,7 @@ def dumps(cfg: Any) -> str:
 class DataConfig:
   """Training and held-out text, tokenised and packed (see dsax.data)."""
   source: str = "stdlib"          # "stdlib" | "files" | "hf"
-  paths: tuple[str, ...] = ()     # globs of .txt/.jsonl files for "files"
+  paths: tuple[str, ...] = ()     # .txt/.jsonl globs (files; stdlib: extra)
   text_field: str = "text"        # JSONL / HF field holding the text
   hf_name: str = ""               # a cached Hugging Face dataset for "hf"
   hf_split: str = "train"
