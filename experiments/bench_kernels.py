@@ -11,10 +11,17 @@ op is differentiable):
   logits   indexer_logits (unmasked) for --logits-rows queries against all T
            keys, as one query chunk of the warm-up KL, with its custom VJP
            (its k column holds the rows)
-The sparse op runs first: with --budget-s the later ones are the ones skipped.
   dense    causal dense expanded MLA (mla_flash), qk dim H + R, value dim E
+  target   mla_flash with the fused DSA warm-up KL (indexer I x J): the
+           attention forward, then the KL's second pass over key blocks per
+           query chunk; fwd+bwd differentiates the KL w.r.t. the indexer
+           inputs only (the attention output is not used)
+Order per T: sparse, indexer, dense, target, logits; with --budget-s the
+later ones are the ones skipped.
 FLOPs (DESIGN.md, per query token at context L, forward): dense
-2*N*(H+R+E)*L, sparse 2*N*(C+R+C)*k, indexer 2*I*J*L; summed over the causal
+2*N*(H+R+E)*L, sparse 2*N*(C+R+C)*k, indexer 2*I*J*L; target forward = dense
++ 2*N*(H+R)*L (KL pass) + indexer, its fwd+bwd adds 2*N*(H+R)*L (dlogits) +
+3 x indexer (logits recompute, two gradient matmuls); summed over the causal
 sequence (L = t + 1, so dense and indexer total N*(H+R+E)*T*(T+1) and
 I*J*T*(T+1)). Forward+backward counts 3.5x the forward (backward = 2.5x:
 recompute + four matmuls per two of the forward); for logits (forward
@@ -47,7 +54,7 @@ CPU = dict(t=[64, 128], k=[16, 32], n=4, c=32, r=16, h=16, e=16, i=2, j=16,
            batch=1, reps=2, dtype="float32", logits_rows=32)
 GPU = dict(t=[4096, 16384], k=[512, 2048], n=64, c=512, r=64, h=128, e=128,
            i=64, j=128, batch=1, reps=5, dtype="bfloat16", logits_rows=1024)
-OPS = ["sparse", "indexer", "logits", "dense"]
+OPS = ["sparse", "indexer", "logits", "dense", "target"]
 
 
 def timeit(fn, args, reps):
@@ -167,6 +174,30 @@ def run(args) -> list[dict]:
           record("dense", impl, "fwd+bwd", t, 0, fwd_bwd(fn, 3), (q, kk, v),
                  3.5 * flops)
       del q, kk, v
+    if "target" in args.ops:
+      ks = jax.random.split(jax.random.fold_in(key, t * 17), 6)
+      dk = args.h + args.r
+      q = jax.random.normal(ks[0], (b, t, n, dk), dtype)
+      kk = jax.random.normal(ks[1], (b, t, n, dk), dtype)
+      v = jax.random.normal(ks[2], (b, t, n, args.e), dtype)
+      iq = jax.random.normal(ks[3], (b, t, args.i, args.j), dtype)
+      ik = jax.random.normal(ks[4], (b, t, args.j), dtype)
+      iw = jax.random.normal(ks[5], (b, t, args.i), jnp.float32) * 0.1
+      dense = 2 * n * (dk + args.e) * causal
+      kl_pass, ix = 2 * n * dk * causal, 2 * args.i * args.j * causal
+      flops = b * (dense + kl_pass + ix)
+      for impl, fn in (("pallas", functools.partial(
+          mla_flash, interpret=interpret, target_chunk=args.q_chunk)),
+                       ("reference", functools.partial(
+                           mla_flash_reference, q_chunk=args.q_chunk))):
+        kl_fn = (lambda f: lambda iq, ik, iw, q, kk, v: (
+            f(q, kk, v, scale, target=(iq, ik, iw))[2],))(fn)
+        record("target", impl, "fwd", t, 0, jax.jit(kl_fn),
+               (iq, ik, iw, q, kk, v), flops)
+        if args.bwd:
+          record("target", impl, "fwd+bwd", t, 0, fwd_bwd(kl_fn, 3),
+                 (iq, ik, iw, q, kk, v), flops + b * (kl_pass + 3 * ix))
+      del q, kk, v, iq, ik, iw
     if "logits" in args.ops:
       n_rows = min(args.logits_rows, t)
       ks = jax.random.split(jax.random.fold_in(key, t * 13), 3)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU check of the Pallas kernels: the GPU-marked kernel tests, then the
-# kernel benchmark at DeepSeek sizes (T 16K, k 2048, N 64, C 512, R 64, bf16),
-# all within 8 minutes. Results go under OUTDIR:
+# GPU check of the Pallas kernels: the GPU-marked kernel tests (with the
+# fused warm-up target of mla_flash, T 1000), then the kernel benchmark at
+# DeepSeek sizes (T 16K, k 2048, N 64, C 512, R 64, I 64, J 128, bf16; ops in
+# the order sparse, indexer, dense, target, logits, later ones skipped when
+# the time runs out), all within 8 minutes. Results go under OUTDIR:
 #   env.txt          jax version and devices
 #   pytest_gpu.txt   pytest -m gpu on tests/test_kernels_*.py (compiled Triton)
 #   bench.txt        benchmark table; bench.json its rows

@@ -68,8 +68,8 @@ class FlashBlocks:
   block_k: int = 64
   block_q_bwd: int = 32     # dq and dkv kernels
   block_k_bwd: int = 32
-  block_q_kl: int = 64      # warm-up target: KL and dlogits kernels
-  block_k_kl: int = 64
+  block_q_kl: int = 64      # warm-up target (KL, dlogits); 64 x 64 spills
+  block_k_kl: int = 32      # at N 128, K 192 with 4 warps (sm_90)
   num_warps: int = 4
   num_stages: int = 2
 
@@ -678,24 +678,22 @@ def warmup_kl(q_BTNK: jax.Array, k_BSNK: jax.Array, lse_BTN: jax.Array,
                     q_start, float(scale), block, resolve_interpret(interpret))
 
 
-def _chunk_logits(q_i, k_i, w_i, block, interpret):
-  lblock = LogitsBlocks(block_t=block.block_q_kl, block_s=block.block_k_kl,
-                        num_warps=block.num_warps, num_stages=block.num_stages)
-  return functools.partial(indexer_logits, block=lblock,
-                           interpret=interpret)(q_i, k_i, w_i)
+def _chunk_logits(q_i, k_i, w_i, interpret):
+  return indexer_logits(q_i, k_i, w_i, block=LogitsBlocks(),
+                        interpret=interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11))
 def _target_chunk(q, k, lse, q_i, k_i, w_i, q_seg, k_seg, q_start, scale,
                   block, interpret):
-  logits = _chunk_logits(q_i, k_i, w_i, block, interpret)
+  logits = _chunk_logits(q_i, k_i, w_i, interpret)
   return _kl_forward(q, k, lse, logits, q_seg, k_seg, q_start, scale, block,
                      interpret)[0]
 
 
 def _target_chunk_fwd(q, k, lse, q_i, k_i, w_i, q_seg, k_seg, q_start, scale,
                       block, interpret):
-  logits = _chunk_logits(q_i, k_i, w_i, block, interpret)
+  logits = _chunk_logits(q_i, k_i, w_i, interpret)
   kl, lse_i, z = _kl_forward(q, k, lse, logits, q_seg, k_seg, q_start, scale,
                              block, interpret)
   # Row scalars only: the [chunk, S] logits are recomputed in the backward.
@@ -705,7 +703,7 @@ def _target_chunk_fwd(q, k, lse, q_i, k_i, w_i, q_seg, k_seg, q_start, scale,
 def _target_chunk_bwd(scale, block, interpret, res, g):
   q, k, lse, q_i, k_i, w_i, q_seg, k_seg, q_start, lse_i, z = res
   logits, logits_vjp = jax.vjp(
-      lambda *a: _chunk_logits(*a, block, interpret), q_i, k_i, w_i)
+      lambda *a: _chunk_logits(*a, interpret), q_i, k_i, w_i)
   dl = _kl_dlogits(q, k, lse, logits, q_seg, k_seg, q_start, lse_i, z, g,
                    scale, block, interpret)
   return ((jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(lse))

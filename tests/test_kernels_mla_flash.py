@@ -266,6 +266,25 @@ def test_target_through_the_wrapper_and_its_reference():
     close(g, w, 1e-5)
 
 
+def test_target_forward_and_backward_never_hold_t_by_s():
+  """The largest array in the KL's gradient is one [chunk, S] logits slab:
+  no T x S, no T x S x N, and no per-chunk slabs stacked across chunks."""
+  from test_dsa import _all_avals
+  b, t, n, chunk = 1, 512, 2, 64
+  shapes = [(b, t, n, 24), (b, t, n, 24), (b, t, n, 16), (b, t, 2, 16),
+            (b, t, 16), (b, t, 2)]
+
+  def loss(q, k, v, *target):
+    return jnp.sum(mla_flash(q, k, v, 0.3, target=target,
+                             target_chunk=chunk)[2])
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss, (3, 4, 5)))(
+      *(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)).jaxpr
+  biggest = max(int(np.prod(a.shape)) for a in _all_avals(jaxpr)
+                if hasattr(a, "shape"))
+  assert biggest == b * chunk * t, biggest
+
+
 def test_warmup_kl_input_checks():
   q, k, _, seg = inputs(1, 8, 2, 16, 16, segments=True)
   lse = jnp.zeros((1, 8, 2))

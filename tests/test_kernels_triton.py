@@ -120,6 +120,23 @@ def test_mla_flash_lowers(triton_modules, b, t, n, dk, e, dtype):
   check_ir(triton_modules, 1 + 3)      # fwd; fwd, dkv, dq
 
 
+@pytest.mark.parametrize("b,t,n,dk,i,j,dtype", [
+    (1, 512, 16, 192, 8, 64, BF16),
+    (2, 37, 3, 72, 2, 20, jnp.float32),      # N not a power of two
+])
+def test_mla_flash_target_lowers(triton_modules, b, t, n, dk, i, j, dtype):
+  """The fused warm-up KL and its gradient w.r.t. the indexer inputs."""
+  fn = lambda q, k, v, s, *target: mla_flash(
+      q, k, v, 0.1, s, target=target, target_chunk=256, interpret=False)[2]
+  grad = jax.grad(lambda *a: jnp.sum(fn(*a)), (4, 5, 6))
+  lower_for_cuda(grad, S((b, t, n, dk), dtype), S((b, t, n, dk), dtype),
+                 S((b, t, n, 64), dtype), S((b, t), jnp.int32),
+                 S((b, t, i, j), dtype), S((b, t, j), dtype),
+                 S((b, t, i), jnp.float32))
+  # attention fwd; logits fwd, KL; logits fwd again, dlogits, dqw, dk
+  check_ir(triton_modules, 1 + 2 + 4)
+
+
 # ------------------------------------------------- sm_90 compile (optional)
 
 TRITON_PYTHON = os.environ.get("DSAX_TRITON_PYTHON")
@@ -173,6 +190,19 @@ def _deepseek_modules(op, modules):
     params = {"indexer_scores": (blk.num_warps, blk.num_stages)}
     params.update({n: (lb.num_warps, lb.num_stages) for n in (
         "indexer_logits_fwd", "indexer_logits_dqw", "indexer_logits_dk")})
+  elif op == "target":
+    blk, lb = FlashBlocks(), LogitsBlocks()
+    fn = lambda q, k, v, s, *target: mla_flash(
+        q, k, v, 0.1, s, target=target, interpret=False)[2]
+    grad = jax.grad(lambda *a: jnp.sum(fn(*a)), (4, 5, 6))
+    lower_for_cuda(grad, S((b, t, 128, 192), BF16), S((b, t, 128, 192), BF16),
+                   S((b, t, 128, 128), BF16), S((b, t), jnp.int32),
+                   S((b, t, 64, 128), BF16), S((b, t, 128), BF16),
+                   S((b, t, 64), jnp.float32))
+    params = {n: (blk.num_warps, blk.num_stages) for n in (
+        "mla_flash_fwd", "mla_flash_warmup_kl", "mla_flash_warmup_dlogits")}
+    params.update({n: (lb.num_warps, lb.num_stages) for n in (
+        "indexer_logits_fwd", "indexer_logits_dqw", "indexer_logits_dk")})
   else:
     blk = FlashBlocks()
     fn = lambda q, k, v, s: mla_flash(q, k, v, 0.1, s, interpret=False)
@@ -191,7 +221,7 @@ def _deepseek_modules(op, modules):
 
 @pytest.mark.skipif(not TRITON_PYTHON,
                     reason="set DSAX_TRITON_PYTHON to a Python with triton")
-@pytest.mark.parametrize("op", ["sparse", "indexer", "dense"])
+@pytest.mark.parametrize("op", ["sparse", "indexer", "dense", "target"])
 def test_fits_sm90(triton_modules, tmp_path, op):
   for name, (asm, warps, stages) in _deepseek_modules(
       op, triton_modules).items():
