@@ -7,6 +7,9 @@ sparse_mla: each query t attends to its K selected latent rows kv[idx[t, k]]
 (shared by all N heads, MQA form), rows with ``valid = False`` masked out:
   s[n, k] = q[t, n] . kv[idx[t, k]] * scale
   o[t, n] = sum_k softmax_k(s[n]) kv[idx[t, k], :v_dim],  lse[t, n] = logsumexp_k s
+sparse_gqa: the same selection for grouped-query attention: query head n of
+group g = n // M (M = N / G) attends to the K selected rows of its kv head,
+  s[n, k] = q[t, n] . k[idx[t, k], g] * scale,  o[t, n] = sum_k softmax_k(s[n]) v[idx[t, k], g]
 indexer: I[t, s] = sum_i w[t, i] * relu(q[t, i] . k[s]), masked causally and by
 segment, then the top-K keys per query (ties to the lower index).
 """
@@ -26,6 +29,21 @@ def gather_rows(x_BSD: jax.Array, idx_BTK: jax.Array) -> jax.Array:
   return jax.vmap(lambda x, i: x[i])(x_BSD, idx_BTK)
 
 
+def sparse_scores(q_BTND: jax.Array, k_sel_BTK: jax.Array,
+                  scale: float) -> jax.Array:
+  """Scores of each query against its own selected rows, f32 [B,T,N,K].
+  ``k_sel`` [B,T,K,D]: one row shared by all heads (MQA); [B,T,K,G,D]: per
+  kv head, query head n reading group n // (N / G)."""
+  if k_sel_BTK.ndim == 4:
+    return jnp.einsum("btnd,btkd->btnk", q_BTND, k_sel_BTK,
+                      preferred_element_type=jnp.float32) * scale
+  b, t, n, d = q_BTND.shape
+  g = k_sel_BTK.shape[3]
+  s = jnp.einsum("btgmd,btkgd->btgmk", q_BTND.reshape(b, t, g, n // g, d),
+                 k_sel_BTK, preferred_element_type=jnp.float32)
+  return s.reshape(b, t, n, -1) * scale
+
+
 def sparse_mla_reference(q_BTND: jax.Array, kv_BSD: jax.Array,
                          idx_BTK: jax.Array, valid_BTK: jax.Array,
                          scale: float, v_dim: int, q_chunk: int = 256):
@@ -34,8 +52,7 @@ def sparse_mla_reference(q_BTND: jax.Array, kv_BSD: jax.Array,
   def chunk_fn(start, q, idx, valid):
     del start
     kv_sel = gather_rows(kv_BSD, idx)                        # B,t,K,D
-    s = jnp.einsum("btnd,btkd->btnk", q, kv_sel,
-                   preferred_element_type=jnp.float32) * scale
+    s = sparse_scores(q, kv_sel, scale)
     s = jnp.where(valid[:, :, None, :], s, NEG_INF)
     lse = jax.nn.logsumexp(s, axis=-1)
     p = jnp.exp(s - lse[..., None])
@@ -43,6 +60,27 @@ def sparse_mla_reference(q_BTND: jax.Array, kv_BSD: jax.Array,
     return o, lse
 
   return map_query_chunks(chunk_fn, q_chunk, q_BTND, idx_BTK, valid_BTK)
+
+
+def sparse_gqa_reference(q_BTNH: jax.Array, k_BSGH: jax.Array,
+                         v_BSGH: jax.Array, idx_BTK: jax.Array,
+                         valid_BTK: jax.Array, scale: float,
+                         q_chunk: int = 256):
+  """Top-k sparse GQA. Returns (o_BTNH in q's dtype, lse_BTN in f32)."""
+
+  def chunk_fn(start, q, idx, valid):
+    del start
+    b, t, n, h = q.shape
+    g = k_BSGH.shape[2]
+    s = sparse_scores(q, gather_rows(k_BSGH, idx), scale)   # B,t,N,K
+    s = jnp.where(valid[:, :, None, :], s, NEG_INF)
+    lse = jax.nn.logsumexp(s, axis=-1)
+    p = jnp.exp(s - lse[..., None]).reshape(b, t, g, n // g, -1)
+    o = jnp.einsum("btgmk,btkgh->btgmh", p.astype(q.dtype),
+                   gather_rows(v_BSGH, idx).astype(q.dtype))
+    return o.reshape(b, t, n, h), lse
+
+  return map_query_chunks(chunk_fn, q_chunk, q_BTNH, idx_BTK, valid_BTK)
 
 
 def indexer_logits(q_BTIJ: jax.Array, k_BSJ: jax.Array,

@@ -13,7 +13,9 @@ one scale per 128-vector) round trip with a straight-through gradient.
 
 Selection: S_t = top-k of I[t, s] over s <= t in t's segment (k_eff =
 min(k, visible)). Sparse attention attends only to [c_kv ; k_rope] rows in S_t
-in absorbed (MQA) form, softmax scale unchanged.
+in absorbed (MQA) form, softmax scale unchanged. GQA models (no q-latent: q_I
+from h) attend to the k and v rows in S_t of each kv head; S_t is shared by
+all heads either way.
 
 Losses (target detached; indexer inputs detached):
   dense:  p_t = sum_n softmax(s_n[t, :]) / N over causal keys;
@@ -32,9 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsax import kernels, mla, rope
+from dsax import gqa, kernels, mla, rope
 from dsax.config import ModelConfig
-from dsax.kernels.reference import NEG_INF, gather_rows, indexer_logits
+from dsax.kernels.reference import (NEG_INF, gather_rows, indexer_logits,
+                                    sparse_gqa_reference, sparse_scores)
 from dsax.kernels.query_chunks import map_query_chunks
 
 
@@ -170,15 +173,14 @@ def sparse_kl(q_BTND: jax.Array, kv_BSD: jax.Array, idx_BTK: jax.Array,
               valid_BTK: jax.Array, scale: float, iq_BTIJ: jax.Array,
               ik_BSJ: jax.Array, iw_BTI: jax.Array, q_chunk: int) -> jax.Array:
   """KL(p_t[S_t] || softmax(I_t[S_t])) per token, both renormalised on S_t;
-  the main-model side (q, kv) is the detached target. [B, T]."""
+  the main-model side (q, kv) is the detached target. [B, T]. ``kv`` is
+  [B,S,D] (MLA rows shared by all heads) or GQA keys [B,S,G,H]."""
   q_BTND = jax.lax.stop_gradient(q_BTND)
   kv_BSD = jax.lax.stop_gradient(kv_BSD)
 
   def chunk_fn(start, q, idx, valid, iq, iw):
     del start
-    kv_sel = gather_rows(kv_BSD, idx)
-    s = jnp.einsum("btnd,btkd->btnk", q, kv_sel,
-                   preferred_element_type=jnp.float32) * scale
+    s = sparse_scores(q, gather_rows(kv_BSD, idx), scale)
     s = jnp.where(valid[:, :, None, :], s, NEG_INF)
     p = _normalise(jnp.sum(jax.nn.softmax(s, axis=-1), axis=2))
     k_sel = gather_rows(ik_BSJ, idx)                          # B,t,K,J
@@ -216,20 +218,46 @@ def make_layer_attend(cfg: ModelConfig, attention: str,
 
   dense: dense MLA, plus the warm-up KL (and recall) from the same scores.
   sparse: indexer top-k, sparse MLA in MQA form, the sparse KL (and recall).
-  Per-layer aux values are means over the B x T query positions.
+  GQA models (``cfg.attention_type``) take the same steps with dense / sparse
+  GQA. Per-layer aux values are means over the B x T query positions.
   """
   options = options or DSAOptions()
   topk = options.topk or cfg.indexer.topk
   ang_i = indexer_angles(positions_BT, cfg)
-  scale = mla.softmax_scale(cfg)
+  is_gqa = cfg.attention_type == "gqa"
+  scale = gqa.softmax_scale(cfg) if is_gqa else mla.softmax_scale(cfg)
   chunk = cfg.indexer.q_chunk
   impl = options.impl or cfg.kernel_impl
   # Recall needs the probabilities: only the jnp path (a probe) has them.
   fused = kernels.resolve_impl(impl) != "reference" and not options.metrics
 
+  def dense_fn(a, main):
+    """The layer's dense attention, ``**kw`` as in mla/gqa.dense_attention."""
+    if is_gqa:
+      return lambda **kw: gqa.dense_attention(*main, cfg, segment_ids_BT, **kw)
+    q_nope, q_rope, _, kv, k_rope = main
+    return lambda **kw: mla.dense_attention(
+        q_nope, q_rope, kv, k_rope, a["wkv_b"], cfg, segment_ids_BT, **kw)
+
+  def sparse_fn(a, main, idx, valid):
+    """(o, q, keys): the sparse output and the (q, keys) of ``sparse_kl``."""
+    if is_gqa:
+      q, k, v = main
+      # GQA has no sparse kernel yet: the jnp reference on every backend.
+      o, _ = sparse_gqa_reference(q, k, v, idx, valid, scale, chunk)
+      return o, q, k
+    q_nope, q_rope, _, kv, k_rope = main
+    q_full = jnp.concatenate([mla.absorb_query(q_nope, a["wkv_b"], cfg),
+                              q_rope], axis=-1)
+    kv_full = jnp.concatenate([kv, k_rope.astype(kv.dtype)], axis=-1)
+    o_lat, _ = kernels.sparse_mla(q_full, kv_full, idx, valid, scale,
+                                  cfg.kv_lora_rank, q_chunk=chunk, impl=impl)
+    return mla.expand_output(o_lat, a["wkv_b"], cfg), q_full, kv_full
+
   def for_layer(p, h_BTD):
-    def attend(q_nope, q_rope, cq, kv, k_rope):
+    def attend(*main):
       a = p["attn"]
+      cq = None if is_gqa else main[2]
       # The indexer learns only from its own loss: its inputs are detached.
       iq, ik, iw = indexer_project(
           p["indexer"], jax.lax.stop_gradient(h_BTD),
@@ -238,36 +266,25 @@ def make_layer_attend(cfg: ModelConfig, attention: str,
       if attention == "dense" and fused:
         # The flash kernel's warm-up KL: a second pass over key blocks.
         target = (iq, ik, iw) if options.indexer_loss else None
-        out = mla.dense_attention(q_nope, q_rope, kv, k_rope, a["wkv_b"], cfg,
-                                  segment_ids_BT, impl=impl, target=target)
+        out = dense_fn(a, main)(impl=impl, target=target)
         if target is None:
           return out, aux
         aux["indexer_kl"] = jnp.mean(out[1])
         return out[0], aux
       if attention == "dense":
-        o, per_tok = mla.dense_attention(
-            q_nope, q_rope, kv, k_rope, a["wkv_b"], cfg, segment_ids_BT,
+        o, per_tok = dense_fn(a, main)(
             probe=dense_probe(topk, options.indexer_loss, options.metrics),
             probe_args=(iq, iw), probe_keys=(ik,))
         aux.update(_layer_means(per_tok))
         return o, aux
       idx, valid = kernels.indexer_topk(iq, ik, iw, topk, segment_ids_BT,
                                         q_chunk=chunk, impl=impl)
-      q_full = jnp.concatenate([mla.absorb_query(q_nope, a["wkv_b"], cfg),
-                                q_rope], axis=-1)
-      kv_full = jnp.concatenate([kv, k_rope.astype(kv.dtype)], axis=-1)
-      o_lat, _ = kernels.sparse_mla(q_full, kv_full, idx, valid, scale,
-                                    cfg.kv_lora_rank, q_chunk=chunk,
-                                    impl=impl)
-      o = mla.expand_output(o_lat, a["wkv_b"], cfg)
+      o, q_kl, keys_kl = sparse_fn(a, main, idx, valid)
       if options.indexer_loss:
-        aux["indexer_kl"] = jnp.mean(sparse_kl(q_full, kv_full, idx, valid,
+        aux["indexer_kl"] = jnp.mean(sparse_kl(q_kl, keys_kl, idx, valid,
                                                scale, iq, ik, iw, chunk))
       if options.metrics:
-        _, per_tok = mla.dense_attention(
-            jax.lax.stop_gradient(q_nope), jax.lax.stop_gradient(q_rope),
-            jax.lax.stop_gradient(kv), jax.lax.stop_gradient(k_rope),
-            jax.lax.stop_gradient(a["wkv_b"]), cfg, segment_ids_BT,
+        _, per_tok = dense_fn(*jax.lax.stop_gradient((a, main)))(
             probe=dense_probe(topk, False, True), probe_args=(iq, iw),
             probe_keys=(ik,))
         aux.update(_layer_means(per_tok))
