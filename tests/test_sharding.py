@@ -28,11 +28,12 @@ PARAM_ATOL = 1e-5
 # (data, fsdp, tensor, sequence); the first is the one-device reference.
 MESHES = [(1, 1, 1, 1), (8, 1, 1, 1), (2, 2, 2, 1), (1, 4, 2, 1),
           (2, 1, 1, 4)]
-STEPS = 2
+STEPS = 3  # per phase (the phase lengths set the lr schedules)
 FAST = ["data.seq_len=64", "data.batch_size=8", "data.max_docs=12",
         "eval.every=0", "model.indexer.topk=8", "compare=false",
-        "log_every=1", "model.n_layers=1",
-        "model.indexer.q_chunk=64"]
+        "log_every=1", "model.n_layers=1", "model.indexer.q_chunk=64",
+        f"phases.pretrain.steps={STEPS}", f"phases.warmup.steps={STEPS}",
+        f"phases.sparse.steps={STEPS}"]
 
 
 def _config(extra=()):
@@ -142,7 +143,60 @@ def worker_meshes(out_dir, *shapes):
     json.dump(out, f)
 
 
-# -------------------------------------------------------------------- tests
+# ------------------------------------------------------- in-process tests
+
+
+def test_mesh_shape_resolves_minus_one_and_names_bad_values():
+  from dsax import sharding as S  # pylint: disable=import-outside-toplevel
+  from dsax.config import ConfigError, MeshConfig  # pylint: disable=import-outside-toplevel
+  assert S.mesh_shape(MeshConfig(), 1) == {"data": 1, "fsdp": 1,
+                                           "sequence": 1, "tensor": 1}
+  assert S.mesh_shape(MeshConfig(fsdp=2, tensor=2), 8)["data"] == 2
+  assert S.mesh_shape(MeshConfig(data=2, fsdp=-1), 8)["fsdp"] == 4
+  with pytest.raises(ConfigError, match=r"mesh.data=3 .* 6 devices, but "
+                     r"there are 8"):
+    S.mesh_shape(MeshConfig(data=3, tensor=2), 8)
+  with pytest.raises(ConfigError, match=r"mesh.tensor=3.*do not divide the 8"):
+    S.mesh_shape(MeshConfig(tensor=3), 8)
+  with pytest.raises(ConfigError, match="only one mesh axis may be -1"):
+    S.mesh_shape(MeshConfig(fsdp=-1), 8)
+  with pytest.raises(ConfigError, match="mesh.tensor must be >= 1 or -1, "
+                     "got 0"):
+    S.mesh_shape(MeshConfig(tensor=0), 8)
+
+
+def test_rules_cover_every_parameter_and_never_split_indexer_keys():
+  from dsax import params as P  # pylint: disable=import-outside-toplevel
+  from dsax import sharding as S  # pylint: disable=import-outside-toplevel
+  cfg = _config().model
+  names = {a for axes in jax_leaves(P.logical_axes(cfg)) for a in axes}
+  assert names <= set(S.RULES), names - set(S.RULES)
+  # Top-k needs whole rows of scores: the indexer key (one per position,
+  # dim idx_dim) is never split; its heads may be.
+  assert S.RULES["idx_dim"] == () and S.RULES["idx_heads"] == ("tensor",)
+  assert set(S.MESH_AXES) >= {a for v in S.RULES.values() for a in v}
+
+
+def jax_leaves(tree):
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def test_logical_spec_drops_reused_and_indivisible_axes():
+  from jax.sharding import AbstractMesh, PartitionSpec as PS  # pylint: disable=import-outside-toplevel
+  from dsax import sharding as S  # pylint: disable=import-outside-toplevel
+  mesh = AbstractMesh((2, 2, 1, 2), S.MESH_AXES)
+  assert S.logical_spec(("vocab", "embed"), (256, 64), mesh) == PS(
+      "tensor", "fsdp")
+  # heads and mlp both want tensor: the first dimension gets it.
+  assert S.logical_spec(("heads", "mlp"), (4, 8), mesh) == PS("tensor", None)
+  # 3 heads do not split over 2 devices: replicated, not an error.
+  assert S.logical_spec(("layers", "heads"), (2, 3), mesh) == PS(None, None)
+  with pytest.raises(KeyError, match="'nope' has no rule"):
+    S.logical_spec(("nope",), (4,), mesh)
+
+
+# --------------------------------------------------------- subprocess tests
 
 # Compile time dominates; level-0 XLA CPU codegen halves it. The reference
 # runs under the same flags, so the comparison is unaffected.
@@ -232,10 +286,11 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_agree_and_match_one_process(tmp_path):
-  sets = FAST + ["phases.pretrain.steps=3", "phases.warmup.steps=0",
-                 "phases.sparse.steps=0", "phases.dense.steps=0",
-                 "data.batch_size=4"]
+def test_two_processes_agree_and_match_one_process(tmp_path, meshes):
+  """launch.py in two processes (one device each) against the one-device
+  pretraining steps of the mesh workers (same config, data and init)."""
+  sets = FAST + ["phases.warmup.steps=0", "phases.sparse.steps=0",
+                 "phases.dense.steps=0"]
   args = [os.path.join(ROOT, "launch.py"), "tiny_run"]
   for item in sets:
     args += ["--set", item]
@@ -248,24 +303,21 @@ def test_two_processes_agree_and_match_one_process(tmp_path):
            _spawn(two_args, env={"DSAX_COORDINATOR": f"localhost:{port}",
                                  "DSAX_NUM_PROCESSES": "2",
                                  "DSAX_PROCESS_ID": "1"})]
-  single = _spawn(args + ["--workdir", str(tmp_path / "one")])
   errs = [_wait(p)[1] for p in procs]
-  _wait(single)
   wall = time.perf_counter() - t0
   from dsax import metrics  # pylint: disable=import-outside-toplevel
   two = sorted((r["step"], r["loss"]) for r in
                metrics.read_metrics(str(tmp_path / "two")))
-  one = sorted((r["step"], r["loss"]) for r in
-               metrics.read_metrics(str(tmp_path / "one")))
-  assert [s for s, _ in two] == [1, 2, 3] == [s for s, _ in one]
-  np.testing.assert_allclose([l for _, l in two], [l for _, l in one],
-                             rtol=LOSS_RTOL, atol=LOSS_ATOL)
+  one = meshes[0][",".join(map(str, MESHES[0]))]["losses"][:STEPS]
+  assert [s for s, _ in two] == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([l for _, l in two], one, rtol=LOSS_RTOL,
+                             atol=LOSS_ATOL)
   # Each process reports the same last loss; process 1 writes no files.
   done = [re.search(r"phase pretrain done: 3 steps;.* loss ([-+.e0-9]+),",
                     e) for e in errs]
   assert all(done), errs[1][-2000:]
   assert done[0].group(1) == done[1].group(1)
-  assert "[process 1]" in errs[1]
+  assert "[process 1]" in errs[1] and "mesh {'data': 2" in errs[1]
   print(f"two processes: losses {two}; one process {one}; {wall:.1f} s")
 
 
