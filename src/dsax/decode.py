@@ -8,6 +8,11 @@ Sparse decoding (``attention="sparse"``, DSA) also caches the indexer key k_I
 indexer query, I[s] = sum_i w[i] relu(q_I[i] . k_I[s]) for s <= t, keeps the
 top-k, and attends only to those latent rows (``kernels.sparse_mla``): the
 same selection and attention as the sparse forward at position t.
+
+GQA models (``cfg.attention_type="gqa"``) cache k and v per kv head instead
+(2 G H numbers per token and layer, ``model.CACHE_NAMES``) and attend to the
+whole cache, or with DSA to the indexer's top-k rows of it
+(``sparse_gqa_reference``).
 """
 
 from __future__ import annotations
@@ -17,20 +22,24 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dsax import dsa, kernels, mla, model
+from dsax import dsa, gqa, kernels, mla, model
 from dsax.config import ModelConfig
-from dsax.kernels.reference import indexer_logits
+from dsax.kernels.reference import indexer_logits, sparse_gqa_reference
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int,
                attention: str = "dense") -> dict[str, Any]:
   dt = jnp.dtype(cfg.compute_dtype)
-  cache = {
-      "kv": jnp.zeros((cfg.n_layers, batch, max_len, cfg.kv_lora_rank), dt),
-      "k_rope": jnp.zeros((cfg.n_layers, batch, max_len, cfg.qk_rope_head_dim),
-                          dt),
-      "length": jnp.zeros((), jnp.int32),
-  }
+  if cfg.attention_type == "gqa":
+    row = (cfg.n_kv_heads, cfg.head_dim)
+    cache = {n: jnp.zeros((cfg.n_layers, batch, max_len) + row, dt)
+             for n in model.CACHE_NAMES["gqa"]}
+  else:
+    cache = {
+        "kv": jnp.zeros((cfg.n_layers, batch, max_len, cfg.kv_lora_rank), dt),
+        "k_rope": jnp.zeros(
+            (cfg.n_layers, batch, max_len, cfg.qk_rope_head_dim), dt)}
+  cache["length"] = jnp.zeros((), jnp.int32)
   if attention == "sparse":
     cache["index_k"] = jnp.zeros(
         (cfg.n_layers, batch, max_len, cfg.indexer.head_dim), dt)
@@ -50,10 +59,14 @@ def prefill(params: dict[str, Any], tokens_BT: jax.Array, cfg: ModelConfig,
     opts = dsa.DSAOptions(indexer_loss=False, topk=topk, return_keys=True)
   logits, aux = model.forward(params, tokens_BT, cfg, return_cache=True,
                               attention=attention, dsa_options=opts)
-  pad = [(0, 0), (0, 0), (0, max_len - t), (0, 0)]
-  names = ("kv", "k_rope") + (("index_k",) if attention == "sparse" else ())
-  cache = {n: jnp.pad(aux[n].astype(jnp.dtype(cfg.compute_dtype)), pad)
-           for n in names}
+  names = model.CACHE_NAMES[cfg.attention_type] + (
+      ("index_k",) if attention == "sparse" else ())
+
+  def pad(x):  # [L, B, t, ...] -> [L, B, max_len, ...]
+    return jnp.pad(x, [(0, 0), (0, 0), (0, max_len - t)]
+                   + [(0, 0)] * (x.ndim - 3))
+
+  cache = {n: pad(aux[n].astype(jnp.dtype(cfg.compute_dtype))) for n in names}
   cache["length"] = jnp.int32(t)
   return logits, cache
 
@@ -77,27 +90,51 @@ def sparse_select(p_indexer: dict[str, Any], h_B1D: jax.Array,
   return jnp.where(valid, idx, pos).astype(jnp.int32), valid, keys
 
 
+def gqa_step(p: dict[str, Any], h_B1D: jax.Array, ang: jax.Array,
+             k_BSGH: jax.Array, v_BSGH: jax.Array, index_k_BSJ: jax.Array,
+             pos: jax.Array, mask_B1S: jax.Array, sparse: bool, topk: int,
+             cfg: ModelConfig):
+  """One token of GQA against the layer's k/v cache (all rows s <= pos, or
+  the indexer's top-k of them); returns (o_B1NH, k, v, index_k) updated."""
+  q, k_new, v_new = gqa.project_qkv(p["attn"], h_B1D, ang, cfg)
+  k = jax.lax.dynamic_update_slice(k_BSGH, k_new.astype(k_BSGH.dtype),
+                                   (0, pos, 0, 0))
+  v = jax.lax.dynamic_update_slice(v_BSGH, v_new.astype(v_BSGH.dtype),
+                                   (0, pos, 0, 0))
+  if not sparse:
+    return gqa.masked_attention(q, k, v, mask_B1S, cfg), k, v, index_k_BSJ
+  idx, valid, index_k = sparse_select(p["indexer"], h_B1D, None, index_k_BSJ,
+                                      pos, topk, cfg)
+  o, _ = sparse_gqa_reference(q, k, v, idx, valid, gqa.softmax_scale(cfg))
+  return o, k, v, index_k
+
+
 def decode_step(params: dict[str, Any], cache: dict[str, Any],
                 tokens_B: jax.Array, cfg: ModelConfig,
                 attention: str = "dense", topk: int | None = None):
   """Appends one token per row at position ``cache['length']``; returns
-  (logits_BV, new cache). Attention is the absorbed (MQA) form; with
+  (logits_BV, new cache). MLA attention is the absorbed (MQA) form; with
   ``attention="sparse"`` over the indexer's top-k rows only."""
   pos = cache["length"]
   sparse = attention == "sparse"
   topk = topk or cfg.indexer.topk
   b = tokens_B.shape[0]
-  max_len = cache["kv"].shape[2]
+  names = model.CACHE_NAMES[cfg.attention_type]
+  max_len = cache[names[0]].shape[2]
   x = model.embed(params, tokens_B[:, None], cfg)
-  ang = mla.mla_angles(jnp.full((b, 1), pos, jnp.int32), cfg)
+  ang = model.angles(jnp.full((b, 1), pos, jnp.int32), cfg)
   mask_B1S = jnp.broadcast_to((jnp.arange(max_len) <= pos)[None, None],
                               (b, 1, max_len))
   cdt = jnp.dtype(cfg.compute_dtype)
 
   def layer(x, xs):
-    p, kv_l, kr_l, ik_l = xs
+    p, kv_l, kr_l, ik_l = xs  # GQA: kv_l, kr_l hold k and v
     a = p["attn"]
     h = mla.rms_norm(x, p["attn_norm"], cfg.norm_eps)
+    if cfg.attention_type == "gqa":
+      o, kv_l, kr_l, ik_l = gqa_step(p, h, ang, kv_l, kr_l, ik_l, pos,
+                                     mask_B1S, sparse, topk, cfg)
+      return finish(x, o, p), (kv_l, kr_l, ik_l)
     q_nope, q_rope, cq = mla.project_q(a, h, ang, cfg)
     kv_new, kr_new = mla.project_kv(a, h, ang, cfg)
     kv_l = jax.lax.dynamic_update_slice(kv_l, kv_new.astype(kv_l.dtype),
@@ -117,16 +154,18 @@ def decode_step(params: dict[str, Any], cache: dict[str, Any],
     else:
       o = mla.absorbed_attention(q_nope, q_rope, kv_l, kr_l, a["wkv_b"],
                                  mask_B1S, cfg)
-    x = x + mla.output_projection(o, a["wo"]).astype(x.dtype)
+    return finish(x, o, p), (kv_l, kr_l, ik_l)
+
+  def finish(x, o, p):
+    x = x + mla.output_projection(o, p["attn"]["wo"]).astype(x.dtype)
     h = mla.rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-    x = x + model.swiglu(p["mlp"], h, cdt).astype(x.dtype)
-    return x, (kv_l, kr_l, ik_l)
+    return x + model.swiglu(p["mlp"], h, cdt).astype(x.dtype)
 
   index_k = cache["index_k"] if sparse else jnp.zeros((cfg.n_layers, 0))
   x, (kv, k_rope, index_k) = jax.lax.scan(
-      layer, x, (params["layers"], cache["kv"], cache["k_rope"], index_k))
+      layer, x, (params["layers"], cache[names[0]], cache[names[1]], index_k))
   logits = model.unembed(params, x, cfg)[:, 0]
-  new = {"kv": kv, "k_rope": k_rope, "length": pos + 1}
+  new = {names[0]: kv, names[1]: k_rope, "length": pos + 1}
   if sparse:
     new["index_k"] = index_k
   return logits, new
