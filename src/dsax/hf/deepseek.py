@@ -69,6 +69,8 @@ import numpy as np
 from dsax import params as P
 from dsax.config import (IndexerConfig, ModelConfig, MoEConfig, RopeScaling,
                          validate)
+# The same [in..., out...] <-> [out, in] reshapes as the Llama family.
+from dsax.hf.llama import _get, _hf_shape
 
 log = logging.getLogger("dsax")
 
@@ -260,7 +262,7 @@ def hf_config_from(cfg: ModelConfig, model_type: str | None = None,
     raise ValueError("deepseek_v32 needs q_lora_rank > 0 and "
                      "indexer.rope_dim == qk_rope_head_dim")
   if not rope_interleave and kind != "deepseek_v3":
-    raise ValueError(f"rope_interleave=False exists only in deepseek_v3")
+    raise ValueError("rope_interleave=False exists only in deepseek_v3")
   rs = cfg.rope_scaling
   rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
   max_pos = 4096
@@ -345,20 +347,6 @@ def _entries(cfg: ModelConfig, indexer: bool):
       out += [(pre + "mlp.shared_experts." + sfx, ("moe", "shared") + path, j,
                ax) for sfx, path, ax in _SWIGLU]
   return out
-
-
-def _hf_shape(shape: tuple[int, ...], in_axes: int | None) -> tuple[int, ...]:
-  if in_axes is None:
-    return shape
-  if not in_axes:
-    return (math.prod(shape),)
-  return (math.prod(shape[in_axes:]), math.prod(shape[:in_axes]))
-
-
-def _get(tree: Any, path: tuple[str, ...]) -> Any:
-  for p in path:
-    tree = tree[p]
-  return tree
 
 
 def rope_permutation(r: int) -> np.ndarray:
