@@ -24,12 +24,11 @@ paper keeps 2048 of 128K), warm-up 500 steps at lr 1e-3 (the paper's), sparse
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 from dsax.config import (ConfigError, DataConfig, EvalConfig,
                          ExperimentConfig, IndexerConfig, ModelConfig,
-                         PhaseConfig, from_dict)
+                         PhaseConfig)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_DIR = os.path.join(ROOT, "work", "models", "smollm2-135m-instruct")
@@ -38,11 +37,10 @@ MODEL_DIR = os.path.join(ROOT, "work", "models", "smollm2-135m-instruct")
 def smollm2_model(model_dir: str = MODEL_DIR) -> ModelConfig:
   """The prepared model's config (model_config.json), else the same numbers
   (so --dry-run works before ``prepare``)."""
-  path = os.path.join(model_dir, "model_config.json")
-  if os.path.isfile(path):
-    with open(path, encoding="utf-8") as f:
-      return from_dict(ModelConfig, json.load(f))
+  from dsax import hf  # pylint: disable=import-outside-toplevel
   from dsax.hf import gguf  # pylint: disable=import-outside-toplevel
+  if os.path.isfile(os.path.join(model_dir, "model_config.json")):
+    return hf.read_converted(model_dir)
   return ModelConfig(
       attention_type="gqa", vocab_size=49152, d_model=576, n_layers=30,
       n_heads=9, n_kv_heads=3, head_dim=64, d_ff=1536, tie_embeddings=True,
@@ -107,12 +105,9 @@ def _test_config() -> ExperimentConfig:
                             q_chunk=32))
   data = DataConfig(source="stdlib", tokenizer="bytes", seq_len=64,
                     batch_size=2, max_docs=12, val_fraction=0.25)
-  cfg = ExperimentConfig(
+  # The tiny "original" is a random init (no init_from).
+  return ExperimentConfig(
       name="smollm2_dsa_test", model=model, data=data,
       phases=phases(2, 2, ""), control="dense",
       eval=EvalConfig(every=0, batches=1, final_batches=1), log_every=1,
       save_every=0, compare=True, report=False)
-  # The tiny "original" is a random init (no init_from), trained 2 steps so
-  # the warm-up has something to learn from.
-  return dataclasses.replace(cfg, phases=(dataclasses.replace(
-      cfg.phases[0], steps=2),) + cfg.phases[1:])

@@ -111,6 +111,110 @@ def test_file_tokenizer_in_the_data_pipeline(tmp_path):
     data_lib.check_config(DataConfig(tokenizer="file:"))
 
 
+def _write_tiny_gguf(path: str) -> None:
+  """A 2-block Llama GGUF written like convert_hf_to_gguf does: q/k rows
+  permuted, the embedding Q8_0, attention and MLP Q4_1, norms F32, a
+  byte-level BPE trained here, one control token."""
+  import json
+  rng = np.random.default_rng(3)
+  d, f, n, g, h, layers = 64, 128, 4, 2, 16, 2
+  docs = ["alpha beta gamma delta 12 34\n", "def f(x):\n  return x\n"] * 30
+  trained = json.loads(tokenizer_lib._train_bpe(docs, 320).to_str())  # pylint: disable=protected-access
+  vocab = trained["model"]["vocab"]
+  tokens = sorted(vocab, key=vocab.get) + ["<|endoftext|>"]
+  merges = [m if isinstance(m, str) else " ".join(m)
+            for m in trained["model"]["merges"]]
+  w = gguf.GGUFWriter(path, "llama")
+  w.add_block_count(layers)
+  w.add_context_length(256)
+  w.add_embedding_length(d)
+  w.add_feed_forward_length(f)
+  w.add_head_count(n)
+  w.add_head_count_kv(g)
+  w.add_rope_freq_base(10000.0)
+  w.add_layer_norm_rms_eps(1e-5)
+  w.add_rope_dimension_count(h)
+  w.add_vocab_size(len(tokens))
+  w.add_tokenizer_model("gpt2")
+  w.add_tokenizer_pre("gpt2")
+  w.add_token_list(tokens)
+  w.add_token_types([1] * (len(tokens) - 1) + [3])
+  w.add_token_merges(merges)
+  w.add_bos_token_id(len(tokens) - 1)
+  w.add_eos_token_id(len(tokens) - 1)
+
+  def add(name, shape, qtype, heads=0):
+    x = rng.standard_normal(shape).astype(np.float32) * (
+        0.1 if len(shape) > 1 else 1.0) + (1.0 if len(shape) == 1 else 0.0)
+    if heads:
+      x = _llama_cpp_permute(x, heads)
+    t = gguf.GGMLQuantizationType[qtype]
+    w.add_tensor(name, gguf.quants.quantize(x, t), raw_dtype=t)
+
+  add("token_embd.weight", (len(tokens), d), "Q8_0")
+  add("output_norm.weight", (d,), "F32")
+  for i in range(layers):
+    add(f"blk.{i}.attn_norm.weight", (d,), "F32")
+    add(f"blk.{i}.ffn_norm.weight", (d,), "F32")
+    add(f"blk.{i}.attn_q.weight", (n * h, d), "Q4_1", heads=n)
+    add(f"blk.{i}.attn_k.weight", (g * h, d), "Q4_1", heads=g)
+    add(f"blk.{i}.attn_v.weight", (g * h, d), "Q8_0")
+    add(f"blk.{i}.attn_output.weight", (d, n * h), "Q4_1")
+    add(f"blk.{i}.ffn_gate.weight", (f, d), "Q4_1")
+    add(f"blk.{i}.ffn_up.weight", (f, d), "Q4_1")
+    add(f"blk.{i}.ffn_down.weight", (d, f), "F16")
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+
+def test_prepare_a_tiny_gguf_end_to_end(tmp_path):
+  """``launch.py prepare --gguf``: the state dict equals transformers' GGUF
+  loader's, the saved dsax params give transformers' logits, the saved
+  tokenizer gives transformers' ids."""
+  import json
+  import launch
+  import torch
+  import transformers
+  from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+      convert_gguf_tokenizer)
+  from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+  import jax
+  import tokenizers
+  from dsax import checkpoint, model as dsax_model, params as P
+  from dsax.hf import read_converted
+  path, out = str(tmp_path / "tiny.gguf"), str(tmp_path / "model")
+  _write_tiny_gguf(path)
+  assert launch.main(["prepare", "smollm2", "--gguf", path, "--out", out]) == 0
+  meta = load_gguf_checkpoint(path)
+  hf_cfg = transformers.LlamaConfig(**meta["config"])
+  net = transformers.LlamaForCausalLM(hf_cfg).float().eval()
+  ref = load_gguf_checkpoint(path, return_tensors=True,
+                             model_to_load=net)["tensors"]
+  ours, config = G.load(path)
+  assert set(ours) == set(ref) and config["tie_word_embeddings"]
+  for name, x in ours.items():
+    np.testing.assert_array_equal(x, ref[name].float().numpy(), err_msg=name)
+  net.load_state_dict(ref, strict=False)
+  net.tie_weights()
+  cfg = read_converted(out)
+  params = checkpoint.load_params(os.path.join(out, "params"),
+                                  P.abstract_params(cfg))
+  bpe = tokenizers.Tokenizer.from_file(os.path.join(out, "tokenizer.json"))
+  ref_tok, _ = convert_gguf_tokenizer("llama", meta["tokenizer"])
+  for text in TEXTS:
+    assert bpe.encode(text).ids == ref_tok.encode(
+        text, add_special_tokens=False).ids, text
+  ids = np.asarray([bpe.encode(TEXTS[1] + TEXTS[0]).ids], np.int32)
+  logits = jax.jit(lambda p, t: dsax_model.forward(p, t, cfg)[0])(params, ids)
+  with torch.no_grad():
+    expect = net(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+  np.testing.assert_allclose(np.asarray(logits), expect, atol=1e-4, rtol=1e-4)
+  with open(os.path.join(out, "natural.jsonl"), encoding="utf-8") as f:
+    assert len(json.loads(f.readline())["text"]) > 1000
+
+
 # ---------------------------------------------------------- the real model
 
 
@@ -199,3 +303,43 @@ def test_tokenizer_matches_transformers(model, hf_meta):
   # Special tokens stay whole; digits are isolated (SmolLM2's pre-tokeniser).
   assert wrapped.encode("<|im_end|>") == [2]
   assert len(wrapped.encode(" 2024")) == 5
+
+
+def test_dsax_logits_match_transformers_on_real_layers(model):
+  """The first two blocks of SmolLM2 (real weights) + final norm and the tied
+  head: dsax's GQA forward against transformers' LlamaForCausalLM."""
+  import jax
+  import torch
+  import transformers
+  from dsax import model as dsax_model
+  from dsax.hf import llama
+  hf = dict(G.hf_config(model), num_hidden_layers=2)
+  names = [n for n in model.tensors if not n.startswith("blk.")
+           or int(n.split(".")[1]) < 2]
+  state = G.state_dict(model, hf, names)
+  cfg = llama.config_from_hf(hf)
+  params = llama.params_from_hf(state, cfg)
+  tokens = np.asarray([G.tokenizer(model).encode(TEXTS[0] + TEXTS[5]).ids],
+                      np.int32)
+  ours = np.asarray(jax.jit(lambda p, t: dsax_model.forward(p, t, cfg)[0])(
+      params, tokens))
+  net = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{
+      k: v for k, v in hf.items() if k != "architectures"})).float().eval()
+  net.load_state_dict({k: torch.tensor(v) for k, v in state.items()},
+                      strict=False)
+  net.tie_weights()
+  with torch.no_grad():
+    ref = net(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+  assert tokens.shape[1] > 20
+  np.testing.assert_allclose(ours, ref, atol=2e-4 * np.abs(ref).max())
+
+
+def test_experiment_fallback_config_is_the_imported_one(model):
+  import importlib.util
+  from dsax.hf import llama
+  spec = importlib.util.spec_from_file_location(
+      "smollm2_dsa", os.path.join(ROOT, "experiments", "smollm2_dsa.py"))
+  exp = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(exp)
+  assert exp.smollm2_model("/nonexistent") == llama.config_from_hf(
+      G.hf_config(model), indexer=G.SMOLLM2_INDEXER)

@@ -229,8 +229,9 @@ _PRE_DIGITS = {"default": False, "gpt2": False, "smollm": True}
 
 def tokenizer(model: GGUFModel):
   """The file's byte-level BPE as a ``tokenizers.Tokenizer``."""
-  from tokenizers import (AddedToken, Tokenizer, decoders,  # pylint: disable=import-outside-toplevel
-                          models, pre_tokenizers)
+  # pylint: disable-next=import-outside-toplevel
+  from tokenizers import (AddedToken, Tokenizer, decoders, models,
+                          pre_tokenizers)
   md = model.metadata
   kind, pre = md.get("tokenizer.ggml.model"), md.get("tokenizer.ggml.pre",
                                                      "default")
