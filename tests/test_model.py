@@ -41,6 +41,24 @@ def test_absorbed_decode_matches_expanded_forward(q_lora_rank, yarn):
       cfg.kv_lora_rank + cfg.qk_rope_head_dim)
 
 
+@pytest.mark.parametrize("first_k_dense", [1, 0])
+def test_decode_with_moe_matches_forward(first_k_dense):
+  """Decode scans the dense-MLP and MoE layer runs like the forward."""
+  cfg = tiny(n_layers=3, init_std=0.1, moe=MoEConfig(
+      **_MOE, first_k_dense=first_k_dense))
+  params = init(cfg)
+  toks = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, cfg.vocab_size)
+  logits, _ = model.forward(params, toks, cfg)
+  first, cache = decode.prefill(params, toks[:, :5], cfg, 12)
+  step = jax.jit(decode.decode_step, static_argnums=3)
+  outs = [first]
+  for t in range(5, 12):
+    out, cache = step(params, cache, toks[:, t], cfg)
+    outs.append(out[:, None])
+  dec = jnp.concatenate(outs, axis=1)
+  np.testing.assert_array_less(np.abs(np.asarray(dec - logits)).max(), 1e-4)
+
+
 def test_yarn_changes_logits():
   base = tiny(init_std=0.1)
   yarn = dataclasses.replace(base, rope_scaling=RopeScaling(

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dsax import dsa, gqa, kernels, mla, model
+from dsax import dsa, gqa, kernels, mla, model, moe
 from dsax.config import ModelConfig
 from dsax.kernels.reference import indexer_logits, sparse_gqa_reference
 
@@ -125,7 +125,6 @@ def decode_step(params: dict[str, Any], cache: dict[str, Any],
   ang = model.angles(jnp.full((b, 1), pos, jnp.int32), cfg)
   mask_B1S = jnp.broadcast_to((jnp.arange(max_len) <= pos)[None, None],
                               (b, 1, max_len))
-  cdt = jnp.dtype(cfg.compute_dtype)
 
   def layer(x, xs):
     p, kv_l, kr_l, ik_l = xs  # GQA: kv_l, kr_l hold k and v
@@ -159,11 +158,19 @@ def decode_step(params: dict[str, Any], cache: dict[str, Any],
   def finish(x, o, p):
     x = x + mla.output_projection(o, p["attn"]["wo"]).astype(x.dtype)
     h = mla.rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-    return x + model.swiglu(p["mlp"], h, cdt).astype(x.dtype)
+    return x + moe.ffn(p["mlp"], h, cfg).astype(x.dtype)
 
   index_k = cache["index_k"] if sparse else jnp.zeros((cfg.n_layers, 0))
-  x, (kv, k_rope, index_k) = jax.lax.scan(
-      layer, x, (params["layers"], cache[names[0]], cache[names[1]], index_k))
+  rows = (cache[names[0]], cache[names[1]], index_k)
+  outs, start = [], 0
+  for segment in model.layer_segments(params, cfg):  # dense-MLP, MoE layers
+    n = jax.tree.leaves(segment)[0].shape[0]
+    x, ys = jax.lax.scan(layer, x, (segment,) + tuple(
+        r[start:start + n] for r in rows))
+    outs.append(ys)
+    start += n
+  kv, k_rope, index_k = (jnp.concatenate(parts, axis=0)
+                         for parts in zip(*outs))
   logits = model.unembed(params, x, cfg)[:, 0]
   new = {names[0]: kv, names[1]: k_rope, "length": pos + 1}
   if sparse:
