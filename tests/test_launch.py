@@ -73,12 +73,14 @@ def test_help_is_fast_and_imports_no_jax():
     assert word in out.stdout
 
 
-@pytest.mark.parametrize("command", ["prepare"])
-def test_reserved_commands_say_not_implemented(command):
-  out = cli(command, "somewhere")
+@pytest.mark.parametrize("args,named", [
+    (("prepare", "somewhere"), "somewhere"),
+    (("convert", "/no/such/dir", "out"), "/no/such/dir")])
+def test_prepare_and_convert_name_a_bad_argument(args, named):
+  out = cli(*args)
   assert out.returncode == 2
-  assert "not implemented yet" in out.stderr
-  assert cli(command, "--help").returncode == 0
+  assert named in out.stderr
+  assert cli(args[0], "--help").returncode == 0
 
 
 @pytest.mark.parametrize("command", ["eval", "compare"])
