@@ -113,6 +113,27 @@ def _checkpoint_case(cfg, batches, out_dir):
           "restored_devices": devices}
 
 
+def _topk_case():
+  """lax.top_k over sharded rows: all-gathered by XLA, kept local by
+  ``batch_local``; same values either way."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from dsax import sharding as S  # pylint: disable=import-outside-toplevel
+  mesh = _mesh((4, 2, 1, 1))
+  x = jax.device_put(np.random.default_rng(0).normal(size=(8, 16, 32)),
+                     S.batch_sharding(mesh, 8, 16))
+  out = {}
+  for name, fn in (("plain", lambda y: jax.lax.top_k(y, 4)[1]),
+                   ("local", S.batch_local(lambda y: jax.lax.top_k(y, 4)[1]))):
+    with jax.set_mesh(mesh):
+      compiled = jax.jit(fn).lower(x).compile()
+      out[name] = {"all_gathers": compiled.as_text().count(" all-gather("),
+                   "equal": bool(np.array_equal(
+                       np.asarray(compiled(x)),
+                       np.asarray(jax.lax.top_k(np.asarray(x), 4)[1])))}
+  return out
+
+
 def worker_meshes(out_dir, *shapes):
   """Every phase on each mesh ("d,f,t,s"; "ckpt": the checkpoint case);
   writes result.json and <mesh>.npz (final parameters, selected indices)."""
@@ -125,6 +146,8 @@ def worker_meshes(out_dir, *shapes):
     t0 = time.perf_counter()
     if name == "ckpt":
       out[name] = _checkpoint_case(cfg, batches, out_dir)
+    elif name == "topk":
+      out[name] = _topk_case()
     else:
       shape = tuple(int(x) for x in name.split(","))
       mesh = _mesh(shape)
@@ -226,7 +249,7 @@ def meshes(tmp_path_factory):
   t0 = time.perf_counter()
   key = lambda s: ",".join(map(str, s))  # noqa: E731
   groups = [[key(s) for s in MESHES[:3]], [key(s) for s in MESHES[3:]] +
-            ["ckpt"]]
+            ["ckpt", "topk"]]
   dirs = [tmp_path_factory.mktemp(f"meshes{i}") for i in range(len(groups))]
   procs = [_spawn([os.path.abspath(__file__), "meshes", str(d), *g],
                   devices=8) for d, g in zip(dirs, groups)]
@@ -278,6 +301,12 @@ def test_checkpoint_from_four_devices_continues_on_two(meshes):
   assert case["restored_devices"] == [2]
   np.testing.assert_allclose(case["resumed"], case["straight"],
                              rtol=LOSS_RTOL, atol=LOSS_ATOL)
+
+
+def test_batch_local_keeps_top_k_on_its_rows(meshes):
+  case = meshes[0]["topk"]
+  assert case["plain"]["equal"] and case["local"]["equal"]
+  assert case["local"]["all_gathers"] == 0, case
 
 
 def _free_port():

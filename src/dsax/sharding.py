@@ -214,6 +214,24 @@ def global_batch(batch: dict[str, np.ndarray],
   return out
 
 
+def batch_local(fn):
+  """``fn`` run on each shard of the batch rows (the leading axis of every
+  argument and output), under the mesh that ``train`` traces in. For ops
+  that XLA cannot split by rows: ``lax.top_k`` inside the indexer's query
+  loop is otherwise all-gathered over the batch and repeated on every device.
+  Without a mesh, or with unsplit rows, it is ``fn`` itself."""
+  def wrapped(*args):
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = () if mesh.empty else tuple(
+        a for a in RULES["batch"] if mesh.shape.get(a, 1) > 1)
+    if not axes:
+      return fn(*args)
+    spec = PartitionSpec(axes)
+    return jax.shard_map(fn, in_specs=spec, out_specs=spec,
+                         axis_names=set(axes), check_vma=False)(*args)
+  return wrapped
+
+
 # ------------------------------------------------------------ multi-process
 
 
@@ -245,6 +263,15 @@ def init_distributed(coordinator: str | None = None,
   log.info("process %d of %d, %d local / %d global devices", process_id,
            num_processes, jax.local_device_count(), jax.device_count())
   return True
+
+
+def host_tree(tree: Any) -> Any:
+  """A tree every process can read whole (for work local to one process);
+  all processes must call it. One process: the tree itself."""
+  if jax.process_count() == 1:
+    return tree
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def is_primary() -> bool:

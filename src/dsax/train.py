@@ -189,9 +189,15 @@ def make_train_step(cfg: ExperimentConfig, phase: PhaseConfig, tx,
   mesh = S.make_mesh(cfg.mesh) if mesh is None else mesh
   state_sh, frozen_sh = phase_shardings(cfg, phase, mesh)
   rep = S.replicated(mesh)
-  return jax.jit(step, donate_argnums=(0,),
-                 in_shardings=(state_sh, frozen_sh, data_sharding(cfg, mesh)),
-                 out_shardings=(state_sh, rep))
+  jitted = jax.jit(step, donate_argnums=(0,),
+                   in_shardings=(state_sh, frozen_sh,
+                                 data_sharding(cfg, mesh)),
+                   out_shardings=(state_sh, rep))
+
+  def on_mesh(*args):  # traced under the mesh (see sharding.batch_local)
+    with jax.set_mesh(mesh):
+      return jitted(*args)
+  return on_mesh
 
 
 def data_sharding(cfg: ExperimentConfig, mesh) -> jax.sharding.NamedSharding:
@@ -239,14 +245,6 @@ def init_state(cfg: ExperimentConfig, phase: PhaseConfig, params: Any, mesh,
     state = {"trainable": trainable, "opt": opt,
              "step": S.put_global(np.int32(0), state_sh["step"])}
   return state, frozen, tx, sched
-
-
-def host_params(params: Any) -> Any:
-  """Parameters every process can read whole (for its local evaluation)."""
-  if jax.process_count() == 1:
-    return params
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  return multihost_utils.process_allgather(params, tiled=True)
 
 
 # --------------------------------------------------------------- the loop
@@ -331,7 +329,8 @@ def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
       bar.update(1)
       if cfg.eval.every and evaluate is not None and s % cfg.eval.every == 0:
         # Every process joins the gather; process 0 alone evaluates.
-        now_params = host_params(unflatten({**frozen, **state["trainable"]}))
+        now_params = S.host_tree(
+            unflatten({**frozen, **state["trainable"]}))
         if S.is_primary():
           ev = evaluate(now_params, phase.attention)
           writer.write(phase.name, base + s, {f"eval_{k}": v
