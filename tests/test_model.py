@@ -114,6 +114,9 @@ _MOE = dict(n_routed_experts=6, n_activated=2, d_expert=8, n_group=3,
 
 @pytest.mark.parametrize("kw", [{}, {"q_lora_rank": 0},
                                 {"tie_embeddings": True},
+                                {"attention_type": "gqa"},
+                                {"attention_type": "gqa", "qkv_bias": True,
+                                 "n_kv_heads": 1},
                                 {"moe": MoEConfig(**_MOE,
                                                   topk_method="noaux_tc")},
                                 {"n_layers": 3, "moe": MoEConfig(

@@ -234,5 +234,5 @@ def to_hf(cfg: ModelConfig, params: dict[str, Any], indexer: bool = True):
       w = w[layer]
     hf_shape = _hf_shape(w.shape, in_axes)
     w = w.reshape(hf_shape[::-1]).T if in_axes else w.reshape(hf_shape)
-    tensors[name] = np.ascontiguousarray(w)
+    tensors[name] = np.array(w, order="C")  # a writable, contiguous copy
   return hf, tensors
