@@ -215,3 +215,12 @@ def test_param_count_and_config_checks():
     validate(gqa_cfg(head_dim=15))
   with pytest.raises(ConfigError, match="attention_type"):
     validate(gqa_cfg(attention_type="mqa"))
+
+
+def test_gqa_warmup_kernel_path_equals_reference():
+  """kernel_impl="pallas" (interpret mode on CPU): dense GQA and its fused
+  warm-up KL through mla_flash with k/v repeated per head; logits, KL and
+  every gradient agree with the jnp path."""
+  from test_kernels_model import check_impls_agree
+  check_impls_agree("dense", dsa.DSAOptions(), attention_type="gqa",
+                    n_kv_heads=2, head_dim=16)
