@@ -88,6 +88,45 @@ def test_logits_match_transformers_and_export_round_trips(kind, tied):
   np.testing.assert_allclose(hf_logits(m2, TOKS), ref, atol=1e-6)
 
 
+def test_llama3_rope_scaling_matches_transformers():
+  """Llama 3.1 RoPE scaling, with an original context of 64 so that the
+  head_dim-16 frequencies fall in all three bands (scaled, blended, kept)."""
+  from dsax import rope
+  scaling = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+  conf = transformers.LlamaConfig(
+      vocab_size=96, hidden_size=64, intermediate_size=96,
+      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+      head_dim=16, rms_norm_eps=1e-5,
+      rope_parameters={"rope_theta": 1000.0, **scaling})
+  torch.manual_seed(0)
+  m = transformers.LlamaForCausalLM(conf).float().eval()
+  with torch.no_grad():
+    for name, p in m.named_parameters():
+      p.normal_(1.0 if "norm" in name else 0.0, 0.2)
+  cfg = L.config_from_hf(m.config.to_dict())
+  rs = cfg.rope_scaling
+  assert rs.enabled and rs.kind == "llama3"
+  f0 = rope.inv_frequencies(16, 1000.0)
+  f = rope.inv_frequencies(16, 1000.0, rs)
+  wavelen = 2 * np.pi / f0
+  kept, scaled = wavelen < 64 / 4.0, wavelen > 64 / 1.0
+  assert kept.any() and scaled.any() and (~kept & ~scaled).any()
+  np.testing.assert_allclose(f[kept], f0[kept], rtol=1e-6)
+  np.testing.assert_allclose(f[scaled], f0[scaled] / 4.0, rtol=1e-6)
+  logits, _ = model.forward(L.params_from_hf(state_dict(m), cfg),
+                            jnp.asarray(TOKS), cfg)
+  ref = hf_logits(m, TOKS)
+  assert float(np.abs(np.asarray(logits) - ref).max()) <= 1e-4
+  # Unscaled RoPE gives other logits: the test sees the scaling.
+  plain = dataclasses.replace(cfg, rope_scaling=dataclasses.replace(
+      rs, enabled=False))
+  logits0, _ = model.forward(L.params_from_hf(state_dict(m), plain),
+                             jnp.asarray(TOKS), plain)
+  assert float(np.abs(np.asarray(logits0) - ref).max()) > 1e-2
+  assert L.hf_config_from(cfg)["rope_scaling"] == scaling
+
+
 def test_indexer_round_trips_and_sparse_at_full_k_is_dense():
   m = hf_model("qwen2", tied=True)
   cfg = L.config_from_hf(m.config.to_dict(), attn_q_chunk=8)
@@ -140,9 +179,9 @@ def test_hf_load_and_save_folders(tmp_path):
 def test_unsupported_configs_and_tensors_are_named():
   m = hf_model("llama", tied=False)
   conf = m.config.to_dict()
-  with pytest.raises(ValueError, match="rope_type='llama3'"):
+  with pytest.raises(ValueError, match="rope_type='yarn'"):
     L.config_from_hf(dict(conf, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}))
+        "rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}))
   with pytest.raises(ValueError, match="model_type='gpt2'"):
     L.config_from_hf(dict(conf, model_type="gpt2"))
   with pytest.raises(ValueError, match="sliding_window=4096"):

@@ -21,11 +21,15 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-  """YaRN context extension, as in DeepSeek-V3's inference code.
+  """Context extension of the RoPE frequencies, applied only when ``enabled``.
 
-  Applied only when ``enabled``: frequencies below the correction range are
-  divided by ``factor`` and the softmax scale is multiplied by ``mscale**2`` with
-  ``mscale = 0.1 * mscale_all_dim_coeff * ln(factor) + 1``.
+  ``kind="yarn"`` (DeepSeek-V3's inference code): frequencies below the
+  correction range are divided by ``factor`` and the softmax scale is
+  multiplied by ``mscale**2`` with ``mscale = 0.1 * mscale_all_dim_coeff *
+  ln(factor) + 1``. ``kind="llama3"`` (Llama 3.1): wavelengths longer than
+  ``original_max_position / low_freq_factor`` are divided by ``factor``,
+  shorter than ``original_max_position / high_freq_factor`` kept, and blended
+  in between; the softmax scale is unchanged. See ``dsax.rope``.
   """
   enabled: bool = False
   factor: float = 40.0
@@ -33,6 +37,9 @@ class RopeScaling:
   beta_fast: float = 32.0
   beta_slow: float = 1.0
   mscale: float = 1.0
+  kind: str = "yarn"            # "yarn" | "llama3"
+  low_freq_factor: float = 1.0  # llama3
+  high_freq_factor: float = 4.0  # llama3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +158,13 @@ def _check_model(cfg: ModelConfig) -> None:
                       f"<= 128 or a multiple of 128, got {ix.head_dim}")
   _check_moe(cfg)
   rs = cfg.rope_scaling
+  if rs.kind not in ("yarn", "llama3"):
+    raise ConfigError(
+        f"model.rope_scaling.kind must be yarn or llama3, got {rs.kind!r}")
+  if rs.kind == "llama3" and not 0 < rs.low_freq_factor < rs.high_freq_factor:
+    raise ConfigError(
+        "model.rope_scaling needs 0 < low_freq_factor < high_freq_factor, got "
+        f"{rs.low_freq_factor} and {rs.high_freq_factor}")
   if rs.enabled and rs.factor <= 1.0:
     raise ConfigError(
         f"model.rope_scaling.factor must be > 1 when enabled, got {rs.factor}")

@@ -7,6 +7,12 @@ b = beta_slow; with ramp ``s_i = clip((i - lo) / (hi - lo), 0, 1)`` and
 ``m_i = 1 - s_i``, ``f_i <- f_i / factor * (1 - m_i) + f_i * m_i``. The softmax
 scale gains ``mscale**2``, ``mscale = 0.1 * mscale_cfg * ln(factor) + 1``.
 
+Llama 3 scaling (``kind="llama3"``): with wavelength ``w_i = 2 pi / f_i``, lo =
+L0 / low_freq_factor and hi = L0 / high_freq_factor, ``f_i <- f_i / factor``
+where w_i > lo, f_i where w_i < hi, and in between ``(1 - a) f_i / factor + a
+f_i`` with ``a = (L0 / w_i - low_freq_factor) / (high_freq_factor -
+low_freq_factor)``; no softmax factor.
+
 Layouts: MLA rotates interleaved pairs (x[2i], x[2i+1]); the V3.2 indexer rotates
 half-split pairs (x[i], x[i + R/2]).
 """
@@ -31,6 +37,8 @@ def inv_frequencies(dim: int, theta: float,
                     scaling: RopeScaling | None = None) -> np.ndarray:
   """The R/2 inverse frequencies, YaRN-corrected when scaling is enabled."""
   freqs = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+  if scaling is not None and scaling.enabled and scaling.kind == "llama3":
+    return _llama3(freqs, scaling).astype(np.float32)
   if scaling is not None and scaling.enabled:
     lo = math.floor(_correction_dim(scaling.beta_fast, dim, theta,
                                     scaling.original_max_position))
@@ -45,9 +53,19 @@ def inv_frequencies(dim: int, theta: float,
   return freqs.astype(np.float32)
 
 
+def _llama3(freqs: np.ndarray, s: RopeScaling) -> np.ndarray:
+  wavelen = 2 * math.pi / freqs
+  old = s.original_max_position
+  a = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor
+                                             - s.low_freq_factor)
+  blended = (1 - a) * freqs / s.factor + a * freqs
+  return np.where(wavelen > old / s.low_freq_factor, freqs / s.factor,
+                  np.where(wavelen < old / s.high_freq_factor, freqs, blended))
+
+
 def softmax_mscale(scaling: RopeScaling | None) -> float:
   """Multiplier of the softmax scale: mscale**2 under YaRN, else 1."""
-  if scaling is None or not scaling.enabled:
+  if scaling is None or not scaling.enabled or scaling.kind != "yarn":
     return 1.0
   m = 0.1 * scaling.mscale * math.log(scaling.factor) + 1.0
   return m * m

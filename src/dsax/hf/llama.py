@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsax import params as P
-from dsax.config import ModelConfig, validate
+from dsax.config import ModelConfig, RopeScaling, validate
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 
@@ -75,17 +75,27 @@ _TOP = (
 # ------------------------------------------------------------------- config
 
 
-def _rope(hf: dict[str, Any]) -> float:
-  """rope_theta, refusing RoPE variants dsax's GQA does not compute."""
+def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling]:
+  """(rope_theta, scaling), refusing RoPE variants dsax's GQA does not
+  compute (only the default and Llama 3's scaling)."""
   rp = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
   kind = rp.get("rope_type", rp.get("type", "default"))
-  if kind != "default":
+  if kind not in ("default", "llama3"):
     raise ValueError(f"rope_type={kind!r} is not supported (only 'default' "
-                     "RoPE; llama3/yarn/linear scaling are not implemented)")
+                     "and 'llama3' RoPE; yarn/linear/dynamic are not)")
   if hf.get("partial_rotary_factor", 1.0) != 1.0:
     raise ValueError("partial_rotary_factor="
                      f"{hf['partial_rotary_factor']} is not supported")
-  return float(rp.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  theta = float(rp.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  if kind == "default":
+    return theta, RopeScaling()
+  return theta, RopeScaling(
+      enabled=True, kind="llama3", factor=float(rp["factor"]),
+      original_max_position=int(rp.get(
+          "original_max_position_embeddings",
+          hf.get("max_position_embeddings", 8192))),
+      low_freq_factor=float(rp["low_freq_factor"]),
+      high_freq_factor=float(rp["high_freq_factor"]))
 
 
 def config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> ModelConfig:
@@ -109,6 +119,7 @@ def config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> ModelConfig:
                      "(dsax attends to the whole causal prefix); set it to "
                      "None when your sequences fit inside the window")
   d, n = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+  theta, scaling = _rope(hf)
   cfg = ModelConfig(
       attention_type="gqa", vocab_size=int(hf["vocab_size"]), d_model=d,
       n_layers=int(hf["num_hidden_layers"]), n_heads=n,
@@ -116,7 +127,7 @@ def config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> ModelConfig:
       head_dim=int(hf.get("head_dim") or d // n), qkv_bias=kind == "qwen2",
       d_ff=int(hf["intermediate_size"]),
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      rope_theta=_rope(hf), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      rope_theta=theta, rope_scaling=scaling, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       init_std=float(hf.get("initializer_range", 0.02)))
   return validate(dataclasses.replace(cfg, **overrides))
 
@@ -127,9 +138,15 @@ def hf_config_from(cfg: ModelConfig,
   if cfg.attention_type != "gqa":
     raise ValueError(f"attention_type={cfg.attention_type!r}: only gqa "
                      "models export to Llama/Qwen2")
-  if cfg.rope_scaling.enabled:
-    raise ValueError("rope_scaling.enabled: dsax's YaRN has no HF Llama "
-                     "equivalent here")
+  rs = cfg.rope_scaling
+  if rs.enabled and rs.kind != "llama3":
+    raise ValueError(f"rope_scaling.kind={rs.kind!r}: dsax's YaRN has no HF "
+                     "Llama equivalent here (llama3 has)")
+  rope_scaling = None if not rs.enabled else {
+      "rope_type": "llama3", "factor": rs.factor,
+      "original_max_position_embeddings": rs.original_max_position,
+      "low_freq_factor": rs.low_freq_factor,
+      "high_freq_factor": rs.high_freq_factor}
   kind = "qwen2" if cfg.qkv_bias else "llama"
   arch = "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
   out = {
@@ -139,7 +156,7 @@ def hf_config_from(cfg: ModelConfig,
       "num_attention_heads": cfg.n_heads,
       "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
       "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
-      "rope_theta": cfg.rope_theta, "rope_scaling": None,
+      "rope_theta": cfg.rope_theta, "rope_scaling": rope_scaling,
       "max_position_embeddings": max_position_embeddings,
       "tie_word_embeddings": cfg.tie_embeddings,
       "initializer_range": cfg.init_std, "torch_dtype": cfg.param_dtype,
