@@ -106,4 +106,15 @@ def load_params(path: str, abstract_params: Any) -> Any:
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no parameter checkpoint at {path}")
-  return ocp.StandardCheckpointer().restore(path, _targets(abstract_params))
+  local = all(getattr(a, "sharding", None) is None
+              for a in jax.tree.leaves(abstract_params))
+  options = ocp.options.MultiprocessingOptions()
+  if local and jax.process_count() > 1:
+    # A local target (process 0's end-of-run evaluation): read alone,
+    # without waiting for the other processes at orbax's barriers.
+    me = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me},
+        barrier_sync_key_prefix=f"local{me}")
+  return ocp.StandardCheckpointer(multiprocessing_options=options).restore(
+      path, _targets(abstract_params))

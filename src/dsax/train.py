@@ -197,6 +197,7 @@ def make_train_step(cfg: ExperimentConfig, phase: PhaseConfig, tx,
   def on_mesh(*args):  # traced under the mesh (see sharding.batch_local)
     with jax.set_mesh(mesh):
       return jitted(*args)
+  on_mesh.jitted, on_mesh.mesh = jitted, mesh  # to lower and inspect
   return on_mesh
 
 
