@@ -19,10 +19,19 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-import pytest
-
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)  # configs/, also when run as a worker
+
+import jax  # noqa: E402  (a worker's XLA_FLAGS are set before it starts)
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from jax.sharding import AbstractMesh, PartitionSpec as PS  # noqa: E402
+
+from configs.tiny_run import get_config  # noqa: E402
+from dsax import checkpoint, data, dsa, metrics, model, train  # noqa: E402
+from dsax import params as P  # noqa: E402
+from dsax import sharding as S  # noqa: E402
+from dsax.config import ConfigError, MeshConfig, override  # noqa: E402
 LOSS_RTOL, LOSS_ATOL = 1e-5, 1e-6
 PARAM_ATOL = 1e-5
 # (data, fsdp, tensor, sequence); the first is the one-device reference.
@@ -37,9 +46,6 @@ FAST = ["data.seq_len=64", "data.batch_size=8", "data.max_docs=12",
 
 
 def _config(extra=()):
-  sys.path.insert(0, ROOT)
-  from configs.tiny_run import get_config  # pylint: disable=import-outside-toplevel
-  from dsax.config import override  # pylint: disable=import-outside-toplevel
   return override(get_config(), FAST + list(extra))
 
 
@@ -47,16 +53,12 @@ def _config(extra=()):
 
 
 def _batches(cfg, n):
-  from dsax import data  # pylint: disable=import-outside-toplevel
   tok, train_docs, _ = data.prepare(cfg.data, None)
   it = data.make_train_iterator(cfg.data, tok, train_docs)
   return [next(it) for _ in range(n)]
 
 
 def _mesh(shape):
-  import jax  # pylint: disable=import-outside-toplevel
-  from dsax import sharding as S  # pylint: disable=import-outside-toplevel
-  from dsax.config import MeshConfig  # pylint: disable=import-outside-toplevel
   d, f, t, s = shape
   return S.make_mesh(MeshConfig(data=d, fsdp=f, tensor=t, sequence=s),
                      jax.devices()[:d * f * t * s])
@@ -64,8 +66,6 @@ def _mesh(shape):
 
 def _steps(cfg, phase, params, mesh, batches, state=None):
   """Runs len(batches) steps of a phase; (params, state, losses)."""
-  from dsax import sharding as S  # pylint: disable=import-outside-toplevel
-  from dsax import train  # pylint: disable=import-outside-toplevel
   state, frozen, tx, sched = train.init_state(cfg, phase, params, mesh, state)
   step = train.make_train_step(cfg, phase, tx, sched, mesh)
   bsh = train.data_sharding(cfg, mesh)
@@ -78,11 +78,6 @@ def _steps(cfg, phase, params, mesh, batches, state=None):
 
 def _indices(cfg, params, mesh, batch):
   """Selected keys of every layer (sparse forward), gathered whole."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from dsax import dsa, model  # pylint: disable=import-outside-toplevel
-  from dsax import sharding as S  # pylint: disable=import-outside-toplevel
-  from dsax import train  # pylint: disable=import-outside-toplevel
   opts = dsa.DSAOptions(indexer_loss=False, return_indices=True)
   fwd = jax.jit(lambda p, b: model.forward(
       p, b["inputs"], cfg.model, b["segment_ids"], positions_BT=b["positions"],
@@ -95,7 +90,6 @@ def _indices(cfg, params, mesh, batch):
 def _checkpoint_case(cfg, batches, out_dir):
   """Pretrain 2 steps on 4 devices, save, restore onto 2 devices, 2 more
   steps; the uninterrupted 4-device run gives the reference losses."""
-  from dsax import checkpoint, train  # pylint: disable=import-outside-toplevel
   phase = cfg.phases[0]
   mesh4, mesh2 = _mesh((4, 1, 1, 1)), _mesh((2, 1, 1, 1))
   params4 = train.init_params(cfg, mesh4)
@@ -116,9 +110,6 @@ def _checkpoint_case(cfg, batches, out_dir):
 def _topk_case():
   """lax.top_k over sharded rows: all-gathered by XLA, kept local by
   ``batch_local``; same values either way."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from dsax import sharding as S  # pylint: disable=import-outside-toplevel
   mesh = _mesh((4, 2, 1, 1))
   x = jax.device_put(np.random.default_rng(0).normal(size=(8, 16, 32)),
                      S.batch_sharding(mesh, 8, 16))
@@ -137,8 +128,6 @@ def _topk_case():
 def worker_meshes(out_dir, *shapes):
   """Every phase on each mesh ("d,f,t,s"; "ckpt": the checkpoint case);
   writes result.json and <mesh>.npz (final parameters, selected indices)."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from dsax import train  # pylint: disable=import-outside-toplevel
   cfg = _config()
   batches = _batches(cfg, 3 * STEPS)
   out = {}
@@ -170,8 +159,6 @@ def worker_meshes(out_dir, *shapes):
 
 
 def test_mesh_shape_resolves_minus_one_and_names_bad_values():
-  from dsax import sharding as S  # pylint: disable=import-outside-toplevel
-  from dsax.config import ConfigError, MeshConfig  # pylint: disable=import-outside-toplevel
   assert S.mesh_shape(MeshConfig(), 1) == {"data": 1, "fsdp": 1,
                                            "sequence": 1, "tensor": 1}
   assert S.mesh_shape(MeshConfig(fsdp=2, tensor=2), 8)["data"] == 2
@@ -189,10 +176,10 @@ def test_mesh_shape_resolves_minus_one_and_names_bad_values():
 
 
 def test_rules_cover_every_parameter_and_never_split_indexer_keys():
-  from dsax import params as P  # pylint: disable=import-outside-toplevel
-  from dsax import sharding as S  # pylint: disable=import-outside-toplevel
   cfg = _config().model
-  names = {a for axes in jax_leaves(P.logical_axes(cfg)) for a in axes}
+  leaves = jax.tree.leaves(P.logical_axes(cfg),
+                           is_leaf=lambda x: isinstance(x, tuple))
+  names = {a for axes in leaves for a in axes}
   assert names <= set(S.RULES), names - set(S.RULES)
   # Top-k needs whole rows of scores: the indexer key (one per position,
   # dim idx_dim) is never split; its heads may be.
@@ -200,14 +187,7 @@ def test_rules_cover_every_parameter_and_never_split_indexer_keys():
   assert set(S.MESH_AXES) >= {a for v in S.RULES.values() for a in v}
 
 
-def jax_leaves(tree):
-  import jax  # pylint: disable=import-outside-toplevel
-  return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, tuple))
-
-
 def test_logical_spec_drops_reused_and_indivisible_axes():
-  from jax.sharding import AbstractMesh, PartitionSpec as PS  # pylint: disable=import-outside-toplevel
-  from dsax import sharding as S  # pylint: disable=import-outside-toplevel
   mesh = AbstractMesh((2, 2, 1, 2), S.MESH_AXES)
   assert S.logical_spec(("vocab", "embed"), (256, 64), mesh) == PS(
       "tensor", "fsdp")
@@ -334,7 +314,6 @@ def test_two_processes_agree_and_match_one_process(tmp_path, meshes):
                                  "DSAX_PROCESS_ID": "1"})]
   errs = [_wait(p)[1] for p in procs]
   wall = time.perf_counter() - t0
-  from dsax import metrics  # pylint: disable=import-outside-toplevel
   two = sorted((r["step"], r["loss"]) for r in
                metrics.read_metrics(str(tmp_path / "two")))
   one = meshes[0][",".join(map(str, MESHES[0]))]["losses"][:STEPS]
@@ -351,6 +330,5 @@ def test_two_processes_agree_and_match_one_process(tmp_path, meshes):
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, ROOT)
   if sys.argv[1] == "meshes":
     worker_meshes(*sys.argv[2:])

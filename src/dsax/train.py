@@ -213,7 +213,8 @@ def phase_shardings(cfg: ExperimentConfig, phase: PhaseConfig, mesh):
   """(state shardings, frozen-parameter shardings) of a phase, flat paths."""
   abstract = abstract_state(cfg, phase)
   flat_sh = flat_param_shardings(cfg, mesh)
-  shapes = {k: v.shape for k, v in flatten(P.abstract_params(cfg.model)).items()}
+  shapes = {k: v.shape
+            for k, v in flatten(P.abstract_params(cfg.model)).items()}
   trainable = {k: flat_sh[k] for k in abstract["trainable"]}
   state = {"trainable": trainable,
            "opt": S.opt_shardings(abstract["opt"], {
