@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsax import gqa, kernels, mla, rope
+from dsax import gqa, kernels, mla, rope, sharding
 from dsax.config import ModelConfig
 from dsax.kernels.reference import (NEG_INF, gather_rows, indexer_logits,
                                     sparse_gqa_reference, sparse_scores)
@@ -277,8 +277,12 @@ def make_layer_attend(cfg: ModelConfig, attention: str,
             probe_args=(iq, iw), probe_keys=(ik,))
         aux.update(_layer_means(per_tok))
         return o, aux
-      idx, valid = kernels.indexer_topk(iq, ik, iw, topk, segment_ids_BT,
-                                        q_chunk=chunk, impl=impl)
+      # Per shard of the batch rows: XLA would otherwise all-gather each
+      # chunk's scores over the batch and repeat the top-k on every device.
+      idx, valid = sharding.batch_local(
+          lambda q, k, w, seg: kernels.indexer_topk(
+              q, k, w, topk, seg, q_chunk=chunk, impl=impl))(
+                  iq, ik, iw, segment_ids_BT)
       o, q_kl, keys_kl = sparse_fn(a, main, idx, valid)
       if options.indexer_loss:
         aux["indexer_kl"] = jnp.mean(sparse_kl(q_kl, keys_kl, idx, valid,
