@@ -65,6 +65,28 @@ def test_optimizer_state_exists_only_for_trainable_parameters():
           "attn" in k for k in keys)
 
 
+def test_weight_decay_spares_norms_and_biases():
+  """With zero gradients only decay moves the parameters: matrices shrink,
+  norms, the indexer key LayerNorm bias and the MoE router bias do not."""
+  import dataclasses
+  from conftest import tiny
+  from dsax.config import MoEConfig
+  cfg = tiny(n_layers=2, moe=MoEConfig(n_routed_experts=4, n_activated=2,
+                                       d_expert=8, first_k_dense=1,
+                                       topk_method="noaux_tc"))
+  phase = dataclasses.replace(small_cfg().phases[0], weight_decay=0.5,
+                              warmup_steps=1)
+  params = train.flatten(P.init_params(cfg, jax.random.PRNGKey(0)))
+  params = {k: v + 1.0 for k, v in params.items()}  # non-zero biases
+  tx, _ = train.optimizer(phase, {k: "main" for k in params})
+  zeros = jax.tree.map(np.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  moved = {k for k, u in updates.items() if np.abs(np.asarray(u)).max() > 0}
+  spared = {k for k in params if "norm" in k or "bias" in k}
+  assert "moe/router_bias" in spared and "layers/indexer/k_norm_bias" in spared
+  assert moved == set(params) - spared
+
+
 def _launch(workdir, extra, **kw):
   args = [sys.executable, os.path.join(ROOT, "launch.py"), "tiny_run",
           "--workdir", str(workdir)]

@@ -122,13 +122,23 @@ def schedule(phase: PhaseConfig, lr: float) -> optax.Schedule:
       end_value=lr * phase.min_lr_ratio)
 
 
+def decayed(tree: Any) -> Any:
+  """Weight-decay mask of a {path: array} tree: matrices decay; norms and
+  biases do not (nor MoE's router bias, which only steers expert choice and
+  gets no gradient, so decay alone would shrink it)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: not re.search(r"norm|bias", jax.tree_util.keystr(path)),
+      tree)
+
+
 def optimizer(phase: PhaseConfig, labels: dict[str, str]):
   """(transform, lr schedule of the main group or the only group)."""
   def adamw(lr):
     sched = schedule(phase, lr)
     return optax.chain(optax.clip_by_global_norm(phase.grad_clip),
                        optax.adamw(sched, phase.b1, phase.b2,
-                                   weight_decay=phase.weight_decay)), sched
+                                   weight_decay=phase.weight_decay,
+                                   mask=decayed)), sched
   present = sorted(set(labels.values()))
   txs = {"main": adamw(phase.lr), "indexer": adamw(
       phase.lr if phase.kind == "warmup" else phase.indexer_lr)}
