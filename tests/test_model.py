@@ -59,6 +59,16 @@ def test_decode_with_moe_matches_forward(first_k_dense):
   np.testing.assert_array_less(np.abs(np.asarray(dec - logits)).max(), 1e-4)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_initial_loss_is_near_uniform(tied):
+  """At init the model predicts close to uniform, tied embeddings too."""
+  cfg = tiny(tie_embeddings=tied)
+  toks = jax.random.randint(jax.random.PRNGKey(1), (2, 32), 0, cfg.vocab_size)
+  logits, _ = model.forward(init(cfg), toks, cfg)
+  loss = float(model.lm_loss(logits[:, :-1], toks[:, 1:]))
+  assert abs(loss - np.log(cfg.vocab_size)) < 0.5, loss
+
+
 def test_yarn_changes_logits():
   base = tiny(init_std=0.1)
   yarn = dataclasses.replace(base, rope_scaling=RopeScaling(

@@ -148,7 +148,10 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
       "mlp": swiglu_specs(d, cfg.d_ff, std, out_std),
   }
   specs: dict[str, Any] = {
-      "embed": ParamSpec((cfg.vocab_size, d), ("vocab", "embed"), std=1.0),
+      # Unit-variance rows feed the pre-norm stack; tied, the same matrix is
+      # the output head, whose logits would then have std sqrt(D): init_std.
+      "embed": ParamSpec((cfg.vocab_size, d), ("vocab", "embed"),
+                         std=cfg.init_std if cfg.tie_embeddings else 1.0),
       "final_norm": ParamSpec((d,), ("norm",), "ones"),
   }
   if cfg.moe.n_routed_experts:
