@@ -2,7 +2,7 @@
 simulated CPU devices (the table in docs/context_parallel.md):
 
   JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-    python docs/collectives.py [T]
+    python experiments/collectives.py [T]
 
 Counts and total elements of all-gather / all-reduce / collective-permute /
 all-to-all / reduce-scatter ops in the optimised HLO; tiny model, 1 layer,
