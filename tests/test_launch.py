@@ -100,22 +100,8 @@ def test_eval_rejects_bad_k(tmp_path):
 def test_eval_then_compare(tmp_path, capsys):
   """launch.py eval on a run directory with random-init phases, then compare
   (in process: one jax start-up)."""
-  import dataclasses
-  import jax
-  from configs import tiny_run
-  from dsax import checkpoint
-  from dsax import params as P
-  d = str(tmp_path / "run")
-  cfg = tiny_run.get_config()
-  cfg = dataclasses.replace(
-      cfg, workdir=d, data=dataclasses.replace(
-          cfg.data, max_docs=12, val_fraction=0.25, batch_size=2))
-  os.makedirs(d)
-  with open(os.path.join(d, "config.json"), "w") as f:
-    f.write(C.dumps(cfg))
-  for i, ph in enumerate(cfg.phases):
-    checkpoint.save_params(os.path.join(d, "phases", ph.name),
-                           P.init_params(cfg.model, jax.random.PRNGKey(i)))
+  from test_evals import fake_run
+  d = fake_run(tmp_path, name="tiny_run")
   assert launch.main(["eval", d, "--k", "16", "--lengths", "300", "--quick",
                       "--tasks", "passkey", "--per-cell", "1",
                       "--greedy", "0"]) == 0

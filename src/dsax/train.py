@@ -22,6 +22,7 @@ and summaries (orbax coordinates the checkpoint writes).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -219,6 +220,7 @@ def flat_param_shardings(cfg: ExperimentConfig, mesh) -> dict[str, Any]:
   return flatten(S.param_shardings(cfg.model, mesh))
 
 
+@functools.lru_cache(maxsize=16)  # asked by the state, the step and restores
 def phase_shardings(cfg: ExperimentConfig, phase: PhaseConfig, mesh):
   """(state shardings, frozen-parameter shardings) of a phase, flat paths."""
   abstract = abstract_state(cfg, phase)

@@ -143,42 +143,44 @@ def markdown(results: dict) -> str:
 # ------------------------------------------------------------------ plots
 
 
-def plot_loss_by_position(modes: dict, path: str) -> None:
+def _lines(series: dict[str, tuple[list, list]], path: str, xlabel: str,
+           ylabel: str, title: str) -> None:
+  """One marked line per label over a log2 x axis."""
   plt = _plt()
   fig, ax = plt.subplots(figsize=(6, 4))
+  for label, (x, y) in series.items():
+    ax.plot(x, y, marker="o", label=label)
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_loss_by_position(modes: dict, path: str) -> None:
+  series = {}
   for label, m in modes.items():
     lbp = m["loss_by_position"]
     e = lbp["edges"]
-    x = [max(a, 1) * 0.5 + b * 0.5 for a, b in zip(e[:-1], e[1:])]
-    y = [np.nan if v is None else v for v in lbp["loss"]]
-    ax.plot(x, y, marker="o", label=label)
-  ax.set_xscale("log", base=2)
-  ax.set_xlabel("position in document (bucket centre, tokens)")
-  ax.set_ylabel("next-token NLL (nats)")
-  ax.set_title("Held-out loss by position")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+    series[label] = ([max(a, 1) * 0.5 + b * 0.5 for a, b in zip(e[:-1], e[1:])],
+                     [np.nan if v is None else v for v in lbp["loss"]])
+  _lines(series, path, "position in document (bucket centre, tokens)",
+         "next-token NLL (nats)", "Held-out loss by position")
 
 
 def plot_loss_vs_length(modes: dict, path: str) -> None:
-  plt = _plt()
-  fig, ax = plt.subplots(figsize=(6, 4))
+  series = {}
   for label, m in modes.items():
     lengths = sorted(m["loss_vs_length"], key=int)
-    ax.plot([int(l) for l in lengths],
-            [m["loss_vs_length"][l] for l in lengths], marker="o", label=label)
-  ax.set_xscale("log", base=2)
-  ax.set_xlabel("evaluation sequence length (tokens)")
-  ax.set_ylabel("mean next-token NLL (nats)")
-  ax.set_title("Held-out loss against evaluation length")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+    series[label] = ([int(l) for l in lengths],
+                     [m["loss_vs_length"][l] for l in lengths])
+  _lines(series, path, "evaluation sequence length (tokens)",
+         "mean next-token NLL (nats)",
+         "Held-out loss against evaluation length")
 
 
 def _heatmaps(panels: dict[str, tuple[list, list, np.ndarray]], path: str,

@@ -136,21 +136,28 @@ def convert(hf_dir: str, out_dir: str,
   what a phase's ``init_from`` loads), ``model_config.json`` (the dsax
   ModelConfig: ``read_converted``), ``hf_config.json`` and ``source.json``.
   ``dotted`` are strict overrides of the ModelConfig. Returns the config."""
+  cfg, params = load(hf_dir, dotted)
+  write_model_dir(out_dir, cfg, params, read_config(hf_dir),
+                  {"hf_dir": os.path.abspath(hf_dir)})
+  return cfg
+
+
+def write_model_dir(out_dir: str, cfg, params, hf_config: dict,
+                    source: dict) -> None:
+  """``params/``, ``model_config.json``, ``hf_config.json`` and
+  ``source.json`` of a model directory (``convert``, ``gguf``)."""
   import jax
   import jax.numpy as jnp
   from dsax import checkpoint
   from dsax import config as C
-  cfg, params = load(hf_dir, dotted)
   os.makedirs(out_dir, exist_ok=True)
   checkpoint.save_params(os.path.join(out_dir, "params"),
                          jax.tree.map(jnp.asarray, params))
-  files = {"model_config.json": C.to_dict(cfg),
-           "hf_config.json": read_config(hf_dir),
-           "source.json": {"hf_dir": os.path.abspath(hf_dir)}}
+  files = {"model_config.json": C.to_dict(cfg), "hf_config.json": hf_config,
+           "source.json": source}
   for name, obj in files.items():
     with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
       json.dump(obj, f, indent=2)
-  return cfg
 
 
 def read_converted(out_dir: str):

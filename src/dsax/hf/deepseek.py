@@ -70,7 +70,7 @@ from dsax import params as P
 from dsax.config import (IndexerConfig, ModelConfig, MoEConfig, RopeScaling,
                          validate)
 # The same [in..., out...] <-> [out, in] reshapes as the Llama family.
-from dsax.hf.llama import _get, _hf_shape
+from dsax.hf.llama import _check_names, _get, _hf_shape
 
 log = logging.getLogger("dsax")
 
@@ -415,14 +415,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, *,
   specs = P.param_specs(cfg)
   has_indexer = any(".self_attn.indexer." in n for n in tensors)
   entries = _entries(cfg, has_indexer)
-  known = {e[0] for e in entries}
-  extra = sorted(n for n in tensors if n not in known
-                 and not n.endswith("rotary_emb.inv_freq")
-                 and not (cfg.tie_embeddings and n == "lm_head.weight"))
-  missing = sorted(known - set(tensors))
-  if extra or missing:
-    raise ValueError(f"state dict does not match the config: missing "
-                     f"{missing[:6]}, unexpected {extra[:6]}")
+  _check_names(tensors, {e[0] for e in entries}, cfg)
   out = jax.tree.map(
       lambda s: np.empty(s.shape, np.dtype(s.dtype or cfg.param_dtype)),
       specs, is_leaf=lambda x: isinstance(x, P.ParamSpec))

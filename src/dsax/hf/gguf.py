@@ -323,23 +323,17 @@ def write_model_dir(path: str, out_dir: str, **overrides: Any) -> dict:
   ``hf_config.json``, ``tokenizer.json`` (``data.tokenizer=file:...``), and
   ``natural.jsonl`` (``natural_documents``). Returns what it wrote."""
   import json  # pylint: disable=import-outside-toplevel
-  from dsax import checkpoint  # pylint: disable=import-outside-toplevel
-  from dsax import config as C  # pylint: disable=import-outside-toplevel
+  from dsax import hf as dsax_hf  # pylint: disable=import-outside-toplevel
   from dsax import params as P  # pylint: disable=import-outside-toplevel
   from dsax.hf import llama  # pylint: disable=import-outside-toplevel
   model = read(path)
   hf = hf_config(model)
   cfg = llama.config_from_hf(hf, **overrides)
   params = llama.params_from_hf(state_dict(model, hf), cfg)
-  os.makedirs(out_dir, exist_ok=True)
-  checkpoint.save_params(os.path.join(out_dir, "params"), params)
+  dsax_hf.write_model_dir(out_dir, cfg, params, hf,
+                          {"gguf": os.path.abspath(path),
+                           "requirement": SMOLLM2_REQUIREMENT})
   tokenizer(model).save(os.path.join(out_dir, "tokenizer.json"))
-  files = {"model_config.json": C.to_dict(cfg), "hf_config.json": hf,
-           "source.json": {"gguf": os.path.abspath(path),
-                           "requirement": SMOLLM2_REQUIREMENT}}
-  for name, obj in files.items():
-    with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
-      json.dump(obj, f, indent=2)
   docs = natural_documents()
   with open(os.path.join(out_dir, "natural.jsonl"), "w", encoding="utf-8") as f:
     f.writelines(json.dumps({"text": d}) + "\n" for d in docs)

@@ -189,6 +189,19 @@ def _hf_shape(shape: tuple[int, ...], in_axes: int | None) -> tuple[int, ...]:
   return (math.prod(shape[in_axes:]), math.prod(shape[:in_axes]))
 
 
+def _check_names(tensors: dict[str, Any], known: set[str],
+                 cfg: ModelConfig) -> None:
+  """Every expected tensor present and nothing unexpected. Tied checkpoints
+  may still carry lm_head; old ones carry RoPE buffers."""
+  extra = sorted(n for n in tensors if n not in known
+                 and not n.endswith("rotary_emb.inv_freq")
+                 and not (cfg.tie_embeddings and n == "lm_head.weight"))
+  missing = sorted(known - set(tensors))
+  if extra or missing:
+    raise ValueError(f"state dict does not match the config: missing "
+                     f"{missing[:6]}, unexpected {extra[:6]}")
+
+
 def _get(tree: Any, path: tuple[str, ...]) -> Any:
   for p in path:
     tree = tree[p]
@@ -210,15 +223,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig,
   prefix = "model.layers.0.self_attn.indexer."
   has_indexer = any(n.startswith(prefix) for n in tensors)
   entries = _entries(cfg, has_indexer)
-  known = {e[0] for e in entries}
-  # Tied checkpoints may still carry lm_head; old ones carry RoPE buffers.
-  extra = sorted(n for n in tensors if n not in known
-                 and not n.endswith("rotary_emb.inv_freq")
-                 and not (cfg.tie_embeddings and n == "lm_head.weight"))
-  missing = sorted(known - set(tensors))
-  if extra or missing:
-    raise ValueError(f"state dict does not match the config: missing "
-                     f"{missing[:6]}, unexpected {extra[:6]}")
+  _check_names(tensors, {e[0] for e in entries}, cfg)
   stacks: dict[tuple[str, ...], list[np.ndarray]] = {}
   for name, path, in_axes, layer in entries:
     spec = _get(specs, path)
