@@ -6,16 +6,18 @@
 
 Ops (each kernel and its reference; forward, and forward+backward where the
 op is differentiable):
-  sparse   top-k sparse MLA, MQA form, D = C + R, v_dim = C
+  sparse   top-k sparse MLA, MQA form, rows of A = C + R, v_dim = C
   indexer  lightning-indexer scores + causal top-k (no backward)
   logits   indexer_logits (unmasked) for --logits-rows queries against all T
            keys, as one query chunk of the warm-up KL, with its custom VJP
            (its k column holds the rows)
-  dense    causal dense expanded MLA (mla_flash), qk dim H + R, value dim E
-  target   mla_flash with the fused DSA warm-up KL (indexer I x J): the
-           attention forward, then the KL's second pass over key blocks per
-           query chunk; fwd+bwd differentiates the KL w.r.t. the indexer
-           inputs only (the attention output is not used)
+  dense    causal dense expanded MLA (mla_flash), qk dim P = H + R, value
+           dim E
+  target   the DSA warm-up KL target (indexer I x J) as the model forms it:
+           mla_flash (forward, for its lse), then warmup_kl on that lse
+           (per query chunk the indexer logits, then the KL pass over key
+           blocks); fwd+bwd differentiates the KL w.r.t. the indexer inputs
+           only (the attention output is not used)
 Order per T: sparse, indexer, dense, target, logits; with --budget-s the
 later ones are the ones skipped.
 FLOPs (DESIGN.md, per query token at context L, forward): dense
@@ -25,8 +27,9 @@ FLOPs (DESIGN.md, per query token at context L, forward): dense
 sequence (L = t + 1, so dense and indexer total N*(H+R+E)*T*(T+1) and
 I*J*T*(T+1)). Forward+backward counts 3.5x the forward (backward = 2.5x:
 recompute + four matmuls per two of the forward); for logits (forward
-2*I*J*rows*T, no causal skip) 5x (two recomputes and two gradient matmuls). On CPU the kernels run in
-Pallas interpret mode: those timings check the script, not the kernels.
+2*I*J*rows*T, no causal skip) 5x (two recomputes and two gradient
+matmuls). On CPU the kernels run in Pallas interpret mode: those timings
+check the script, not the kernels.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from dsax.kernels import reference  # noqa: E402
 from dsax.kernels.indexer import indexer_logits, indexer_topk  # noqa: E402
 from dsax.kernels.mla_flash import mla_flash, mla_flash_reference  # noqa: E402
 from dsax.kernels.sparse_mla import sparse_mla  # noqa: E402
+from dsax.kernels.warmup_kl import warmup_kl, warmup_kl_reference  # noqa: E402
 
 CPU = dict(t=[64, 128], k=[16, 32], n=4, c=32, r=16, h=16, e=16, i=2, j=16,
            batch=1, reps=2, dtype="float32", logits_rows=32)
@@ -78,10 +82,10 @@ def fwd_bwd(fn, n_diff):
   return jax.jit(jax.grad(loss, tuple(range(n_diff))))
 
 
-def sparse_inputs(key, b, t, n, d, k, dtype):
+def sparse_inputs(key, b, t, n, a, k, dtype):
   ks = jax.random.split(key, 3)
-  q = jax.random.normal(ks[0], (b, t, n, d), dtype)
-  kv = jax.random.normal(ks[1], (b, t, d), dtype)
+  q = jax.random.normal(ks[0], (b, t, n, a), dtype)
+  kv = jax.random.normal(ks[1], (b, t, a), dtype)
   pos = jnp.arange(t)[None, :, None]
   idx = jnp.floor(jax.random.uniform(ks[2], (b, t, k)) * (pos + 1))
   valid = jnp.broadcast_to(jnp.arange(k)[None, None, :] <= pos, (b, t, k))
@@ -125,7 +129,7 @@ def run(args) -> list[dict]:
           flush=True)
 
   b, n = args.batch, args.n
-  d, v_dim = args.c + args.r, args.c
+  a, v_dim = args.c + args.r, args.c
   scale = (args.h + args.r) ** -0.5
   for t in args.t:
     causal = t * (t + 1) / 2            # sum over queries of L = t + 1
@@ -133,7 +137,7 @@ def run(args) -> list[dict]:
       k = min(k, t)
       if "sparse" in args.ops:
         q, kv, idx, valid = sparse_inputs(jax.random.fold_in(key, t * 7 + k),
-                                          b, t, n, d, k, dtype)
+                                          b, t, n, a, k, dtype)
         flops = b * t * 2 * n * (2 * args.c + args.r) * k
         kern = functools.partial(sparse_mla, scale=scale, v_dim=v_dim,
                                  interpret=interpret)
@@ -176,22 +180,28 @@ def run(args) -> list[dict]:
       del q, kk, v
     if "target" in args.ops:
       ks = jax.random.split(jax.random.fold_in(key, t * 17), 6)
-      dk = args.h + args.r
-      q = jax.random.normal(ks[0], (b, t, n, dk), dtype)
-      kk = jax.random.normal(ks[1], (b, t, n, dk), dtype)
+      p = args.h + args.r
+      q = jax.random.normal(ks[0], (b, t, n, p), dtype)
+      kk = jax.random.normal(ks[1], (b, t, n, p), dtype)
       v = jax.random.normal(ks[2], (b, t, n, args.e), dtype)
       iq = jax.random.normal(ks[3], (b, t, args.i, args.j), dtype)
       ik = jax.random.normal(ks[4], (b, t, args.j), dtype)
       iw = jax.random.normal(ks[5], (b, t, args.i), jnp.float32) * 0.1
-      dense = 2 * n * (dk + args.e) * causal
-      kl_pass, ix = 2 * n * dk * causal, 2 * args.i * args.j * causal
+      dense = 2 * n * (p + args.e) * causal
+      kl_pass, ix = 2 * n * p * causal, 2 * args.i * args.j * causal
       flops = b * (dense + kl_pass + ix)
-      for impl, fn in (("pallas", functools.partial(
-          mla_flash, interpret=interpret, target_chunk=args.q_chunk)),
-                       ("reference", functools.partial(
-                           mla_flash_reference, q_chunk=args.q_chunk))):
-        kl_fn = (lambda f: lambda iq, ik, iw, q, kk, v: (
-            f(q, kk, v, scale, target=(iq, ik, iw))[2],))(fn)
+
+      def pallas_kl(iq, ik, iw, q, kk, v):
+        _, lse = mla_flash(q, kk, v, scale, interpret=interpret)
+        return (warmup_kl(q, kk, lse, iq, ik, iw, scale, chunk=args.q_chunk,
+                          interpret=interpret),)
+
+      def reference_kl(iq, ik, iw, q, kk, v):
+        _, lse = mla_flash_reference(q, kk, v, scale, q_chunk=args.q_chunk)
+        return (warmup_kl_reference(q, kk, lse, iq, ik, iw, scale,
+                                    q_chunk=args.q_chunk),)
+
+      for impl, kl_fn in (("pallas", pallas_kl), ("reference", reference_kl)):
         record("target", impl, "fwd", t, 0, jax.jit(kl_fn),
                (iq, ik, iw, q, kk, v), flops)
         if args.bwd:
@@ -232,7 +242,8 @@ def main(argv=None):
   p.add_argument("--ops", nargs="+", default=OPS, choices=OPS)
   p.add_argument("--no-bwd", dest="bwd", action="store_false")
   p.add_argument("--q-chunk", type=int, default=256,
-                 help="query chunk of the jnp references")
+                 help="query chunk of the jnp references and of the "
+                      "warm-up KL kernel")
   p.add_argument("--budget-s", type=float, default=None,
                  help="skip the remaining measurements after this long")
   p.add_argument("--json", help="write the rows here")

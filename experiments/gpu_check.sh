@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check of the Pallas kernels: the GPU-marked kernel tests (with the
-# fused warm-up target of mla_flash, T 1000), then the kernel benchmark at
+# warm-up KL of mla_flash + warmup_kl, T 1000), then the kernel benchmark at
 # DeepSeek sizes (T 16K, k 2048, N 64, C 512, R 64, I 64, J 128, bf16; ops in
 # the order sparse, indexer, dense, target, logits, later ones skipped when
 # the time runs out), all within 8 minutes. Results go under OUTDIR:
@@ -44,7 +44,7 @@ step() {  # step NAME SECONDS CMD...
 step env 60 "$PY" -c "import jax; print(jax.__version__, jax.default_backend(), jax.devices())"
 step pytest_gpu 170 "$PY" -m pytest -m gpu -q -rs \
   tests/test_kernels_sparse_mla.py tests/test_kernels_indexer.py \
-  tests/test_kernels_mla_flash.py
+  tests/test_kernels_mla_flash.py tests/test_kernels_warmup_kl.py
 # The benchmark stops starting new measurements 60 s before its deadline.
 B=$(( $(left) - 15 ))
 step bench "$B" "$PY" experiments/bench_kernels.py --gpu --t 16384 \

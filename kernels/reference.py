@@ -1,17 +1,21 @@
 """jnp references of the DSA ops; the Pallas kernels share these signatures.
 
-All ops work over query chunks (``q_chunk``) so that memory is O(T * K) for the
-sparse ops and O(chunk * S) for the indexer scores, never T x S x heads.
+All ops work over query chunks (``q_chunk``) so that memory is O(T * K) for
+the sparse ops and O(chunk * S) for the indexer scores, never T x S x heads.
 
-sparse_mla: each query t attends to its K selected latent rows kv[idx[t, k]]
-(shared by all N heads, MQA form), rows with ``valid = False`` masked out:
+sparse_mla: each query t attends to its K selected latent rows
+kv[idx[t, k]] (A = C + R wide, shared by all N heads, MQA form), rows with
+``valid = False`` masked out:
   s[n, k] = q[t, n] . kv[idx[t, k]] * scale
-  o[t, n] = sum_k softmax_k(s[n]) kv[idx[t, k], :v_dim],  lse[t, n] = logsumexp_k s
+  o[t, n] = sum_k softmax_k(s[n]) kv[idx[t, k], :C],  lse[t, n] = logsumexp_k s
 sparse_gqa: the same selection for grouped-query attention: query head n of
 group g = n // M (M = N / G) attends to the K selected rows of its kv head,
-  s[n, k] = q[t, n] . k[idx[t, k], g] * scale,  o[t, n] = sum_k softmax_k(s[n]) v[idx[t, k], g]
-indexer: I[t, s] = sum_i w[t, i] * relu(q[t, i] . k[s]), masked causally and by
-segment, then the top-K keys per query (ties to the lower index).
+  s[n, k] = q[t, n] . k[idx[t, k], g] * scale
+  o[t, n] = sum_k softmax_k(s[n]) v[idx[t, k], g]
+indexer: I[t, s] = sum_i w[t, i] * relu(q[t, i] . k[s]), masked causally and
+by segment, then the top-K keys per query (ties to the lower index).
+kl_divergence: KL(p || softmax(logits)) over the last axis on a mask, the
+indexer's loss in both DSA phases.
 """
 
 from __future__ import annotations
@@ -20,46 +24,60 @@ import jax
 import jax.numpy as jnp
 
 from dsax.kernels.query_chunks import causal_segment_mask, map_query_chunks
-
-NEG_INF = -1e30
-
-
-def gather_rows(x_BSD: jax.Array, idx_BTK: jax.Array) -> jax.Array:
-  """x[b, idx[b, t, k]] -> [B, T, K, D]."""
-  return jax.vmap(lambda x, i: x[i])(x_BSD, idx_BTK)
+from dsax.kernels.tiling import NEG_INF
 
 
-def sparse_scores(q_BTND: jax.Array, k_sel_BTK: jax.Array,
+def kl_divergence(p, logits, mask):
+  """KL(p || softmax(logits)) over the last axis, on ``mask``:
+    sum_s p (log p - log_softmax(logits)),
+  masked logits set to NEG_INF before the softmax, masked terms dropped,
+  p log p as xlogy (0 where p = 0). Shapes [..., S] (mask broadcastable):
+  [B, T, S] in the dense warm-up, [B, T, K] over the selected keys. p is
+  used as given (normalise it first); the gradient flows to both."""
+  logq = jax.nn.log_softmax(jnp.where(mask, logits, NEG_INF), axis=-1)
+  terms = jax.scipy.special.xlogy(p, p) - p * logq
+  return jnp.sum(jnp.where(mask, terms, 0.0), axis=-1)
+
+
+def gather_rows(x_BS_: jax.Array, idx_BTK: jax.Array) -> jax.Array:
+  """x[b, idx[b, t, k]] -> [B, T, K, ...]: x is [B, S, ...] with any trailing
+  axes (a latent row [B,S,A], indexer keys [B,S,J], GQA keys [B,S,G,H])."""
+  return jax.vmap(lambda x, i: x[i])(x_BS_, idx_BTK)
+
+
+def sparse_scores(q_BTN_: jax.Array, rows_BTK_: jax.Array,
                   scale: float) -> jax.Array:
   """Scores of each query against its own selected rows, f32 [B,T,N,K].
-  ``k_sel`` [B,T,K,D]: one row shared by all heads (MQA); [B,T,K,G,D]: per
-  kv head, query head n reading group n // (N / G)."""
-  if k_sel_BTK.ndim == 4:
-    return jnp.einsum("btnd,btkd->btnk", q_BTND, k_sel_BTK,
+  MLA (MQA form): q [B,T,N,A], rows [B,T,K,A], one row shared by all heads.
+  GQA: q [B,T,N,H], rows [B,T,K,G,H], query head n reading kv head
+  n // (N / G)."""
+  if rows_BTK_.ndim == 4:
+    return jnp.einsum("btna,btka->btnk", q_BTN_, rows_BTK_,
                       preferred_element_type=jnp.float32) * scale
-  b, t, n, d = q_BTND.shape
-  g = k_sel_BTK.shape[3]
-  s = jnp.einsum("btgmd,btkgd->btgmk", q_BTND.reshape(b, t, g, n // g, d),
-                 k_sel_BTK, preferred_element_type=jnp.float32)
+  b, t, n, h = q_BTN_.shape
+  g = rows_BTK_.shape[3]
+  s = jnp.einsum("btgmh,btkgh->btgmk", q_BTN_.reshape(b, t, g, n // g, h),
+                 rows_BTK_, preferred_element_type=jnp.float32)
   return s.reshape(b, t, n, -1) * scale
 
 
-def sparse_mla_reference(q_BTND: jax.Array, kv_BSD: jax.Array,
+def sparse_mla_reference(q_BTNA: jax.Array, kv_BSA: jax.Array,
                          idx_BTK: jax.Array, valid_BTK: jax.Array,
                          scale: float, v_dim: int, q_chunk: int = 256):
-  """Top-k sparse MLA. Returns (o_BTNV in q's dtype, lse_BTN in f32)."""
+  """Top-k sparse MLA; v_dim = C, the first C columns of a row are its
+  value. Returns (o_BTNC in q's dtype, lse_BTN in f32)."""
 
   def chunk_fn(start, q, idx, valid):
     del start
-    kv_sel = gather_rows(kv_BSD, idx)                        # B,t,K,D
+    kv_sel = gather_rows(kv_BSA, idx)                        # B,t,K,A
     s = sparse_scores(q, kv_sel, scale)
     s = jnp.where(valid[:, :, None, :], s, NEG_INF)
     lse = jax.nn.logsumexp(s, axis=-1)
     p = jnp.exp(s - lse[..., None])
-    o = jnp.einsum("btnk,btkv->btnv", p.astype(q.dtype), kv_sel[..., :v_dim])
+    o = jnp.einsum("btnk,btkc->btnc", p.astype(q.dtype), kv_sel[..., :v_dim])
     return o, lse
 
-  return map_query_chunks(chunk_fn, q_chunk, q_BTND, idx_BTK, valid_BTK)
+  return map_query_chunks(chunk_fn, q_chunk, q_BTNA, idx_BTK, valid_BTK)
 
 
 def sparse_gqa_reference(q_BTNH: jax.Array, k_BSGH: jax.Array,
@@ -111,17 +129,29 @@ def indexer_topk_reference(q_BTIJ: jax.Array, k_BSJ: jax.Array,
             else segment_ids_BT)
   k_index = jnp.arange(s_len)
 
-  def chunk_fn(start, q, w, seg):
-    tq = q.shape[1]
-    q_index = start + jnp.arange(tq)
-    mask = causal_segment_mask(q_index, k_index, seg, seg_BS)
-    scores = jnp.where(mask, indexer_logits(q, k_BSJ, w), -jnp.inf)
-    _, idx = jax.lax.top_k(scores, kk)
-    # Re-apply the mask after selection: with fewer than K visible keys the
-    # top-k also returns masked (future or other-document) keys.
-    valid = jnp.take_along_axis(jnp.broadcast_to(mask, scores.shape), idx,
-                                axis=-1)
-    idx = jnp.where(valid, idx, q_index[None, :, None])
-    return idx.astype(jnp.int32), valid
+  def chunk_fn(start, q_BTIJ, w_BTI, seg_BT):
+    q_index_T = start + jnp.arange(q_BTIJ.shape[1])
+    mask_BTS = causal_segment_mask(q_index_T, k_index, seg_BT, seg_BS)
+    return select_topk(indexer_logits(q_BTIJ, k_BSJ, w_BTI), mask_BTS, kk,
+                       q_index_T)
 
   return map_query_chunks(chunk_fn, q_chunk, q_BTIJ, w_BTI, seg_BS)
+
+
+def select_topk(scores_BTS: jax.Array, mask_BTS: jax.Array, topk: int,
+                q_index_T: jax.Array):
+  """The top-k keys of each query among those ``mask_BTS`` lets it see (ties
+  to the lower index): (idx_BTK int32, valid_BTK bool), K = min(topk, S).
+
+  The mask is re-applied after selection: with fewer than K visible keys the
+  top-k also returns masked (future or other-document) keys; those entries
+  are invalid and point at the query's own position ``q_index_T`` (a
+  visible key), so a gather with them is always safe. The one definition of
+  the selection: the indexer's top-k in a forward and in a decode step, and
+  the recall metrics, all use it."""
+  kk = min(topk, scores_BTS.shape[-1])
+  _, idx_BTK = jax.lax.top_k(jnp.where(mask_BTS, scores_BTS, -jnp.inf), kk)
+  valid_BTK = jnp.take_along_axis(
+      jnp.broadcast_to(mask_BTS, scores_BTS.shape), idx_BTK, axis=-1)
+  idx_BTK = jnp.where(valid_BTK, idx_BTK, q_index_T[None, :, None])
+  return idx_BTK.astype(jnp.int32), valid_BTK

@@ -15,13 +15,14 @@ Backward (flash-attention style, p recomputed from lse, delta = sum(o * do)):
                     the first v_dim columns)
   dkv[s]          = sum over (t, k) with idx[t, k] = s of dkv_sel[t, k]
 
-Layout. D = v_dim + R is split into a "value" part (the first v_dim columns,
-which are also the values) and a "rope" part (the rest), each zero-padded to a
-power of two >= 16 (Triton block shapes are powers of two and tl.dot needs
-dims >= 16; for DeepSeek, 576 = 512 + 64 needs no padding). Heads are padded
-to a multiple of the head blocks. ``valid`` is folded into the index: sel = idx
-where valid else -1 - idx, so one int32 array travels and the row is recoverable
-(invalid entries still gather a real row, exactly as the reference does).
+Layout. A row of A = C + R (v_dim = C) is split into a "value" part (the
+first C columns, which are also the values) and a "rope" part (the rest),
+each zero-padded to a power of two >= 16 (Triton block shapes are powers of
+two and tl.dot needs dims >= 16; for DeepSeek, 576 = 512 + 64 needs no
+padding). Heads are padded to a multiple of the head blocks. ``valid`` is
+folded into the index: sel = idx where valid else -1 - idx, so one int32
+array travels and the row is recoverable (invalid entries still gather a
+real row, exactly as the reference does).
 
 Kernels (Triton style: BlockSpecs, ref indexing, fori_loop over K blocks, the
 selected rows gathered by index inside the kernel):
@@ -31,15 +32,15 @@ selected rows gathered by index inside the kernel):
   dq       grid (B, T, N / block_n_dq): same loop, accumulates dq.
   dkv      grid (B, T_chunk, K / block_k_dkv): a block of selected rows of one
            query, loops over head blocks; writes that query's contribution
-           dkv_sel [B, T_chunk, K, D] (summed over heads, f32).
+           dkv_sel [B, T_chunk, K, A] (summed over heads, f32).
 
 dkv without atomics. Several queries select the same row, so the dkv kernel
 never adds into dkv[s] itself (duplicate-index atomics are slow on GPU and lose
 updates in interpret mode). It writes per-(query, selected-row) contributions,
 and a scatter-add in plain JAX reduces them onto rows. That is exactly what
 autodiff of the reference does (the transpose of its gather), and it runs over
-query chunks of ``bwd_q_chunk`` so the buffer is B * chunk * K * D * 4 bytes
-(B=1, chunk 128, K 2048, D 576: 0.6 GB) instead of B * T * K * D (77 GB at
+query chunks of ``bwd_q_chunk`` so the buffer is B * chunk * K * A * 4 bytes
+(B=1, chunk 128, K 2048, A 576: 0.6 GB) instead of B * T * K * A (77 GB at
 T = 16K). Chunks are accumulated in a fixed order; the scatter inside a chunk
 is XLA's (deterministic on GPU with --xla_gpu_deterministic_ops).
 """
@@ -55,10 +56,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from dsax.kernels.tiling import (check_blocks, pad_axis, pow2,
-                                 resolve_interpret, round_up)
-
-NEG_INF = -1e30   # masked logit, the reference's value
+from dsax.kernels.tiling import (NEG_INF, check_blocks, dot_nn, dot_nt,
+                                 dot_tn, pad_axis, pow2, resolve_interpret,
+                                 round_up)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,32 +74,11 @@ class SparseMLABlocks:
   num_stages: int = 2
   num_warps_bwd: int = 8
   num_stages_bwd: int = 1
-  # Not timed on a GPU. Compiled for sm_90 (Triton 3.5 + ptxas, D = 576, 64
+  # Not timed on a GPU. Compiled for sm_90 (Triton 3.5 + ptxas, A = 576, 64
   # heads, bf16), these defaults fit without spills: fwd 76 KB shared,
   # dq 135 KB, dkv 111 KB. block_n 64 in the fwd (rows gathered once per
   # token, not twice) spills ~600 B/thread; 2 stages in the dkv overflow
   # shared memory (311 KB > 227 KB).
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
-  """a [m, d] . b [n, d]^T -> [m, n] f32."""
-  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-
-
-def dot_nn(a: jax.Array, b: jax.Array) -> jax.Array:
-  """a [m, k] . b [k, n] -> [m, n] f32."""
-  return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-
-
-def dot_tn(a: jax.Array, b: jax.Array) -> jax.Array:
-  """a [k, m]^T . b [k, n] -> [m, n] f32."""
-  return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,10 +88,10 @@ class _Layout:
   t: int
   s: int
   n: int
-  d: int
+  a: int          # row width C + R
   k: int
   v: int          # v_dim
-  r: int          # d - v_dim (0: no rope part)
+  r: int          # a - v_dim (0: no rope part)
   vp: int
   rp: int
   bn: int         # fwd heads per program
@@ -129,33 +108,33 @@ class _Layout:
 
 
 def _layout(q, kv, idx, v_dim, block: SparseMLABlocks) -> _Layout:
-  b, t, n, d = q.shape
+  b, t, n, a = q.shape
   s = kv.shape[1]
   k = idx.shape[2]
-  r = d - v_dim
+  r = a - v_dim
   bn, bnq, bnd = (min(pow2(x), pow2(n)) for x in
                   (block.block_n, block.block_n_dq, block.block_n_dkv))
   bk = min(pow2(block.block_k), pow2(k))
   bkd = min(pow2(block.block_k_dkv), pow2(k))
-  return _Layout(b=b, t=t, s=s, n=n, d=d, k=k, v=v_dim, r=r,
+  return _Layout(b=b, t=t, s=s, n=n, a=a, k=k, v=v_dim, r=r,
                  vp=pow2(v_dim), rp=pow2(r) if r else 0, bn=bn, bnq=bnq,
                  bnd=bnd, np_=round_up(n, max(bn, bnq, bnd)), bk=bk, bkd=bkd,
                  kp=round_up(k, max(bk, bkd)))
 
 
-def _split_q(x_BTND, lay: _Layout):
-  """[B,T,N,D] -> value part [B,T,Np,Vp] (+ rope part [B,T,Np,Rp])."""
-  x = pad_axis(x_BTND, 2, lay.np_)
+def _split_q(x_BTNA, lay: _Layout):
+  """[B,T,N,A] -> value part [B,T,Np,Vp] (+ rope part [B,T,Np,Rp])."""
+  x = pad_axis(x_BTNA, 2, lay.np_)
   parts = [pad_axis(x[..., :lay.v], 3, lay.vp)]
   if lay.has_rope:
     parts.append(pad_axis(x[..., lay.v:], 3, lay.rp))
   return parts
 
 
-def _split_kv(kv_BSD, lay: _Layout):
-  parts = [pad_axis(kv_BSD[..., :lay.v], 2, lay.vp)]
+def _split_kv(kv_BSA, lay: _Layout):
+  parts = [pad_axis(kv_BSA[..., :lay.v], 2, lay.vp)]
   if lay.has_rope:
-    parts.append(pad_axis(kv_BSD[..., lay.v:], 2, lay.rp))
+    parts.append(pad_axis(kv_BSA[..., lay.v:], 2, lay.rp))
   return parts
 
 
@@ -379,14 +358,15 @@ def _dkv_call(sel, qs, kvs, do, lse, delta, lay, scale, block, interpret):
   )(sel, *qs, *kvs, do, lse, delta)
 
 
-def _scatter_rows(acc_BSW, sel_BTK, x_BTKW):
-  """acc[b, row(sel[b, t, k])] += x[b, t, k] (plain-JAX scatter-add)."""
+def _scatter_rows(acc_BS_, sel_BTK, x_BTK_):
+  """acc[b, row(sel[b, t, k])] += x[b, t, k] (plain-JAX scatter-add); the
+  trailing axis is one part's padded width (value or rope)."""
   rows = jnp.where(sel_BTK >= 0, sel_BTK, -1 - sel_BTK)
 
   def one(acc, r, x):
     return acc.at[r.reshape(-1)].add(x.reshape(-1, x.shape[-1]))
 
-  return jax.vmap(one)(acc_BSW, rows, x_BTKW)
+  return jax.vmap(one)(acc_BS_, rows, x_BTK_)
 
 
 def _backward(scale, v_dim, block, interpret, res, cotangents):
@@ -454,22 +434,22 @@ def _sparse_mla_fwd(q, kv, idx, valid, scale, v_dim, block, interpret):
 _sparse_mla.defvjp(_sparse_mla_fwd, _backward)
 
 
-def check_inputs(q_BTND, kv_BSD, idx_BTK, valid_BTK, scale, v_dim,
+def check_inputs(q_BTNA, kv_BSA, idx_BTK, valid_BTK, scale, v_dim,
                  block: SparseMLABlocks):
   """Raises ValueError/TypeError naming the offending values."""
-  if q_BTND.ndim != 4:
-    raise ValueError(f"q_BTND must be [B,T,N,D], got shape {q_BTND.shape}")
-  if kv_BSD.ndim != 3:
-    raise ValueError(f"kv_BSD must be [B,S,D], got shape {kv_BSD.shape}")
+  if q_BTNA.ndim != 4:
+    raise ValueError(f"q_BTNA must be [B,T,N,A], got shape {q_BTNA.shape}")
+  if kv_BSA.ndim != 3:
+    raise ValueError(f"kv_BSA must be [B,S,A], got shape {kv_BSA.shape}")
   if idx_BTK.ndim != 3:
     raise ValueError(f"idx_BTK must be [B,T,K], got shape {idx_BTK.shape}")
-  b, t, _, d = q_BTND.shape
-  if kv_BSD.shape[0] != b or kv_BSD.shape[2] != d:
-    raise ValueError(f"kv_BSD shape {kv_BSD.shape} does not match q_BTND "
-                     f"shape {q_BTND.shape} (need B={b}, D={d})")
+  b, t, _, a = q_BTNA.shape
+  if kv_BSA.shape[0] != b or kv_BSA.shape[2] != a:
+    raise ValueError(f"kv_BSA shape {kv_BSA.shape} does not match q_BTNA "
+                     f"shape {q_BTNA.shape} (need B={b}, A={a})")
   if idx_BTK.shape[:2] != (b, t):
-    raise ValueError(f"idx_BTK shape {idx_BTK.shape} does not match q_BTND "
-                     f"shape {q_BTND.shape} (need B={b}, T={t})")
+    raise ValueError(f"idx_BTK shape {idx_BTK.shape} does not match q_BTNA "
+                     f"shape {q_BTNA.shape} (need B={b}, T={t})")
   if valid_BTK.shape != idx_BTK.shape:
     raise ValueError(f"valid_BTK shape {valid_BTK.shape} != idx_BTK shape "
                      f"{idx_BTK.shape}")
@@ -477,13 +457,13 @@ def check_inputs(q_BTND, kv_BSD, idx_BTK, valid_BTK, scale, v_dim,
     raise TypeError(f"idx_BTK must be int32, got {idx_BTK.dtype}")
   if valid_BTK.dtype != jnp.bool_:
     raise TypeError(f"valid_BTK must be bool, got {valid_BTK.dtype}")
-  if not jnp.issubdtype(q_BTND.dtype, jnp.floating):
-    raise TypeError(f"q_BTND must be floating, got {q_BTND.dtype}")
-  if kv_BSD.dtype != q_BTND.dtype:
-    raise TypeError(f"kv_BSD dtype {kv_BSD.dtype} != q_BTND dtype "
-                    f"{q_BTND.dtype}")
-  if not isinstance(v_dim, int) or not 0 < v_dim <= d:
-    raise ValueError(f"v_dim must be an int with 0 < v_dim <= D={d}, "
+  if not jnp.issubdtype(q_BTNA.dtype, jnp.floating):
+    raise TypeError(f"q_BTNA must be floating, got {q_BTNA.dtype}")
+  if kv_BSA.dtype != q_BTNA.dtype:
+    raise TypeError(f"kv_BSA dtype {kv_BSA.dtype} != q_BTNA dtype "
+                    f"{q_BTNA.dtype}")
+  if not isinstance(v_dim, int) or not 0 < v_dim <= a:
+    raise ValueError(f"v_dim must be an int with 0 < v_dim <= A={a}, "
                      f"got {v_dim!r}")
   if not isinstance(scale, (int, float)) or not math.isfinite(scale):
     raise TypeError(f"scale must be a finite Python number (static), got "
@@ -492,17 +472,18 @@ def check_inputs(q_BTND, kv_BSD, idx_BTK, valid_BTK, scale, v_dim,
                        "block_k_dkv", "bwd_q_chunk"))
 
 
-def sparse_mla(q_BTND: jax.Array, kv_BSD: jax.Array, idx_BTK: jax.Array,
+def sparse_mla(q_BTNA: jax.Array, kv_BSA: jax.Array, idx_BTK: jax.Array,
                valid_BTK: jax.Array, scale: float, v_dim: int, *,
                block: SparseMLABlocks = SparseMLABlocks(),
                interpret: bool | None = None):
-  """Top-k sparse MLA. Returns (o_BTNV in q's dtype, lse_BTN in f32).
+  """Top-k sparse MLA. Returns (o_BTNC in q's dtype, lse_BTN in f32).
 
-  Differentiable in q and kv through both outputs (custom VJP; idx and
+  Rows are latent rows of A = C + R (``v_dim`` = C: the first C columns are
+  the values), shared by all N heads. Differentiable in q and kv through both outputs (custom VJP; idx and
   valid get no gradient).
   ``scale`` and ``v_dim`` are static Python numbers. ``interpret=None``
   interprets on CPU and compiles (Triton) elsewhere.
   """
-  check_inputs(q_BTND, kv_BSD, idx_BTK, valid_BTK, scale, v_dim, block)
-  return _sparse_mla(q_BTND, kv_BSD, idx_BTK, valid_BTK, float(scale), v_dim,
+  check_inputs(q_BTNA, kv_BSA, idx_BTK, valid_BTK, scale, v_dim, block)
+  return _sparse_mla(q_BTNA, kv_BSA, idx_BTK, valid_BTK, float(scale), v_dim,
                      block, resolve_interpret(interpret))

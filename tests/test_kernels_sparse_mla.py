@@ -32,10 +32,11 @@ def causal_selection(rng, b, t, k, segment_ids=None):
                  compiler_options=FAST)(iq, ik, iw, k, segment_ids)
 
 
-def inputs(b, t, n, d, k, seed=0, segment_ids=None, dtype=jnp.float32):
+def inputs(b, t, n, a, k, seed=0, segment_ids=None, dtype=jnp.float32):
+  """q [B,T,N,A], latent rows kv [B,T,A] and a causal selection of k."""
   rng = np.random.default_rng(seed)
-  q = normal(rng, (b, t, n, d), dtype)
-  kv = normal(rng, (b, t, d), dtype)
+  q = normal(rng, (b, t, n, a), dtype)
+  kv = normal(rng, (b, t, a), dtype)
   idx, valid = causal_selection(rng, b, t, k, segment_ids)
   return q, kv, idx, valid
 
@@ -75,10 +76,10 @@ def check(q, kv, idx, valid, v_dim, tol=1e-5, **kw):
   return got
 
 
-@pytest.mark.parametrize("b,t,n,d,v,k,block", [
+@pytest.mark.parametrize("b,t,n,a,c,k,block", [
     # T not a multiple of anything, k > t + 1 for early t, rope part of 8.
     (2, 13, 4, 72, 64, 8, SparseMLABlocks()),
-    # One head, no rope part (D == v_dim), K not a power of two.
+    # One head, no rope part (A == v_dim), K not a power of two.
     (1, 20, 1, 64, 64, 5, SparseMLABlocks()),
     # 16 heads, v_dim not a power of two (padded), several K blocks, several
     # dkv query chunks with a ragged last chunk.
@@ -87,10 +88,10 @@ def check(q, kv, idx, valid, v_dim, tol=1e-5, **kw):
     # Several head blocks (40 heads padded to 48 = 3 x 16).
     (1, 9, 40, 24, 16, 4, SparseMLABlocks(block_n=16)),
 ])
-def test_matches_reference(b, t, n, d, v, k, block):
-  q, kv, idx, valid = inputs(b, t, n, d, k)
+def test_matches_reference(b, t, n, a, c, k, block):
+  q, kv, idx, valid = inputs(b, t, n, a, k)
   assert not bool(valid.all())  # early queries have invalid entries
-  check(q, kv, idx, valid, v, block=block)
+  check(q, kv, idx, valid, c, block=block)
 
 
 def test_packed_segments():
@@ -106,8 +107,8 @@ def test_packed_segments():
 def test_duplicate_rows_accumulate():
   """Every query selects the same few rows (and some twice): dkv must sum
   all contributions; a lost update would show in the rows' gradient."""
-  b, t, n, d, k = 1, 16, 4, 24, 6
-  q, kv, _, _ = inputs(b, t, n, d, k, seed=2)
+  b, t, n, a, k = 1, 16, 4, 24, 6
+  q, kv, _, _ = inputs(b, t, n, a, k, seed=2)
   idx = jnp.broadcast_to(jnp.array([0, 1, 0, 2, 1, 0], jnp.int32), (b, t, k))
   valid = jnp.ones((b, t, k), bool)
   _, _, _, dkv = check(q, kv, idx, valid, 16,
@@ -137,10 +138,10 @@ def test_dispatch_impl_pallas():
 @pytest.mark.parametrize("change,match", [
     (dict(idx=lambda x: x.astype(jnp.int16)), "idx_BTK must be int32"),
     (dict(valid=lambda x: x.astype(jnp.int32)), "valid_BTK must be bool"),
-    (dict(kv=lambda x: x[..., :-1]), "kv_BSD shape"),
+    (dict(kv=lambda x: x[..., :-1]), "kv_BSA shape"),
     (dict(q=lambda x: x[:, :-1]), "idx_BTK shape"),
     (dict(v_dim=25), "v_dim must be"),
-    (dict(kv=lambda x: x.astype(jnp.bfloat16)), "kv_BSD dtype"),
+    (dict(kv=lambda x: x.astype(jnp.bfloat16)), "kv_BSA dtype"),
 ])
 def test_input_checks(change, match):
   q, kv, idx, valid = inputs(1, 6, 2, 24, 4)
@@ -157,7 +158,7 @@ def test_input_checks(change, match):
 @pytest.mark.parametrize("dtype,tol", [(jnp.bfloat16, 3e-2),
                                        (jnp.float32, 1e-2)])  # f32 dots: TF32
 def test_gpu_deepseek_shape(dtype, tol):
-  """Compiled Triton kernels at the DeepSeek layout: D = 512 + 64, 64 heads
+  """Compiled Triton kernels at the DeepSeek layout: A = 512 + 64, 64 heads
   (one head block), K = 128 selected rows of T = 512."""
   q, kv, idx, valid = inputs(1, 512, 64, 576, 128, seed=5, dtype=dtype)
   check(q, kv, idx, valid, 512, tol=tol, interpret=False)

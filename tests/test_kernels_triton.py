@@ -27,6 +27,7 @@ import pytest
 from dsax.kernels.indexer import indexer_logits, indexer_topk
 from dsax.kernels.mla_flash import mla_flash
 from dsax.kernels.sparse_mla import sparse_mla
+from dsax.kernels.warmup_kl import warmup_kl
 
 S = jax.ShapeDtypeStruct
 BF16 = jnp.bfloat16
@@ -77,13 +78,13 @@ def f32_sum(x):
   return jnp.sum(x.astype(jnp.float32))
 
 
-@pytest.mark.parametrize("b,t,n,d,v,k,dtype", [
+@pytest.mark.parametrize("b,t,n,a,c,k,dtype", [
     (1, 256, 64, 576, 512, 128, BF16),       # DeepSeek MQA layout
     (2, 13, 1, 72, 64, 5, jnp.float32),      # odd test shape
 ])
-def test_sparse_mla_lowers(triton_modules, b, t, n, d, v, k, dtype):
-  fn = functools.partial(sparse_mla, scale=0.1, v_dim=v, interpret=False)
-  args = (S((b, t, n, d), dtype), S((b, t, d), dtype),
+def test_sparse_mla_lowers(triton_modules, b, t, n, a, c, k, dtype):
+  fn = functools.partial(sparse_mla, scale=0.1, v_dim=c, interpret=False)
+  args = (S((b, t, n, a), dtype), S((b, t, a), dtype),
           S((b, t, k), jnp.int32), S((b, t, k), jnp.bool_))
   lower_for_cuda(fn, *args)
   grad = jax.grad(lambda q, kv, i, m: f32_sum(fn(q, kv, i, m)[0]), (0, 1))
@@ -106,13 +107,13 @@ def test_indexer_lowers(triton_modules, b, t, i, j, dtype):
   check_ir(triton_modules, 1 + 3)      # scores; logits fwd, dqw, dk
 
 
-@pytest.mark.parametrize("b,t,n,dk,e,dtype", [
-    (1, 512, 16, 192, 128, BF16),            # K = 128 + 64
+@pytest.mark.parametrize("b,t,n,p,e,dtype", [
+    (1, 512, 16, 192, 128, BF16),            # P = 128 + 64
     (2, 37, 1, 72, 40, jnp.float32),
 ])
-def test_mla_flash_lowers(triton_modules, b, t, n, dk, e, dtype):
+def test_mla_flash_lowers(triton_modules, b, t, n, p, e, dtype):
   fn = lambda q, k, v, s: mla_flash(q, k, v, 0.1, s, interpret=False)
-  args = (S((b, t, n, dk), dtype), S((b, t, n, dk), dtype),
+  args = (S((b, t, n, p), dtype), S((b, t, n, p), dtype),
           S((b, t, n, e), dtype), S((b, t), jnp.int32))
   lower_for_cuda(fn, *args)
   grad = jax.grad(lambda *a: f32_sum(fn(*a)[0]), (0, 1, 2))
@@ -120,16 +121,24 @@ def test_mla_flash_lowers(triton_modules, b, t, n, dk, e, dtype):
   check_ir(triton_modules, 1 + 3)      # fwd; fwd, dkv, dq
 
 
-@pytest.mark.parametrize("b,t,n,dk,i,j,dtype", [
+def flash_then_warmup_kl(q, k, v, seg, q_i, k_i, w_i, chunk=512):
+  """The warm-up KL as the model forms it: mla_flash, then warmup_kl on
+  its lse."""
+  _, lse = mla_flash(q, k, v, 0.1, seg, interpret=False)
+  return warmup_kl(q, k, lse, q_i, k_i, w_i, 0.1, seg, chunk=chunk,
+                   interpret=False)
+
+
+@pytest.mark.parametrize("b,t,n,p,i,j,dtype", [
     (1, 512, 16, 192, 8, 64, BF16),
     (2, 37, 3, 72, 2, 20, jnp.float32),      # N not a power of two
 ])
-def test_mla_flash_target_lowers(triton_modules, b, t, n, dk, i, j, dtype):
-  """The fused warm-up KL and its gradient w.r.t. the indexer inputs."""
-  fn = lambda q, k, v, s, *target: mla_flash(
-      q, k, v, 0.1, s, target=target, target_chunk=256, interpret=False)[2]
+def test_warmup_kl_lowers(triton_modules, b, t, n, p, i, j, dtype):
+  """mla_flash + warmup_kl and the KL's gradient w.r.t. the indexer
+  inputs."""
+  fn = functools.partial(flash_then_warmup_kl, chunk=256)
   grad = jax.grad(lambda *a: jnp.sum(fn(*a)), (4, 5, 6))
-  lower_for_cuda(grad, S((b, t, n, dk), dtype), S((b, t, n, dk), dtype),
+  lower_for_cuda(grad, S((b, t, n, p), dtype), S((b, t, n, p), dtype),
                  S((b, t, n, 64), dtype), S((b, t), jnp.int32),
                  S((b, t, i, j), dtype), S((b, t, j), dtype),
                  S((b, t, i), jnp.float32))
@@ -167,6 +176,7 @@ def _deepseek_modules(op, modules):
   from dsax.kernels.indexer import IndexerBlocks, LogitsBlocks
   from dsax.kernels.mla_flash import FlashBlocks
   from dsax.kernels.sparse_mla import SparseMLABlocks
+  from dsax.kernels.warmup_kl import WarmupKLBlocks
   b, t = 1, 1024
   if op == "sparse":
     blk = SparseMLABlocks()
@@ -190,17 +200,16 @@ def _deepseek_modules(op, modules):
     params = {"indexer_scores": (blk.num_warps, blk.num_stages)}
     params.update({n: (lb.num_warps, lb.num_stages) for n in (
         "indexer_logits_fwd", "indexer_logits_dqw", "indexer_logits_dk")})
-  elif op == "target":
-    blk, lb = FlashBlocks(), LogitsBlocks()
-    fn = lambda q, k, v, s, *target: mla_flash(
-        q, k, v, 0.1, s, target=target, interpret=False)[2]
-    grad = jax.grad(lambda *a: jnp.sum(fn(*a)), (4, 5, 6))
+  elif op == "warmup_kl":
+    blk, kb, lb = FlashBlocks(), WarmupKLBlocks(), LogitsBlocks()
+    grad = jax.grad(lambda *a: jnp.sum(flash_then_warmup_kl(*a)), (4, 5, 6))
     lower_for_cuda(grad, S((b, t, 128, 192), BF16), S((b, t, 128, 192), BF16),
                    S((b, t, 128, 128), BF16), S((b, t), jnp.int32),
                    S((b, t, 64, 128), BF16), S((b, t, 128), BF16),
                    S((b, t, 64), jnp.float32))
-    params = {n: (blk.num_warps, blk.num_stages) for n in (
-        "mla_flash_fwd", "mla_flash_warmup_kl", "mla_flash_warmup_dlogits")}
+    params = {"mla_flash_fwd": (blk.num_warps, blk.num_stages)}
+    params.update({n: (kb.num_warps, kb.num_stages) for n in (
+        "warmup_kl", "warmup_kl_dlogits")})
     params.update({n: (lb.num_warps, lb.num_stages) for n in (
         "indexer_logits_fwd", "indexer_logits_dqw", "indexer_logits_dk")})
   else:
@@ -221,7 +230,7 @@ def _deepseek_modules(op, modules):
 
 @pytest.mark.skipif(not TRITON_PYTHON,
                     reason="set DSAX_TRITON_PYTHON to a Python with triton")
-@pytest.mark.parametrize("op", ["sparse", "indexer", "dense", "target"])
+@pytest.mark.parametrize("op", ["sparse", "indexer", "dense", "warmup_kl"])
 def test_fits_sm90(triton_modules, tmp_path, op):
   for name, (asm, warps, stages) in _deepseek_modules(
       op, triton_modules).items():
