@@ -4,6 +4,7 @@ a pretrained model.
 
   python launch.py tiny_run --dry-run
   python launch.py tiny_run --set phases.sparse.steps=5 --workdir /tmp/run
+  python launch.py main --set phases.sparse.optim.lr=1e-4 --dry-run
   python launch.py --sweep experiments/sweep_topk.py --dry-run
   python launch.py eval work/tiny_run --k 16,32 --quick
   python launch.py compare work/run_a work/run_b
@@ -69,14 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
       description="Run a named config or a sweep of it.",
       formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("config", nargs="?", metavar="CONFIG[:ARG]",
-                 help="configs/CONFIG.py; ARG goes to its get_config(arg)")
+                 help="configs/CONFIG.py, or a file PATH.py; ARG goes to "
+                 "its get_config(arg)")
   p.add_argument("--sweep", metavar="FILE",
                  help="a sweep file (experiments/X.py); runs go to "
                  "ROOT/<file stem>/<run name>")
   p.add_argument("--set", dest="overrides", action="append", default=[],
                  metavar="KEY=VALUE",
                  help="dotted override, repeatable: --set "
-                 "model.indexer.topk=32 --set phases.sparse.lr=1e-4")
+                 "model.indexer.topk=32 --set phases.sparse.optim.lr=1e-4")
   p.add_argument("--workdir", metavar="DIR",
                  help="run directory (default: the config's workdir, else "
                  "work/<name>); with --sweep, the root (default: work)")
@@ -182,22 +184,9 @@ def _info(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
 
-def _train(required: bool):
-  """dsax.train, or None while it does not exist (then checks are skipped)."""
-  try:
-    from dsax import train  # imports jax
-  except ModuleNotFoundError as e:
-    if e.name != "dsax.train" or required:
-      raise
-    return None
-  return train
-
-
 def _preflight(cfg, train, label: str = "") -> None:
-  if train is None or not hasattr(train, "preflight"):
-    _info("warning: dsax.train.preflight is not available; model checks "
-          "(trainable regexes, checkpoints) skipped")
-    return
+  """train.preflight (trainable regexes against the model's parameters);
+  its error carries the sweep run's name."""
   from dsax.config import ConfigError
   try:
     train.preflight(cfg)
@@ -216,36 +205,13 @@ def _parse_sets(items: list[str]) -> dict[str, str]:
   return pairs
 
 
-def _load_file_config(spec: str):
-  """``PATH.py[:ARG]`` (e.g. experiments/smollm2_dsa.py): its
-  get_config(ARG or None); None for a configs/ name."""
-  import importlib.util
-  from dsax.config import ConfigError, ExperimentConfig
-  path, _, arg = spec.partition(":")
-  if not path.endswith(".py"):
-    return None
-  if not os.path.isfile(path):
-    raise ConfigError(f"config file {path!r} does not exist")
-  if ROOT not in sys.path:  # so the file can import configs/ and experiments/
-    sys.path.insert(0, ROOT)
-  module_spec = importlib.util.spec_from_file_location(
-      "_dsax_config_" + os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  cfg = module.get_config(arg or None)
-  if not isinstance(cfg, ExperimentConfig):
-    raise ConfigError(f"{path}: get_config returned {type(cfg).__name__}, "
-                      "not an ExperimentConfig")
-  return cfg
-
-
 def _resolve(spec: str, overrides: dict, workdir: str | None):
-  """Loads, overrides strictly, validates; fixes the run directory."""
+  """Loads (configs/NAME or PATH.py, sweep.load_config), overrides
+  strictly, validates; fixes the run directory."""
   import dataclasses
   from dsax import config as C
   from dsax import sweep
-  cfg = C.override(_load_file_config(spec) or sweep.load_config(spec, ROOT),
-                   overrides)
+  cfg = C.override(sweep.load_config(spec, ROOT), overrides)
   workdir = workdir or cfg.workdir or os.path.join("work", cfg.name)
   return dataclasses.replace(cfg, workdir=workdir)
 
@@ -264,7 +230,7 @@ def _read_summary(workdir: str, result) -> dict:
 def run_one(args) -> int:
   from dsax import config as C
   cfg = _resolve(args.config, _parse_sets(args.overrides), args.workdir)
-  train = _train(required=not args.dry_run)
+  from dsax import train  # imports jax
   _preflight(cfg, train)
   if args.dry_run:
     print(C.dumps(cfg))
@@ -298,7 +264,7 @@ def run_sweep(args) -> int:
     except C.ConfigError as e:
       raise C.ConfigError(f"{name}: {e}") from None
     runs.append((name, overrides, cfg))
-  train = _train(required=not args.dry_run)
+  from dsax import train  # imports jax
   for name, _, cfg in runs:
     _preflight(cfg, train, name)
   if args.dry_run:

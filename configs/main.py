@@ -10,7 +10,8 @@ model and longer phases for an accelerator.
 """
 
 from dsax.config import (DataConfig, EvalConfig, ExperimentConfig,
-                         IndexerConfig, ModelConfig, PhaseConfig)
+                         IndexerConfig, ModelConfig, OptimConfig,
+                         PhaseConfig)
 
 
 def get_config(arg=None) -> ExperimentConfig:
@@ -28,18 +29,21 @@ def get_config(arg=None) -> ExperimentConfig:
       indexer=IndexerConfig(n_heads=4, head_dim=32, rope_dim=16, topk=topk,
                             q_chunk=16))
   scale = 10 if full else 1
+
+  def const(lr):  # a constant rate after 5 steps of linear lr warm-up
+    return OptimConfig(lr=lr, lr_warmup_steps=5, schedule="constant")
+
   phases = (
       PhaseConfig(name="pretrain", kind="pretrain", steps=60 * scale,
-                  lr=3e-3, warmup_steps=20),
+                  optim=OptimConfig(lr=3e-3, lr_warmup_steps=20)),
       # The paper's warm-up: lr 1e-3, main attention dense, indexer only.
-      PhaseConfig(name="warmup", kind="warmup", steps=30 * scale, lr=1e-3,
-                  warmup_steps=5, schedule="constant"),
-      PhaseConfig(name="sparse", kind="sparse", steps=15 * scale, lr=3e-4,
-                  indexer_lr=1e-3, warmup_steps=5, schedule="constant"),
+      PhaseConfig(name="warmup", kind="warmup", steps=30 * scale,
+                  optim=const(1e-3)),
+      PhaseConfig(name="sparse", kind="sparse", steps=15 * scale,
+                  optim=const(3e-4), indexer_optim=const(1e-3)),
       # The dense control: the same base, steps, data and lr, dense attention.
-      PhaseConfig(name="dense", kind="pretrain", steps=15 * scale, lr=3e-4,
-                  warmup_steps=5, schedule="constant", init_from="pretrain",
-                  data_from="sparse"),
+      PhaseConfig(name="dense", kind="pretrain", steps=15 * scale,
+                  optim=const(3e-4), init_from="pretrain", data_from="sparse"),
   )
   return ExperimentConfig(
       name="main_full" if full else "main", model=model,

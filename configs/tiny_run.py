@@ -12,7 +12,8 @@ the same pretrained weights and replays the sparse phase's data.
 import dataclasses
 
 from configs.tiny import model_config
-from dsax.config import DataConfig, EvalConfig, ExperimentConfig, PhaseConfig
+from dsax.config import (DataConfig, EvalConfig, ExperimentConfig, OptimConfig,
+                         PhaseConfig)
 
 
 def get_config(arg=None) -> ExperimentConfig:
@@ -26,15 +27,17 @@ def get_config(arg=None) -> ExperimentConfig:
       data=DataConfig(source="stdlib", max_docs=40, tokenizer="bytes",
                       seq_len=128, batch_size=4),
       phases=(
-          PhaseConfig(name="pretrain", kind="pretrain", steps=20, lr=3e-3,
-                      warmup_steps=5),
-          PhaseConfig(name="warmup", kind="warmup", steps=10, lr=1e-3,
-                      warmup_steps=2, schedule="constant"),
-          PhaseConfig(name="sparse", kind="sparse", steps=10, lr=1e-3,
-                      warmup_steps=2),
-          PhaseConfig(name="dense", kind="pretrain", steps=10, lr=1e-3,
-                      warmup_steps=2, init_from="pretrain",
-                      data_from="sparse"),
+          PhaseConfig(name="pretrain", kind="pretrain", steps=20,
+                      optim=OptimConfig(lr=3e-3, lr_warmup_steps=5)),
+          PhaseConfig(name="warmup", kind="warmup", steps=10,
+                      optim=OptimConfig(lr=1e-3, lr_warmup_steps=2,
+                                        schedule="constant")),
+          PhaseConfig(name="sparse", kind="sparse", steps=10,
+                      optim=OptimConfig(lr=1e-3, lr_warmup_steps=2),
+                      indexer_optim=OptimConfig(lr=1e-3, lr_warmup_steps=2)),
+          PhaseConfig(name="dense", kind="pretrain", steps=10,
+                      optim=OptimConfig(lr=1e-3, lr_warmup_steps=2),
+                      init_from="pretrain", data_from="sparse"),
       ),
       eval=EvalConfig(every=10, batches=2, final_batches=2),
       log_every=5,

@@ -28,7 +28,7 @@ import os
 
 from dsax.config import (ConfigError, DataConfig, EvalConfig,
                          ExperimentConfig, IndexerConfig, ModelConfig,
-                         PhaseConfig)
+                         OptimConfig, PhaseConfig)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_DIR = os.path.join(ROOT, "work", "models", "smollm2-135m-instruct")
@@ -48,19 +48,21 @@ def smollm2_model(model_dir: str = MODEL_DIR) -> ModelConfig:
 
 
 def phases(warmup: int, sparse: int, init_from: str) -> tuple:
+  def const(lr, warm):  # a constant rate after a linear lr warm-up
+    return OptimConfig(lr=lr, lr_warmup_steps=warm, schedule="constant")
   return (
       PhaseConfig(name="original", kind="pretrain", steps=0,
                   init_from=init_from),
       # The paper's warm-up: lr 1e-3, main attention dense, indexer only.
-      PhaseConfig(name="warmup", kind="warmup", steps=warmup, lr=1e-3,
-                  warmup_steps=min(10, warmup), schedule="constant"),
+      PhaseConfig(name="warmup", kind="warmup", steps=warmup,
+                  optim=const(1e-3, min(10, warmup))),
       # A pretrained model: a small lr for the model (the paper: 7.3e-6),
       # the indexer keeps learning faster on its sparse KL.
-      PhaseConfig(name="sparse", kind="sparse", steps=sparse, lr=1e-5,
-                  indexer_lr=1e-4, warmup_steps=min(20, sparse),
-                  schedule="constant"),
-      PhaseConfig(name="dense", kind="pretrain", steps=0, lr=1e-5,
-                  warmup_steps=min(20, sparse), schedule="constant",
+      PhaseConfig(name="sparse", kind="sparse", steps=sparse,
+                  optim=const(1e-5, min(20, sparse)),
+                  indexer_optim=const(1e-4, min(20, sparse))),
+      PhaseConfig(name="dense", kind="pretrain", steps=0,
+                  optim=const(1e-5, min(20, sparse)),
                   init_from="original", data_from="sparse"),
   )
 

@@ -38,18 +38,9 @@ def write_sweep(tmp_path, body, name="sw.py"):
 GRID_2X2 = """
     CONFIG = "tiny_run"
     BASE = {"phases.pretrain.steps": 3}
-    GRID = {"model.indexer.topk": [8, 32], "phases.sparse.lr": [1e-4, 3e-4]}
+    GRID = {"model.indexer.topk": [8, 32],
+            "phases.sparse.optim.lr": [1e-4, 3e-4]}
 """
-
-
-def has_preflight():
-  try:
-    from dsax import train  # pylint: disable=import-outside-toplevel
-  except ModuleNotFoundError as e:
-    if e.name != "dsax.train":
-      raise
-    return False
-  return hasattr(train, "preflight")
 
 
 # -------------------------------------------------------------------- CLI
@@ -155,8 +146,10 @@ def test_sweep_dry_run_gives_four_distinct_configs(tmp_path):
   runs = json.loads(out.stdout)
   assert len(runs) == 4
   names = [r["name"] for r in runs]
-  assert names == ["topk-8_sparse.lr-0.0001", "topk-8_sparse.lr-0.0003",
-                   "topk-32_sparse.lr-0.0001", "topk-32_sparse.lr-0.0003"]
+  assert names == ["topk-8_sparse.optim.lr-0.0001",
+                   "topk-8_sparse.optim.lr-0.0003",
+                   "topk-32_sparse.optim.lr-0.0001",
+                   "topk-32_sparse.optim.lr-0.0003"]
   configs = [json.dumps(r["config"], sort_keys=True) for r in runs]
   assert len(set(configs)) == 4
   seen = set()
@@ -167,7 +160,8 @@ def test_sweep_dry_run_gives_four_distinct_configs(tmp_path):
     assert cfg["workdir"] == r["workdir"]
     assert phases["pretrain"]["steps"] == 3   # BASE
     assert phases["dense"]["steps"] == 2      # --set
-    seen.add((cfg["model"]["indexer"]["topk"], phases["sparse"]["lr"]))
+    seen.add((cfg["model"]["indexer"]["topk"],
+              phases["sparse"]["optim"]["lr"]))
   assert seen == {(8, 1e-4), (8, 3e-4), (32, 1e-4), (32, 3e-4)}
   assert not (tmp_path / "w").exists()
 
@@ -189,6 +183,8 @@ def test_sweep_topk_experiment_expands():
     ("model.indexer.topk=128", ["phases.sparse", "topk", "seq_len"]),
     ("phases.dense.init_from=/no/such/ckpt", ["phases.dense.init_from"]),
     ("nokey", ["nokey", "key=value"]),
+    ("phases.warmup.trainable=x", ["phases.warmup.trainable", "kind=warmup"]),
+    ("phases.sparse.lr=1e-4", ["phases.sparse.lr", "phases.sparse.optim.lr"]),
 ])
 def test_bad_config_exits_2_naming_the_key(setting, words):
   out = cli("tiny_run", "--set", setting, "--dry-run")
@@ -201,8 +197,6 @@ def test_bad_config_exits_2_naming_the_key(setting, words):
 
 
 def test_trainable_regex_matching_nothing_exits_2():
-  if not has_preflight():
-    pytest.skip("dsax.train.preflight does not exist yet")
   out = cli("tiny_run", "--set", "phases.sparse.trainable=^no/such/param",
             "--dry-run")
   assert out.returncode == 2, out.stderr
@@ -286,17 +280,23 @@ def test_sweep_continues_after_a_failed_run(fake_train, tmp_path, capsys):
 
 
 def test_run_name_example():
-  names = S.run_names([{"model.indexer.topk": 64, "phases.sparse.lr": 1e-4}])
-  assert names == ["topk-64_sparse.lr-0.0001"]
+  names = S.run_names([{"model.indexer.topk": 64,
+                        "phases.sparse.optim.lr": 1e-4}])
+  assert names == ["topk-64_sparse.optim.lr-0.0001"]
 
 
 def test_short_keys_disambiguate():
   short = S.short_keys(["model.n_heads", "model.indexer.n_heads",
-                        "phases.sparse.lr", "phases.dense.lr", "seed"])
+                        "phases.sparse.optim.lr", "phases.dense.optim.lr",
+                        "phases.sparse.indexer_optim.lr", "phases.2.steps",
+                        "seed"])
   assert short == {"model.n_heads": "model.n_heads",
                    "model.indexer.n_heads": "indexer.n_heads",
-                   "phases.sparse.lr": "sparse.lr",
-                   "phases.dense.lr": "dense.lr", "seed": "seed"}
+                   "phases.sparse.optim.lr": "sparse.optim.lr",
+                   "phases.dense.optim.lr": "dense.optim.lr",
+                   "phases.sparse.indexer_optim.lr":
+                       "sparse.indexer_optim.lr",
+                   "phases.2.steps": "2.steps", "seed": "seed"}
 
 
 def test_run_names_are_safe_and_unique():
@@ -311,13 +311,14 @@ def test_zip_base_and_errors(tmp_path):
   runs = S.expand_sweep(write_sweep(tmp_path, """
       CONFIG = "tiny_run"
       BASE = {"seed": 5}
-      ZIP = {"model.indexer.topk": [8, 16], "phases.sparse.lr": [1e-4, 2e-4]}
+      ZIP = {"model.indexer.topk": [8, 16],
+             "phases.sparse.optim.lr": [1e-4, 2e-4]}
   """))
   assert runs == [
-      ("topk-8_sparse.lr-0.0001",
-       {"seed": 5, "model.indexer.topk": 8, "phases.sparse.lr": 1e-4}),
-      ("topk-16_sparse.lr-0.0002",
-       {"seed": 5, "model.indexer.topk": 16, "phases.sparse.lr": 2e-4})]
+      ("topk-8_sparse.optim.lr-0.0001",
+       {"seed": 5, "model.indexer.topk": 8, "phases.sparse.optim.lr": 1e-4}),
+      ("topk-16_sparse.optim.lr-0.0002",
+       {"seed": 5, "model.indexer.topk": 16, "phases.sparse.optim.lr": 2e-4})]
   bad = {
       "unequal": 'CONFIG = "t"\nZIP = {"a": [1, 2], "b": [1]}\n',
       "both": 'CONFIG = "t"\nGRID = {"a": [1]}\nZIP = {"a": [1]}\n',
@@ -343,6 +344,23 @@ def test_load_config_arg_and_errors():
     S.load_config("tiny")  # a model-only file
   with pytest.raises(C.ConfigError, match="unknown config"):
     S.load_config("../tiny_run")
+
+
+def test_load_config_reads_a_file_path(tmp_path):
+  """PATH.py[:ARG], from the working directory or the repository (what
+  launch.py and experiments/bench_train.py use for experiments/*.py)."""
+  spec = "experiments/smollm2_dsa.py:test"
+  cfg = S.load_config(spec, ROOT)
+  assert cfg.name == "smollm2_dsa_test"
+  assert S.load_config(os.path.join(ROOT, spec)) == cfg
+  with pytest.raises(C.ConfigError, match="does not exist"):
+    S.load_config(str(tmp_path / "missing.py"))
+  (tmp_path / "bad.py").write_text("def get_config(arg):\n  return arg\n")
+  with pytest.raises(C.ConfigError, match="not an ExperimentConfig"):
+    S.load_config(str(tmp_path / "bad.py") + ":x")
+  (tmp_path / "none.py").write_text("X = 1\n")
+  with pytest.raises(C.ConfigError, match="get_config"):
+    S.load_config(str(tmp_path / "none.py"))
 
 
 def test_summary_table_aligns():

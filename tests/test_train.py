@@ -74,8 +74,9 @@ def test_weight_decay_spares_norms_and_biases():
   cfg = tiny(n_layers=2, moe=MoEConfig(n_routed_experts=4, n_activated=2,
                                        d_expert=8, first_k_dense=1,
                                        topk_method="noaux_tc"))
-  phase = dataclasses.replace(small_cfg().phases[0], weight_decay=0.5,
-                              warmup_steps=1)
+  phase = small_cfg().phases[0]
+  phase = dataclasses.replace(phase, optim=dataclasses.replace(
+      phase.optim, weight_decay=0.5, lr_warmup_steps=1))
   params = train.flatten(P.init_params(cfg, jax.random.PRNGKey(0)))
   params = {k: v + 1.0 for k, v in params.items()}  # non-zero biases
   tx, _ = train.optimizer(phase, {k: "main" for k in params})
@@ -85,6 +86,32 @@ def test_weight_decay_spares_norms_and_biases():
   spared = {k for k in params if "norm" in k or "bias" in k}
   assert "moe/router_bias" in spared and "layers/indexer/k_norm_bias" in spared
   assert moved == set(params) - spared
+
+
+def test_each_group_gets_its_own_optimizer():
+  """optim drives the main group, and the indexer alone in a warm-up;
+  indexer_optim drives the sparse phase's indexer group: with zero
+  gradients, weight decay set on one group moves only that group."""
+  import dataclasses
+  cfg = small_cfg()
+  params = train.flatten(P.init_params(cfg.model, jax.random.PRNGKey(0)))
+  by_kind = {p.kind: p for p in cfg.phases}
+  for kind, field, group in [("sparse", "indexer_optim", "indexer"),
+                             ("sparse", "optim", "main"),
+                             ("warmup", "optim", "indexer")]:
+    phase = by_kind[kind]
+    phase = dataclasses.replace(phase, **{field: dataclasses.replace(
+        getattr(phase, field), weight_decay=0.5)})
+    labels = train.labels_for(phase, list(params))
+    trainable = {k: v for k, v in params.items() if k in labels}
+    tx, _ = train.optimizer(phase, labels)
+    zeros = jax.tree.map(np.zeros_like, trainable)
+    updates, _ = tx.update(zeros, tx.init(trainable), trainable)
+    moved = {k for k, u in updates.items() if np.abs(np.asarray(u)).max() > 0}
+    assert moved and {labels[k] for k in moved} == {group}, (kind, field)
+  assert set(train.groups(by_kind["warmup"])) == {"indexer"}
+  assert train.groups(by_kind["sparse"])["indexer"][1] == (
+      by_kind["sparse"].indexer_optim)
 
 
 def _launch(workdir, extra, **kw):
@@ -144,8 +171,8 @@ def test_sigterm_saves_then_exits_and_the_run_resumes(tmp_path):
 
 
 def test_non_finite_loss_stops_without_replacing_the_good_checkpoint(tmp_path):
-  cfg = small_cfg(["phases.pretrain.lr=1e30", "phases.pretrain.steps=30",
-                   "save_every=1", "phases.pretrain.grad_clip=1e30"])
+  cfg = small_cfg(["phases.pretrain.optim.lr=1e30", "phases.pretrain.steps=30",
+                   "save_every=1", "phases.pretrain.optim.grad_clip=1e30"])
   with pytest.raises(train.NonFiniteLoss, match="loss is"):
     train.run(cfg, str(tmp_path))
   ckpts = checkpoint.RunCheckpoints(str(tmp_path))

@@ -1,22 +1,42 @@
-"""Typed, frozen configuration and strict dotted overrides.
+"""The dsax configs: typed, frozen dataclasses, their checks, and overrides.
 
-Configs are frozen dataclasses grouped by concern. ``override(cfg, {"a.b": "3"})``
-returns a new config; an unknown key, a value of the wrong type, or an impossible
-value raises ``ConfigError`` naming the key. Tuples of dataclasses that carry a
-``name`` field (the phases of a run) are addressed by that name or by index:
+Configs are frozen dataclasses grouped by concern: ``ModelConfig`` (with
+``RopeScaling``, ``IndexerConfig``, ``MoEConfig``), ``DataConfig``,
+``PhaseConfig`` (with ``OptimConfig``, ``LossConfig``), ``EvalConfig``,
+``MeshConfig``, all in one ``ExperimentConfig``. ``validate`` checks values
+that types cannot express (``_check_model``, ``ExperimentConfig.check``).
+
+``override(cfg, {"a.b": "3"})`` returns a new, validated config; an unknown
+key, a value of the wrong type, or an impossible value raises ``ConfigError``
+naming the key. The generic machinery (parsing a value into a field's type,
+dotted keys through nested dataclasses and named tuple entries, ``to_dict`` /
+``from_dict`` / ``dumps``, ``ConfigError``) is ``dsax.overrides``; the names
+callers use are re-exported here. Phases are addressed by name or by index:
 ``phases.warmup.steps=200`` or ``phases.1.steps=200``.
+
+A phase's fields mean something by its kind (``PhaseConfig``,
+``PHASE_FIELDS``): a key that means nothing for the kind is an error naming
+both. A replaced key (``RENAMED``: ``phases.sparse.lr``) is an error naming
+its replacement (``phases.sparse.optim.lr``), from an override or an old
+config.json alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import typing
 from typing import Any
 
+from dsax import overrides as dotted
+from dsax.overrides import ConfigError, dumps, leaves, to_dict
 
-class ConfigError(ValueError):
-  """A configuration key or value is invalid; the message names the key."""
+__all__ = [
+    "ConfigError", "DataConfig", "EvalConfig", "ExperimentConfig",
+    "IndexerConfig", "LossConfig", "MeshConfig", "MoEConfig", "ModelConfig",
+    "OptimConfig", "PHASE_COMMON", "PHASE_FIELDS", "PHASE_KINDS",
+    "PhaseConfig", "RENAMED", "RopeScaling", "dumps", "from_dict",
+    "meaningless", "means_something", "override", "resolve_topk", "to_dict",
+    "validate",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +124,11 @@ class ModelConfig:
   compute_dtype: str = "float32"  # matmul inputs; softmax and norms are f32
   attn_q_chunk: int = 512         # queries per chunk in dense attention
   remat: bool = False             # rematerialise each layer in the backward
+  # Layers per iteration of the layer scan: 1 compiles one body per layer
+  # kind (compile time independent of depth); n_layers unrolls fully.
+  scan_unroll: int = 1
   # Attention kernels (dsax.kernels): "reference" (jnp), "pallas", or "auto"
-  # (pallas on GPU/TPU, reference on CPU); DSAOptions.impl defaults to it.
+  # (pallas on GPU/TPU, reference on CPU); AttentionMode.of defaults to it.
   kernel_impl: str = "reference"
   indexer: IndexerConfig = IndexerConfig()
   moe: MoEConfig = MoEConfig()
@@ -115,10 +138,16 @@ class ModelConfig:
     return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
+def resolve_topk(cfg: ModelConfig, topk: int | None = 0) -> int:
+  """The top-k a run uses: ``topk``, or ``cfg.indexer.topk`` when 0/None.
+  The one place this default is resolved (phases, modes, evals)."""
+  return int(topk or cfg.indexer.topk)
+
+
 def _check_model(cfg: ModelConfig) -> None:
   positive = ["vocab_size", "d_model", "n_layers", "n_heads", "kv_lora_rank",
               "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "d_ff",
-              "attn_q_chunk", "n_kv_heads", "head_dim"]
+              "attn_q_chunk", "n_kv_heads", "head_dim", "scan_unroll"]
   for name in positive:
     if getattr(cfg, name) <= 0:
       raise ConfigError(f"model.{name} must be > 0, got {getattr(cfg, name)}")
@@ -221,144 +250,6 @@ def validate(cfg: Any) -> Any:
   return cfg
 
 
-# ----------------------------------------------------------------- overrides
-
-
-def _parse(value: Any, typ: Any, key: str) -> Any:
-  """Parses a command-line string (or passes a Python value) into ``typ``."""
-  origin = typing.get_origin(typ)
-  if origin is typing.Union:
-    args = [a for a in typing.get_args(typ) if a is not type(None)]
-    if value is None or (isinstance(value, str) and value.lower() == "none"):
-      return None
-    return _parse(value, args[0], key)
-  if typ is bool:
-    if isinstance(value, bool):
-      return value
-    if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
-      return True
-    if isinstance(value, str) and value.lower() in ("false", "0", "no"):
-      return False
-    raise ConfigError(f"{key}: expected a bool, got {value!r}")
-  if typ is int:
-    if isinstance(value, bool):
-      raise ConfigError(f"{key}: expected an int, got {value!r}")
-    if isinstance(value, int):
-      return value
-    try:
-      return int(str(value).replace("_", ""))
-    except ValueError:
-      raise ConfigError(f"{key}: expected an int, got {value!r}") from None
-  if typ is float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-      return float(value)
-    try:
-      return float(value)
-    except ValueError:
-      raise ConfigError(f"{key}: expected a float, got {value!r}") from None
-  if typ is str:
-    if not isinstance(value, str):
-      raise ConfigError(f"{key}: expected a string, got {value!r}")
-    return value
-  if origin is tuple:
-    if isinstance(value, str):
-      value = [v for v in value.split(",") if v.strip()]
-    args = typing.get_args(typ)
-    elem = args[0] if args else str
-    return tuple(_parse(v.strip() if isinstance(v, str) else v, elem, key)
-                 for v in value)
-  raise ConfigError(f"{key}: cannot override a field of type {typ}")
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-  return typing.get_type_hints(cls)
-
-
-def _set(obj: Any, parts: list[str], value: Any, full: str) -> Any:
-  if isinstance(obj, tuple):
-    head = parts[0]
-    index = None
-    if head.isdigit():
-      index = int(head)
-    else:
-      for i, item in enumerate(obj):
-        if getattr(item, "name", None) == head:
-          index = i
-    if index is None or index >= len(obj):
-      names = [getattr(o, "name", str(i)) for i, o in enumerate(obj)]
-      raise ConfigError(f"unknown key {full!r}: no entry {head!r} in {names}")
-    if len(parts) == 1:
-      raise ConfigError(f"{full}: cannot replace a whole entry")
-    items = list(obj)
-    items[index] = _set(items[index], parts[1:], value, full)
-    return tuple(items)
-  if not dataclasses.is_dataclass(obj):
-    raise ConfigError(f"unknown key {full!r}")
-  head = parts[0]
-  types = _field_types(type(obj))
-  if head not in types:
-    known = ", ".join(sorted(types))
-    raise ConfigError(f"unknown key {full!r} ({head!r} is not one of: {known})")
-  current = getattr(obj, head)
-  if len(parts) == 1:
-    if dataclasses.is_dataclass(current):
-      raise ConfigError(f"{full}: is a group; set one of its fields")
-    new = _parse(value, types[head], full)
-  else:
-    new = _set(current, parts[1:], value, full)
-  return dataclasses.replace(obj, **{head: new})
-
-
-def override(cfg: Any, overrides: dict[str, Any] | list[str] | None) -> Any:
-  """Applies dotted overrides (a dict, or ``["a.b=v", ...]``) and validates."""
-  if not overrides:
-    return validate(cfg)
-  if isinstance(overrides, (list, tuple)):
-    pairs = {}
-    for item in overrides:
-      if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like key=value")
-      k, v = item.split("=", 1)
-      pairs[k.strip()] = v
-    overrides = pairs
-  for key, value in overrides.items():
-    cfg = _set(cfg, key.split("."), value, key)
-  return validate(cfg)
-
-
-def to_dict(cfg: Any) -> Any:
-  """A JSON-ready view of a config (nested dicts and lists)."""
-  if dataclasses.is_dataclass(cfg):
-    return {f.name: to_dict(getattr(cfg, f.name))
-            for f in dataclasses.fields(cfg)}
-  if isinstance(cfg, (list, tuple)):
-    return [to_dict(v) for v in cfg]
-  return cfg
-
-
-def from_dict(cls: type, data: dict[str, Any]) -> Any:
-  """Inverse of ``to_dict`` for a dataclass type; unknown keys are errors."""
-  types = _field_types(cls)
-  kwargs = {}
-  for key, value in data.items():
-    if key not in types:
-      raise ConfigError(f"unknown key {key!r} for {cls.__name__}")
-    typ = types[key]
-    if dataclasses.is_dataclass(typ):
-      kwargs[key] = from_dict(typ, value)
-    elif typing.get_origin(typ) is tuple:
-      elem = typing.get_args(typ)[0]
-      kwargs[key] = tuple(from_dict(elem, v) if dataclasses.is_dataclass(elem)
-                          else v for v in value)
-    else:
-      kwargs[key] = value
-  return cls(**kwargs)
-
-
-def dumps(cfg: Any) -> str:
-  return json.dumps(to_dict(cfg), indent=2, sort_keys=False)
-
-
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Training and held-out text, tokenised and packed (see dsax.data)."""
@@ -383,44 +274,135 @@ PHASE_KINDS = ("pretrain", "warmup", "sparse")
 
 
 @dataclasses.dataclass(frozen=True)
-class PhaseConfig:
-  """One phase of a run: its own steps, optimizers, schedule and losses.
+class OptimConfig:
+  """AdamW on one parameter group: global-norm clipping, then a linear
+  learning-rate warm-up over ``lr_warmup_steps`` (at most the phase's steps)
+  into ``schedule``: "constant", or "cosine" decay to ``lr * min_lr_ratio`` at
+  the phase's last step. Norms and biases do not decay (train.decayed)."""
+  lr: float = 3e-3
+  lr_warmup_steps: int = 10
+  schedule: str = "cosine"        # "cosine" | "constant"
+  min_lr_ratio: float = 0.1
+  weight_decay: float = 0.0
+  grad_clip: float = 1.0          # per group
+  b1: float = 0.9
+  b2: float = 0.95
 
-  kind:
-    pretrain  dense attention; the ``trainable`` parameters learn the LM loss.
-    warmup    dense attention; only the indexer learns, from the KL to the
-              dense attention (``trainable`` defaults to the indexer); the LM
-              loss is reported.
-    sparse    top-k attention; the ``trainable`` (main) parameters learn the LM
-              loss, the ``indexer_trainable`` ones the sparse KL with their own
-              learning rate; the indexer's inputs are detached.
-  init_from: "" = the previous phase's parameters; a phase name of this run; or
-  a checkpoint directory. data_from: "" = continue the data stream; a phase
-  name = replay the data that phase started from (a fair control).
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Weights of the loss terms (see dsax.train): the LM loss and the sum over
+  layers of the indexer KL."""
+  lm_weight: float = 1.0
+  indexer_weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseConfig:
+  """One phase of a run: its own steps, optimizers and losses, by kind.
+
+  kind (fields that mean something for it; name, kind, steps, init_from and
+  data_from mean something for every kind):
+    pretrain  dense attention; the ``trainable`` parameters learn
+              ``loss.lm_weight`` x the LM loss with ``optim``. Fields:
+              trainable, optim, loss.lm_weight. No topk: a pretrain phase
+              runs and evaluates dense attention only (dsax.evals measures
+              its indexer's recall at its own k).
+    warmup    dense attention; only the ``indexer_trainable`` parameters learn,
+              ``loss.indexer_weight`` x the KL to the dense attention, with
+              ``optim`` (the only group); the LM loss is reported. Fields:
+              indexer_trainable, optim, loss.indexer_weight, topk (the k of
+              the recall metrics).
+    sparse    top-``topk`` attention; the ``trainable`` (main) parameters learn
+              the LM loss with ``optim``, the ``indexer_trainable`` ones the
+              sparse KL with ``indexer_optim``; the indexer's inputs are
+              detached. Fields: all.
+  A field that means nothing for the kind is refused: a dotted override of it
+  (whatever the value; judged against the phase's kind after every override of
+  the command, so ``phases.x.kind=sparse`` may come before or after
+  ``phases.x.indexer_optim.lr=...``), and a config that sets it to anything
+  but its default (``ExperimentConfig.check``).
+  topk: 0 = model.indexer.topk. init_from: "" = the previous phase's
+  parameters; a phase name of this run; or a checkpoint directory. data_from:
+  "" = continue the data stream; a phase name = replay the data that phase
+  started from (a fair control).
   """
   name: str = "pretrain"
   kind: str = "pretrain"
   steps: int = 100
-  lr: float = 3e-3
-  warmup_steps: int = 10
-  schedule: str = "cosine"        # "cosine" | "constant"
-  min_lr_ratio: float = 0.1
-  weight_decay: float = 0.0
-  grad_clip: float = 1.0
-  b1: float = 0.9
-  b2: float = 0.95
   trainable: str = r"^(?!layers/indexer/)"   # path regex of the main group
   indexer_trainable: str = r"^layers/indexer/"
-  indexer_lr: float = 1e-3                   # sparse phase's indexer group
-  lm_weight: float = 1.0
-  indexer_weight: float = 1.0
+  optim: OptimConfig = OptimConfig()         # the main group, or warmup's only
+  indexer_optim: OptimConfig = OptimConfig(lr=1e-3)  # sparse: the indexer's
+  loss: LossConfig = LossConfig()
   topk: int = 0                   # 0: model.indexer.topk
   init_from: str = ""
   data_from: str = ""
 
-  @property
-  def attention(self) -> str:
-    return "sparse" if self.kind == "sparse" else "dense"
+
+# The PhaseConfig fields (dotted below the phase) each kind gives a meaning.
+PHASE_COMMON = ("name", "kind", "steps", "init_from", "data_from")
+PHASE_FIELDS = {
+    "pretrain": ("trainable", "optim", "loss.lm_weight"),
+    "warmup": ("indexer_trainable", "optim", "loss.indexer_weight", "topk"),
+    "sparse": ("trainable", "indexer_trainable", "optim", "indexer_optim",
+               "loss.lm_weight", "loss.indexer_weight", "topk"),
+}
+
+# Keys that were replaced (dotted below the class): old -> new.
+RENAMED = {
+    "PhaseConfig": {
+        **{k: "optim." + k for k in ("lr", "schedule", "min_lr_ratio",
+                                      "weight_decay", "grad_clip", "b1",
+                                      "b2")},
+        "warmup_steps": "optim.lr_warmup_steps",
+        "indexer_lr": "indexer_optim.lr",
+        "lm_weight": "loss.lm_weight",
+        "indexer_weight": "loss.indexer_weight",
+    },
+    "OptimConfig": {"warmup_steps": "lr_warmup_steps"},
+}
+
+
+def means_something(kind: str, field: str) -> bool:
+  """Whether a PhaseConfig field (dotted: ``optim.lr``) has a meaning in a
+  phase of ``kind`` (unknown kinds: every field, check() names the kind)."""
+  if kind not in PHASE_FIELDS:
+    return True
+  return any(field == f or field.startswith(f + ".")
+             for f in PHASE_COMMON + PHASE_FIELDS[kind])
+
+
+def meaningless(key: str, kind: str, value: str) -> str:
+  """The error for ``key=value`` that means nothing for a phase's kind."""
+  uses = ", ".join(PHASE_FIELDS[kind])
+  return (f"{key}={value} means nothing for a {kind} phase "
+          f"(kind={kind}): a {kind} phase uses {uses} (and "
+          f"{', '.join(PHASE_COMMON)})")
+
+
+def _check_phase_fields(p: PhaseConfig, key: str) -> None:
+  """A field that means nothing for the phase's kind keeps its default."""
+  default = leaves(PhaseConfig())
+  for field, value in leaves(p).items():
+    if value != default[field] and not means_something(p.kind, field):
+      raise ConfigError(meaningless(f"{key}.{field}", p.kind, repr(value)))
+
+
+def _check_optim(o: OptimConfig, key: str) -> None:
+  if o.lr <= 0:
+    raise ConfigError(f"{key}.lr must be > 0, got {o.lr}")
+  if o.lr_warmup_steps < 0:
+    raise ConfigError(f"{key}.lr_warmup_steps must be >= 0, "
+                      f"got {o.lr_warmup_steps}")
+  if o.schedule not in ("cosine", "constant"):
+    raise ConfigError(f"{key}.schedule must be cosine or constant, "
+                      f"got {o.schedule!r}")
+  if not 0 <= o.min_lr_ratio <= 1:
+    raise ConfigError(f"{key}.min_lr_ratio must be in [0, 1], "
+                      f"got {o.min_lr_ratio}")
+  if o.grad_clip <= 0:
+    raise ConfigError(f"{key}.grad_clip must be > 0, got {o.grad_clip}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -471,13 +453,13 @@ class ExperimentConfig:
       if p.kind not in PHASE_KINDS:
         raise ConfigError(f"{key}.kind must be one of {PHASE_KINDS}, "
                           f"got {p.kind!r}")
+      _check_phase_fields(p, key)
       if p.steps < 0:
         raise ConfigError(f"{key}.steps must be >= 0, got {p.steps}")
-      if p.lr <= 0 or p.indexer_lr <= 0:
-        raise ConfigError(f"{key}.lr and indexer_lr must be > 0")
-      if p.schedule not in ("cosine", "constant"):
-        raise ConfigError(f"{key}.schedule must be cosine or constant, "
-                          f"got {p.schedule!r}")
+      if p.topk < 0:
+        raise ConfigError(f"{key}.topk must be >= 0, got {p.topk}")
+      for group in ("optim", "indexer_optim"):
+        _check_optim(getattr(p, group), f"{key}.{group}")
       for field in ("trainable", "indexer_trainable"):
         try:
           re.compile(getattr(p, field))
@@ -491,7 +473,7 @@ class ExperimentConfig:
       if p.data_from and p.data_from not in names:
         raise ConfigError(f"{key}.data_from={p.data_from!r} is not a phase "
                           f"of this run {names}")
-      k = p.topk or self.model.indexer.topk
+      k = resolve_topk(self.model, p.topk)
       if p.kind == "sparse" and k >= self.data.seq_len:
         raise ConfigError(
             f"{key}.topk (model.indexer.topk={k}) must be smaller than "
@@ -504,3 +486,48 @@ class ExperimentConfig:
     if self.model.vocab_size < 256 and self.data.tokenizer == "bytes":
       raise ConfigError(f"model.vocab_size={self.model.vocab_size} is below "
                         "256, the bytes tokenizer's vocabulary")
+
+
+# ----------------------------------------------------------------- overrides
+
+
+def _phase_index(cfg: Any, parts: list[str], full: str) -> int | None:
+  """The phase a key ``phases.<name|index>.<field>`` of an experiment
+  addresses, or None for any other key."""
+  phases = getattr(cfg, "phases", None)
+  if (parts[0] != "phases" or len(parts) < 3 or not isinstance(phases, tuple)
+      or not all(isinstance(p, PhaseConfig) for p in phases)):
+    return None
+  return dotted.entry(phases, parts[1], full)
+
+
+def override(cfg: Any, overrides: dict[str, Any] | list[str] | None) -> Any:
+  """Applies dotted overrides (a dict, or ``["a.b=v", ...]``) and validates.
+
+  A replaced key (``RENAMED``) is refused naming its replacement. A phase key
+  that means nothing for its phase's kind (``PHASE_FIELDS``) is refused
+  whatever its value; the kind is the one after every override, so the order
+  of a ``phases.x.kind=...`` override and the keys it gives a meaning to does
+  not matter.
+  """
+  if not overrides:
+    return validate(cfg)
+  touched = []
+  for key, value in dotted.pairs(overrides).items():
+    parts = key.split(".")
+    index = _phase_index(cfg, parts, key)  # before a rename of the phase
+    cfg = dotted.apply(cfg, key, value, RENAMED)
+    if index is not None:
+      touched.append((key, index, ".".join(parts[2:]), value))
+  for key, index, field, value in touched:
+    kind = cfg.phases[index].kind
+    if not means_something(kind, field):
+      raise ConfigError(meaningless(key, kind, value))
+  return validate(cfg)
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+  """Inverse of ``to_dict`` for a dataclass type; unknown keys are errors
+  (a replaced key's names its replacement, from ``RENAMED``). ``prefix``: the
+  dotted key of ``data`` in the whole config, for the messages."""
+  return dotted.from_dict(cls, data, prefix, RENAMED)

@@ -57,6 +57,7 @@ import grain
 import numpy as np
 import tqdm
 
+from dsax import tasks
 from dsax.config import ConfigError, DataConfig
 from dsax.tokenizer import Tokenizer, build_tokenizer
 
@@ -344,11 +345,6 @@ class _TaskRows:
   """Decides and builds synthetic rows; row r depends only on (seed, r)."""
 
   def __init__(self, cfg: DataConfig, tokenizer: Tokenizer):
-    try:
-      from dsax import tasks  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise ImportError(f"data.retrieval_rate={cfg.retrieval_rate} needs "
-                        f"dsax.tasks, which failed to import: {e}") from e
     unknown = [t for t in cfg.retrieval_tasks if t not in tasks.TASKS]
     if unknown:
       raise ConfigError(f"data.retrieval_tasks: unknown {unknown}; "
@@ -377,8 +373,8 @@ class _TaskRows:
     rng = np.random.default_rng([self._seed, row])
     if rng.random() >= self._cfg.retrieval_rate:
       return None
-    tasks = self._cfg.retrieval_tasks
-    task = tasks[int(rng.integers(len(tasks)))]
+    names = self._cfg.retrieval_tasks  # not `tasks`: the module
+    task = names[int(rng.integers(len(names)))]
     n, target = self._row_tokens, self._target
     for _ in range(3):
       example = self._generate(task, rng, target, self._count_tokens)

@@ -2,21 +2,23 @@
 
 A named config is ``configs/NAME.py`` in the repository (next to launch.py)
 defining ``get_config(arg) -> ExperimentConfig``; ``load_config("NAME:ARG")``
-calls it with ``"ARG"`` (``None`` without a colon).
+calls it with ``"ARG"`` (``None`` without a colon). A config file elsewhere is
+given by its path: ``load_config("experiments/smollm2_dsa.py:cpu")``.
 
 A sweep file ``experiments/X.py`` defines::
 
-  CONFIG = "main"                       # NAME[:ARG], as for load_config
+  CONFIG = "main"                       # NAME[:ARG] or PATH.py[:ARG]
   GRID = {"model.indexer.topk": [64, 128],   # cartesian product, or
-          "phases.sparse.lr": [1e-4, 3e-4]}
+          "phases.sparse.optim.lr": [1e-4, 3e-4]}
   ZIP = {...}                           # equal-length lists taken together
   BASE = {"phases.sparse.steps": 500}   # optional: applied to every run
   SUMMARY = ["sparse/val_loss"]         # optional: summary.json keys to show
 
 Exactly one of GRID and ZIP. Each run is named from its swept values:
-``model.indexer.topk=64, phases.sparse.lr=1e-4`` -> ``topk-64_sparse.lr-0.0001``
-(the shortest dotted suffix that tells the swept keys apart; a phase field
-keeps its phase name).
+``model.indexer.topk=64, phases.sparse.optim.lr=1e-4`` ->
+``topk-64_sparse.optim.lr-0.0001`` (the shortest dotted suffix that tells the
+swept keys apart; a phase field keeps its phase name and its group:
+``sparse.optim.lr`` and ``sparse.indexer_optim.lr`` are different knobs).
 """
 
 from __future__ import annotations
@@ -68,8 +70,11 @@ def available_configs(root: str | None = None) -> list[str]:
 
 
 def load_config(spec: str, root: str | None = None) -> ExperimentConfig:
-  """``"NAME[:ARG]"`` -> ``configs/NAME.py``'s ``get_config(ARG or None)``."""
+  """``"NAME[:ARG]"`` -> ``configs/NAME.py``'s ``get_config(ARG or None)``;
+  ``"PATH.py[:ARG]"`` (e.g. experiments/smollm2_dsa.py) -> that file's."""
   name, _, arg = spec.partition(":")
+  if name.endswith(".py"):
+    return _file_config(name, arg, root)
   folder = configs_dir(root)
   if not name.isidentifier() or not os.path.isfile(
       os.path.join(folder, name + ".py")):
@@ -85,10 +90,28 @@ def load_config(spec: str, root: str | None = None) -> ExperimentConfig:
     known = ", ".join(available_configs(root)) or "none"
     raise ConfigError(f"config {name!r}: configs/{name}.py defines no "
                       f"get_config(arg) (available: {known})")
-  cfg = get_config(arg or None)
+  return _checked(get_config(arg or None), f"config {name!r}")
+
+
+def _file_config(path: str, arg: str, root: str | None) -> ExperimentConfig:
+  """A config file's get_config(ARG); a relative path is looked up from the
+  working directory, then from the repository (configs/' parent)."""
+  base = os.path.dirname(configs_dir(root))
+  if not os.path.isfile(path) and os.path.isfile(os.path.join(base, path)):
+    path = os.path.join(base, path)
+  if base not in sys.path:  # so the file can import configs/ and experiments/
+    sys.path.insert(0, base)
+  module = _read_module(path, "config file")
+  get_config = getattr(module, "get_config", None)
+  if not callable(get_config):
+    raise ConfigError(f"config file {path!r} defines no get_config(arg)")
+  return _checked(get_config(arg or None), path)
+
+
+def _checked(cfg: Any, what: str) -> ExperimentConfig:
   if not isinstance(cfg, ExperimentConfig):
-    raise ConfigError(f"config {name!r}: get_config returned "
-                      f"{type(cfg).__name__}, not an ExperimentConfig")
+    raise ConfigError(f"{what}: get_config returned {type(cfg).__name__}, "
+                      "not an ExperimentConfig")
   return cfg
 
 
@@ -109,13 +132,13 @@ class Sweep:
     return os.path.splitext(os.path.basename(self.path))[0]
 
 
-def _read_module(path: str) -> Any:
+def _read_module(path: str, what: str = "sweep file") -> Any:
   if not os.path.isfile(path):
-    raise ConfigError(f"sweep file {path!r} does not exist")
-  mod_name = "_dsax_sweep_" + re.sub(r"\W", "_", os.path.abspath(path))
+    raise ConfigError(f"{what} {path!r} does not exist")
+  mod_name = "_dsax_" + re.sub(r"\W", "_", os.path.abspath(path))
   spec = importlib.util.spec_from_file_location(mod_name, path)
   if spec is None or spec.loader is None:
-    raise ConfigError(f"sweep file {path!r} is not a Python file")
+    raise ConfigError(f"{what} {path!r} is not a Python file")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -185,14 +208,15 @@ def expand_sweep(path: str) -> list[tuple[str, dict[str, Any]]]:
 def short_keys(keys: Sequence[str]) -> dict[str, str]:
   """Each dotted key's shortest suffix that no other key shares.
 
-  ``phases.<phase>.<field>`` keeps at least ``<phase>.<field>``: the same
-  field of two phases is a different knob.
+  ``phases.<phase>.<field>`` keeps at least ``<phase>.<field>`` (a dotted
+  field: ``sparse.optim.lr``): the same field of two phases, or of two
+  groups of a phase, is a different knob.
   """
   parts = {k: k.split(".") for k in keys}
 
   def minimum(key: str) -> int:
     p = parts[key]
-    return 2 if p[0] == "phases" and len(p) >= 3 else 1
+    return len(p) - 1 if p[0] == "phases" and len(p) >= 3 else 1
 
   depth = {k: minimum(k) for k in keys}
   while True:
