@@ -4,11 +4,12 @@
   python experiments/bench_attention.py --quick          # T = 1K, 2K smoke test
   python experiments/bench_attention.py --lengths 4096,8192 --reps 5
 
-The layer is ``model.attention_block`` on a normalised hidden state x_BTD:
-q/kv projections, core attention, output projection. Timed: jax.grad of
+The layer is ``mla.project``, ``dsa.attend`` and the output projection on a
+normalised hidden state x_BTD. Timed: jax.grad of
 sum(out * ct) w.r.t. x and the layer's parameters (attention and indexer).
 
-  dense   core = mla.dense_attention (expanded form, chunked over queries with
+  dense   core = dsa.attend with a dense AttentionMode, i.e.
+          mla.dense_attention (expanded form, chunked over queries with
           model.attn_q_chunk; each chunk forms a [N, chunk, keys] slab).
           With at most 16 chunks (query_chunks.map_causal_chunks' max_unroll)
           the chunks are unrolled and each scores only its causal key prefix
@@ -16,8 +17,8 @@ sum(out * ct) w.r.t. x and the layer's parameters (attention and indexer).
           keys and masks the upper triangle. The rows say which path ran.
           Default chunk 256: the rolled path at 8K/16K (a larger chunk that
           unrolls, e.g. 1024 at 16K, compiles to ~38 GB of temp buffers).
-  sparse  core = dsa.make_layer_attend(attention="sparse",
-          indexer_loss=False): indexer projection + causal top-k (reference,
+  sparse  core = dsa.attend with a sparse AttentionMode (no indexer loss):
+          indexer projection + causal top-k (reference,
           chunked by indexer.q_chunk), then sparse MLA in absorbed (MQA) form.
   core    kernels.sparse_mla alone (fwd + bwd w.r.t. q and kv) given the
           indices the indexer chose: its time should grow ~linearly in T.
@@ -60,8 +61,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from dsax import dsa, kernels, mla, model  # noqa: E402
+from dsax import dsa, kernels, mla  # noqa: E402
 from dsax import params as P  # noqa: E402
+from dsax.attention import AttentionMode  # noqa: E402
 from dsax.config import IndexerConfig, ModelConfig  # noqa: E402
 from dsax.kernels import query_chunks  # noqa: E402
 
@@ -154,16 +156,14 @@ def build(args, t: int, key):
   x = jax.random.normal(kx, (b, t, args.d), dtype)
   ct = jax.random.normal(kc, (b, t, args.d), dtype) * 1e-3
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  opts = dsa.DSAOptions(indexer_loss=False, impl="reference")
+  ang = mla.angles(positions, cfg)
+  ang_i = dsa.indexer_angles(positions, cfg)
 
   def layer_out(p, x, attention):
-    ang = mla.mla_angles(positions, cfg)
-    attend = None
-    if attention == "sparse":
-      attend = dsa.make_layer_attend(cfg, "sparse", opts, positions,
-                                     None)(p, x)
-    out, _, _, _ = model.attention_block(p, x, ang, cfg, None, attend)
-    return out
+    mode = AttentionMode.of(cfg, attention, impl="reference")
+    proj = mla.project(p["attn"], x, ang, cfg)
+    o, _ = dsa.attend(p, x, proj, mode, cfg, None, ang_i)
+    return mla.output_projection(o, p["attn"]["wo"])
 
   def dense_loss(p, x, ct):
     return jnp.sum(layer_out(p, x, "dense").astype(jnp.float32) * ct)
@@ -173,18 +173,12 @@ def build(args, t: int, key):
 
   # Inputs of the core and the indexer, as the sparse layer forms them.
   scale = mla.softmax_scale(cfg)
-  ang = mla.mla_angles(positions, cfg)
-  ang_i = dsa.indexer_angles(positions, cfg)
 
   @jax.jit
   def core_inputs(p, x):
-    a = p["attn"]
-    q_nope, q_rope, cq = mla.project_q(a, x, ang, cfg)
-    kv, k_rope = mla.project_kv(a, x, ang, cfg)
-    q_full = jnp.concatenate([mla.absorb_query(q_nope, a["wkv_b"], cfg),
-                              q_rope], -1)
-    kv_full = jnp.concatenate([kv, k_rope.astype(kv.dtype)], -1)
-    return q_full, kv_full, cq
+    proj = mla.project(p["attn"], x, ang, cfg)
+    q_full, kv_full = mla.absorbed_inputs(p["attn"], proj, proj.rows, cfg)
+    return q_full, kv_full, proj.cq
 
   def indexer(pi, x, cq):
     iq, ik, iw = dsa.indexer_project(pi, x, cq, ang_i, cfg)

@@ -44,7 +44,8 @@ KINDS = ("pretrain", "warmup", "sparse")
 
 def parse_args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--config", default="main", help="NAME[:ARG] in configs/")
+  ap.add_argument("--config", default="main",
+                  help="NAME[:ARG] in configs/, or PATH.py[:ARG]")
   ap.add_argument("--batch-size", type=int, default=None,
                   help="override data.batch_size")
   ap.add_argument("--seq-len", type=int, default=None,
@@ -52,14 +53,14 @@ def parse_args(argv=None):
   ap.add_argument("--set", action="append", default=[],
                   help="dotted override key=value (repeatable)")
   ap.add_argument("--reps", type=int, default=5,
-                  help="interleaved repetitions per phase")
+                  help="interleaved repetitions per phase (0: compile only)")
   ap.add_argument("--steps", type=int, default=3,
                   help="consecutive steps per repetition")
   return ap.parse_args(argv)
 
 
 def load(args) -> C.ExperimentConfig:
-  cfg = sweep.load_config(args.config)
+  cfg = sweep.load_config(args.config)  # configs/NAME[:ARG] or PATH.py[:ARG]
   overrides = dict(s.split("=", 1) for s in args.set)
   if args.batch_size is not None:
     overrides["data.batch_size"] = args.batch_size
@@ -78,7 +79,7 @@ def random_batch(cfg: C.ExperimentConfig, seed: int = 0) -> dict:
       "positions": np.broadcast_to(np.arange(t, dtype=np.int32),
                                    (b, t)).copy(),
       "weights": np.ones((b, t), np.float32)}
-  return train.device_batch(batch)
+  return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
 def phase_step(cfg, phase, params):
@@ -119,16 +120,29 @@ def main(argv=None):
         cfg, phase, params)
     n_train = sum(int(np.prod(v.shape)) for k, v in
                   train.flatten(params).items() if k in labels)
-    topk = phase.topk or m.indexer.topk
+    mode = train.phase_mode(cfg, phase)
     t0 = time.perf_counter()
-    states[kind], out = steps[kind](states[kind], frozens[kind], batch)
+    with jax.set_mesh(steps[kind].mesh):
+      compiled = steps[kind].jitted.lower(states[kind], frozens[kind],
+                                          batch).compile()
+    compile_s = time.perf_counter() - t0
+    if not args.reps:  # compile only
+      print(f"  {kind:8s} phase {phase.name!r}: compile {compile_s:.1f} s",
+            flush=True)
+      continue
+    t0 = time.perf_counter()
+    steps[kind] = compiled  # later calls skip jit's dispatch and cache
+    states[kind], out = compiled(states[kind], frozens[kind], batch)
     jax.block_until_ready((states[kind], out))
     print(f"  {kind:8s} phase {phase.name!r}: {n_train} trainable params "
           f"in groups {sorted(set(labels.values()))}, attention "
-          f"{phase.attention}" + (f" top-{topk}" if kind == "sparse" else "")
-          + f"; compile + first step {time.perf_counter() - t0:.1f} s, "
+          f"{mode.kind}" + (f" top-{mode.topk}" if mode.sparse else "")
+          + f"; compile {compile_s:.1f} s, first step "
+          f"{time.perf_counter() - t0:.1f} s, "
           f"loss {float(out['loss']):.4f}", flush=True)
 
+  if not args.reps:
+    return
   times = {kind: [] for kind in phases}
   for _ in range(args.reps):
     for kind in phases:

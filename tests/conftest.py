@@ -10,6 +10,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# No implicit rank broadcasting anywhere in the model or the tests: a missing
+# axis is an error, not a silent broadcast.
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
 from configs.tiny import model_config  # noqa: E402
 from dsax import params as P  # noqa: E402
 

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import init, tiny
 from dsax import dsa, mla, model
+from dsax.attention import AttentionMode
 from dsax.kernels import reference
 from test_model import _grad_wrt_embeddings
 
@@ -33,25 +34,25 @@ def test_sparse_equals_dense_when_k_covers_the_sequence(q_lora_rank):
   params = init(cfg)
   seg = jnp.array([[1] * 15 + [2] * 25, [1] * 40])
   dense, _ = model.forward(params, tokens(), cfg, seg)
-  sparse, aux = model.forward(params, tokens(), cfg, seg, attention="sparse")
+  sparse, aux = model.forward(params, tokens(), cfg, seg, mode=AttentionMode.of(
+      cfg, "sparse", indexer_loss=True))
   np.testing.assert_allclose(sparse, dense, atol=2e-5, rtol=0)
   # Restricted to every visible key, the sparse KL is the dense KL.
   _, aux_d = model.forward(params, tokens(), cfg, seg,
-                           dsa_options=dsa.DSAOptions())
-  np.testing.assert_allclose(aux["indexer_kl"], aux_d["indexer_kl"],
-                             rtol=1e-4)
+                           mode=AttentionMode.of(cfg, indexer_loss=True))
+  np.testing.assert_allclose(aux.indexer_kl, aux_d.indexer_kl, rtol=1e-4)
 
 
 def test_sparse_attention_is_sparse_when_k_is_small():
   cfg = cfg_with(topk=4)
   params = init(cfg)
   dense, _ = model.forward(params, tokens(), cfg)
-  sparse, aux = model.forward(params, tokens(), cfg, attention="sparse",
-                              dsa_options=dsa.DSAOptions(return_indices=True))
+  sparse, aux = model.forward(params, tokens(), cfg, mode=AttentionMode.of(
+      cfg, "sparse", indices=True))
   # Positions t < k see every key; later ones do not.
   np.testing.assert_allclose(sparse[:, :1], dense[:, :1], atol=2e-5)
   assert float(jnp.abs(sparse[:, 10:] - dense[:, 10:]).max()) > 1e-3
-  idx, valid = aux["idx"], aux["valid"]
+  idx, valid = aux.idx, aux.valid
   assert idx.shape == (cfg.n_layers, 2, T, 4) and idx.dtype == jnp.int32
   np.testing.assert_array_equal(valid.sum(-1)[..., 3:], 4)
   np.testing.assert_array_equal(valid.sum(-1)[..., :3],
@@ -66,15 +67,17 @@ def test_sparse_decode_matches_sparse_forward(q_lora_rank):
   cfg = cfg_with(topk=4, q_lora_rank=q_lora_rank)
   params = init(cfg)
   toks = tokens(t=24)
-  sparse, _ = model.forward(params, toks, cfg, attention="sparse")
+  sparse_mode = AttentionMode.of(cfg, "sparse")
+  sparse, _ = model.forward(params, toks, cfg, mode=sparse_mode)
   dense, _ = model.forward(params, toks, cfg)
   assert float(jnp.abs(sparse[:, 8:] - dense[:, 8:]).max()) > 1e-3
   prompt = 7
-  first, cache = decode.prefill(params, toks[:, :prompt], cfg, 24, "sparse")
+  first, cache = decode.prefill(params, toks[:, :prompt], cfg, 24,
+                                sparse_mode)
   step = jax.jit(decode.decode_step, static_argnums=(3, 4))
   outs = [first]
   for t in range(prompt, 24):
-    out, cache = step(params, cache, toks[:, t], cfg, "sparse")
+    out, cache = step(params, cache, toks[:, t], cfg, sparse_mode)
     outs.append(out[:, None])
   dec = jnp.concatenate(outs, axis=1)
   np.testing.assert_array_less(np.abs(np.asarray(dec - sparse)).max(), 1e-4)
@@ -82,7 +85,7 @@ def test_sparse_decode_matches_sparse_forward(q_lora_rank):
   if q_lora_rank == 0:
     return
   # Greedy generation through the sparse cache runs end to end.
-  gen = decode.generate(params, toks[:, :prompt], cfg, 3, attention="sparse")
+  gen = decode.generate(params, toks[:, :prompt], cfg, 3, mode=sparse_mode)
   assert gen.shape == (2, prompt + 3)
   np.testing.assert_array_equal(gen[:, prompt],
                                 jnp.argmax(sparse[:, prompt - 1], -1))
@@ -94,7 +97,8 @@ def test_causality_by_gradient_with_sparse_attention():
   toks = tokens(b=1)
   seg = jnp.array([[1] * 17 + [2] * 23])
   ts = (3, 16, 17, 30)
-  grads = _grad_wrt_embeddings(cfg, params, toks, ts, seg, attention="sparse")
+  grads = _grad_wrt_embeddings(cfg, params, toks, ts, seg,
+                               mode=AttentionMode.of(cfg, "sparse"))
   for t, g in zip(ts, grads):
     assert np.all(g[t + 1:] == 0.0), t
     if t >= 17:
@@ -108,9 +112,8 @@ def _dense_target(cfg, params, toks):
   p0 = jax.tree.map(lambda x: x[0], params["layers"])
   h = mla.rms_norm(model.embed(params, toks, cfg), p0["attn_norm"],
                    cfg.norm_eps)
-  ang = mla.mla_angles(model.default_positions(toks), cfg)
-  q_nope, q_rope, _ = mla.project_q(p0["attn"], h, ang, cfg)
-  kv, k_rope = mla.project_kv(p0["attn"], h, ang, cfg)
+  ang = mla.angles(model.default_positions(toks), cfg)
+  proj = mla.project(p0["attn"], h, ang, cfg)
   del a
 
   def probe(start, prob, mask):
@@ -119,8 +122,7 @@ def _dense_target(cfg, params, toks):
 
   # One chunk: every query's row spans all T keys.
   _, (p, mask) = mla.dense_attention(
-      q_nope, q_rope, kv, k_rope, p0["attn"]["wkv_b"],
-      dataclasses.replace(cfg, attn_q_chunk=T), probe=probe)
+      p0["attn"], proj, dataclasses.replace(cfg, attn_q_chunk=T), probe=probe)
   return p, mask
 
 
@@ -138,7 +140,8 @@ def test_kl_is_zero_and_recall_is_oracle_for_scores_equal_to_log_p():
   # A different score ranking gives a positive KL and lower recall.
   flat = jnp.where(mask, 0.0, -1e30)
   assert float(dsa.kl_divergence(p, flat, mask)[:, 10:].min()) > 0
-  assert float(dsa.recall_metrics(p, -jnp.arange(T) * 1.0 + 0 * p, mask,
+  assert float(dsa.recall_metrics(p, -jnp.arange(T)[None, None] * 1.0 + 0 * p,
+                                  mask,
                                   jnp.arange(T), 5)["recall"].mean()) < \
       float(rec["recall"].mean())
 
@@ -157,8 +160,9 @@ def test_gradient_isolation_in_sparse_mode():
   toks = tokens()
 
   def losses(p):
-    logits, aux = model.forward(p, toks, cfg, attention="sparse")
-    return model.lm_loss(logits[:, :-1], toks[:, 1:]), aux["indexer_kl"].sum()
+    logits, aux = model.forward(p, toks, cfg, mode=AttentionMode.of(
+        cfg, "sparse", indexer_loss=True))
+    return model.lm_loss(logits[:, :-1], toks[:, 1:]), aux.indexer_kl.sum()
 
   g_lm, g_ix = jax.jit(lambda p: (jax.grad(lambda q: losses(q)[0])(p),
                                    jax.grad(lambda q: losses(q)[1])(p)))(params)
@@ -176,9 +180,9 @@ def test_zero_query_weights_still_select_valid_causal_in_segment_keys():
   params["layers"]["indexer"]["wq_b"] = jnp.zeros_like(
       params["layers"]["indexer"]["wq_b"])
   seg = jnp.array([[1] * 5 + [2] * 30 + [3] * 5, [1] * 40])
-  _, aux = model.forward(params, tokens(), cfg, seg, attention="sparse",
-                         dsa_options=dsa.DSAOptions(return_indices=True))
-  idx, valid = np.asarray(aux["idx"]), np.asarray(aux["valid"])
+  _, aux = model.forward(params, tokens(), cfg, seg, mode=AttentionMode.of(
+      cfg, "sparse", indices=True))
+  idx, valid = np.asarray(aux.idx), np.asarray(aux.valid)
   t = np.arange(T)[None, None, :, None]
   segs = np.asarray(seg)
   assert np.all(idx <= t) and np.all(idx >= 0)
@@ -210,8 +214,9 @@ def test_sparse_forward_and_backward_never_hold_t_by_s():
   toks = jnp.zeros((1, t), jnp.int32)
 
   def loss(p):
-    logits, aux = model.forward(p, toks, cfg, attention="sparse")
-    return logits.mean() + aux["indexer_kl"].sum()
+    logits, aux = model.forward(p, toks, cfg, mode=AttentionMode.of(
+        cfg, "sparse", indexer_loss=True))
+    return logits.mean() + aux.indexer_kl.sum()
 
   jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
   biggest = max(int(np.prod(a.shape)) for a in _all_avals(jaxpr)
@@ -229,8 +234,8 @@ def test_hadamard_keeps_indexer_scores_and_fp8_perturbs_them_slightly():
     p0 = jax.tree.map(lambda x: x[0], params["layers"])
     h = model.embed(params, tokens(), cfg)
     ang = dsa.indexer_angles(model.default_positions(tokens()), cfg)
-    cq = mla.project_q(p0["attn"], h, mla.mla_angles(
-        model.default_positions(tokens()), cfg), cfg)[2]
+    cq = mla.project(p0["attn"], h, mla.angles(
+        model.default_positions(tokens()), cfg), cfg).cq
     q, k, w = dsa.indexer_project(p0["indexer"], h, cq, ang, cfg)
     return np.asarray(reference.indexer_logits(q, k, w))
 

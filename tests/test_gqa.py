@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import init, tiny
-from dsax import decode, dsa, gqa, model
+from dsax import decode, gqa, model
 from dsax import params as P
+from dsax.attention import AttentionMode
 from dsax.config import ConfigError, validate
 from dsax.kernels.reference import sparse_gqa_reference
 from test_model import _grad_wrt_embeddings
@@ -78,8 +79,9 @@ def test_projections_and_dense_attention_match_numpy(params):
   x = jax.random.normal(jax.random.PRNGKey(2), (2, 20, cfg.d_model))
   seg = np.array([[1] * 7 + [2] * 13, [1] * 20])
   pos = model.default_positions(x[..., 0])
-  q, k, v = gqa.project_qkv(p, x, gqa.gqa_angles(pos, cfg), cfg)
-  o = gqa.dense_attention(q, k, v, cfg, jnp.asarray(seg))
+  proj = gqa.project(p, x, gqa.angles(pos, cfg), cfg)
+  (q, (k, v)), (o, _) = (proj.q, proj.rows), gqa.dense_attention(
+      p, proj, cfg, jnp.asarray(seg))
   xn, pn = np.asarray(x, np.float64), {k_: np.asarray(w, np.float64)
                                        for k_, w in p.items()}
   proj = {c: np.einsum("btd,dgh->btgh", xn, pn[f"w{c}"]) + pn[f"b{c}"]
@@ -121,7 +123,8 @@ def test_sparse_gqa_reference_matches_numpy_on_random_sets():
 def test_causality_and_segments_by_gradient(params, attention):
   seg = jnp.array([[1] * 9 + [2] * 15])
   ts = (3, 8, 9, 20)
-  grads = _grad_wrt_embeddings(CFG, params, tokens(b=1), ts, seg, attention)
+  grads = _grad_wrt_embeddings(CFG, params, tokens(b=1), ts, seg,
+                               AttentionMode.of(CFG, attention))
   for t, g in zip(ts, grads):
     assert np.all(g[t + 1:] == 0.0), t
     if t >= 9:
@@ -132,22 +135,24 @@ def test_causality_and_segments_by_gradient(params, attention):
 def test_sparse_equals_dense_when_k_covers_the_sequence(params):
   cfg = with_topk(CFG, T)
   seg = jnp.array([[1] * 10 + [2] * 14, [1] * T])
+  def mode(c, kind):
+    return AttentionMode.of(c, kind, indexer_loss=True, recall=True)
+
   dense, aux_d = model.forward(params, tokens(), cfg, seg,
-                               dsa_options=dsa.DSAOptions(metrics=True))
-  sparse, aux = model.forward(params, tokens(), cfg, seg, attention="sparse",
-                              dsa_options=dsa.DSAOptions(metrics=True))
+                               mode=mode(cfg, "dense"))
+  sparse, aux = model.forward(params, tokens(), cfg, seg,
+                              mode=mode(cfg, "sparse"))
   np.testing.assert_allclose(sparse, dense, atol=2e-5, rtol=0)
   # Restricted to every visible key, the sparse KL is the dense KL.
-  np.testing.assert_allclose(aux["indexer_kl"], aux_d["indexer_kl"], rtol=1e-4)
-  assert np.all(np.isfinite(aux_d["indexer_kl"]))
-  assert float(aux_d["indexer_kl"].min()) > 0
-  np.testing.assert_allclose(aux["recall"], 1.0, atol=1e-6)
+  np.testing.assert_allclose(aux.indexer_kl, aux_d.indexer_kl, rtol=1e-4)
+  assert np.all(np.isfinite(aux_d.indexer_kl))
+  assert float(aux_d.indexer_kl.min()) > 0
+  np.testing.assert_allclose(aux.recall, 1.0, atol=1e-6)
   # With k < T the selection is sparse: later positions differ, recall < 1.
-  sp4, aux4 = model.forward(params, tokens(), CFG, attention="sparse",
-                            dsa_options=dsa.DSAOptions(metrics=True))
+  sp4, aux4 = model.forward(params, tokens(), CFG, mode=mode(CFG, "sparse"))
   assert float(jnp.abs(sp4[:, 12:] - dense[:, 12:]).max()) > 1e-3
-  assert np.all(aux4["recall"] < 1) and np.all(
-      aux4["recall_oracle"] >= aux4["recall"] - 1e-6)
+  assert np.all(aux4.recall < 1) and np.all(
+      aux4.recall_oracle >= aux4.recall - 1e-6)
 
 
 def test_warmup_kl_is_zero_when_both_sides_are_uniform(params):
@@ -159,15 +164,15 @@ def test_warmup_kl_is_zero_when_both_sides_are_uniform(params):
       bq=jnp.zeros_like(layers["attn"]["bq"])),
       indexer=dict(layers["indexer"], weights_proj=jnp.zeros_like(
           layers["indexer"]["weights_proj"]))))
-  _, aux = model.forward(params, tokens(), CFG, dsa_options=dsa.DSAOptions())
-  np.testing.assert_allclose(aux["indexer_kl"], 0.0, atol=1e-6)
+  _, aux = model.forward(params, tokens(), CFG,
+                         mode=AttentionMode.of(CFG, indexer_loss=True))
+  np.testing.assert_allclose(aux.indexer_kl, 0.0, atol=1e-6)
 
 
 def test_indexer_loss_reaches_only_the_indexer(params):
   def kl(p, attention):
-    opts = dsa.DSAOptions() if attention == "dense" else None
-    return model.forward(p, tokens(), CFG, attention=attention,
-                         dsa_options=opts)[1]["indexer_kl"].sum()
+    mode = AttentionMode.of(CFG, attention, indexer_loss=True)
+    return model.forward(p, tokens(), CFG, mode=mode)[1].indexer_kl.sum()
 
   for attention in ("dense", "sparse"):
     g = jax.jit(jax.grad(kl), static_argnums=1)(params, attention)
@@ -181,21 +186,22 @@ def test_indexer_loss_reaches_only_the_indexer(params):
 def test_decode_matches_forward(params, attention):
   cfg = CFG
   toks = tokens()
-  full, _ = model.forward(params, toks, cfg, attention=attention)
+  mode = AttentionMode.of(cfg, attention)
+  full, _ = model.forward(params, toks, cfg, mode=mode)
   prompt = 6
-  first, cache = decode.prefill(params, toks[:, :prompt], cfg, T, attention)
+  first, cache = decode.prefill(params, toks[:, :prompt], cfg, T, mode)
   assert cache["k"].shape == (cfg.n_layers, 2, T, 2, 16)
   step = jax.jit(decode.decode_step, static_argnums=(3, 4))
   outs = [first]
   for t in range(prompt, T):
-    out, cache = step(params, cache, toks[:, t], cfg, attention)
+    out, cache = step(params, cache, toks[:, t], cfg, mode)
     outs.append(out[:, None])
   dec = jnp.concatenate(outs, axis=1)
   np.testing.assert_array_less(np.abs(np.asarray(dec - full)).max(), 1e-4)
   # Greedy generation: each new token is the argmax of the forward on the
   # generated row so far.
-  gen = decode.generate(params, toks[:, :prompt], cfg, 3, attention=attention)
-  again, _ = model.forward(params, gen, cfg, attention=attention)
+  gen = decode.generate(params, toks[:, :prompt], cfg, 3, mode=mode)
+  again, _ = model.forward(params, gen, cfg, mode=mode)
   np.testing.assert_array_equal(gen[:, prompt:],
                                 jnp.argmax(again[:, prompt - 1:-1], -1))
 
@@ -222,5 +228,5 @@ def test_gqa_warmup_kernel_path_equals_reference():
   warm-up KL through mla_flash with k/v repeated per head; logits, KL and
   every gradient agree with the jnp path."""
   from test_kernels_model import check_impls_agree
-  check_impls_agree("dense", dsa.DSAOptions(), attention_type="gqa",
+  check_impls_agree("dense", attention_type="gqa",
                     n_kv_heads=2, head_dim=16)

@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from dsax import checkpoint, hf, model  # noqa: E402
 from dsax import params as P  # noqa: E402
-from dsax.dsa import DSAOptions  # noqa: E402
+from dsax.attention import AttentionMode  # noqa: E402
 from dsax.hf import deepseek  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,9 +112,8 @@ def test_v32_sparse_logits_and_selection_match_transformers(saved):
           cfg.indexer.rope_dim) == (16, 16, 8, 8)
   x = jnp.asarray(toks.numpy())
   logits, aux = model.forward(
-      params, x, cfg, attention="sparse",
-      dsa_options=DSAOptions(indexer_loss=False, return_indices=True))
-  idx, valid = np.asarray(aux["idx"]), np.asarray(aux["valid"])
+      params, x, cfg, mode=AttentionMode.of(cfg, "sparse", indices=True))
+  idx, valid = np.asarray(aux.idx), np.asarray(aux.valid)
   for layer, hf_idx in enumerate(caught):
     for b in range(2):
       for t in range(40):

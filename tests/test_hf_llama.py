@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from dsax import hf, model  # noqa: E402
+from dsax.attention import AttentionMode  # noqa: E402
 from dsax.hf import llama as L  # noqa: E402
 
 T = 20
@@ -146,7 +147,7 @@ def test_indexer_round_trips_and_sparse_at_full_k_is_dense():
   # Sparse attention over every visible key is dense attention.
   dense, _ = model.forward(params, jnp.asarray(TOKS), cfg)
   sparse, _ = model.forward(params, jnp.asarray(TOKS), cfg,
-                            attention="sparse")
+                            mode=AttentionMode.of(cfg, "sparse"))
   np.testing.assert_allclose(sparse, dense, atol=2e-5, rtol=0)
   np.testing.assert_allclose(sparse, hf_logits(m, TOKS), atol=1e-4, rtol=0)
 

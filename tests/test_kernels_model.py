@@ -1,7 +1,7 @@
 """The tiny DSA model with model.kernel_impl="pallas" (interpret mode on CPU)
 equals kernel_impl="reference": logits, indexer KL and every parameter
 gradient, in the sparse phase, the dense warm-up (attention and the fused
-warm-up KL in mla_flash) and plain dense pretraining."""
+warm-up KL kernel on its lse) and plain dense pretraining."""
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +10,8 @@ import pytest
 
 from conftest import init, tiny
 from dsax import model
+from dsax.attention import AttentionMode
 from dsax.config import ConfigError, override
-from dsax.dsa import DSAOptions
 
 FAST = ({"xla_backend_optimization_level": 0}
         if jax.default_backend() == "cpu" else {})
@@ -20,16 +20,16 @@ TOKS = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 40)))
 SEG = jnp.asarray([[0] * 15 + [1] * 25, [0] * 40])
 
 
-def run(cfg, attention, options):
+def run(cfg, attention, indexer_loss):
   """(logits, per-layer indexer KL or None), gradients of LM + sum(KL)."""
   params = init(cfg)
+  mode = AttentionMode.of(cfg, attention, indexer_loss=indexer_loss)
 
   def loss(p):
-    logits, aux = model.forward(p, TOKS, cfg, SEG, attention=attention,
-                                dsa_options=options)
+    logits, aux = model.forward(p, TOKS, cfg, SEG, mode=mode)
     lm = -jnp.mean(jax.nn.log_softmax(logits)[:, :-1, :]
                    * jax.nn.one_hot(TOKS[:, 1:], 256))
-    kl = aux.get("indexer_kl")
+    kl = aux.indexer_kl
     return lm + (0.0 if kl is None else jnp.sum(kl)), (logits, kl)
 
   (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True),
@@ -37,13 +37,13 @@ def run(cfg, attention, options):
   return out, grads
 
 
-def check_impls_agree(attention, options, **cfg_kw):
+def check_impls_agree(attention, indexer_loss=True, **cfg_kw):
   # topk 16 < T = 40: the sparse selection is sparse. Query chunks of 16:
   # the warm-up KL runs over three chunks, the last one partial.
   cfg = tiny(init_std=0.1, attn_q_chunk=16, **cfg_kw)
   (logits, kl), grads = run(
-      override(cfg, {"kernel_impl": "pallas"}), attention, options)
-  (rlogits, rkl), rgrads = run(cfg, attention, options)
+      override(cfg, {"kernel_impl": "pallas"}), attention, indexer_loss)
+  (rlogits, rkl), rgrads = run(cfg, attention, indexer_loss)
   np.testing.assert_allclose(logits, rlogits, rtol=1e-5, atol=1e-5)
   assert (kl is None) == (rkl is None)
   if kl is not None:
@@ -61,16 +61,16 @@ def check_impls_agree(attention, options, **cfg_kw):
 
 
 def test_sparse_model_pallas_equals_reference():
-  check_impls_agree("sparse", DSAOptions())
+  check_impls_agree("sparse")
 
 
 def test_dense_warmup_pallas_equals_reference():
-  """The dense path through mla_flash and its fused warm-up KL."""
-  check_impls_agree("dense", DSAOptions())
+  """The dense path through mla_flash and the warm-up KL kernel."""
+  check_impls_agree("dense")
 
 
 def test_dense_pretrain_pallas_equals_reference():
-  check_impls_agree("dense", None)
+  check_impls_agree("dense", indexer_loss=False)
 
 
 def test_kernel_impl_is_validated():

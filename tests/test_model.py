@@ -1,4 +1,5 @@
-"""Foundation invariants: decode == forward, causality, counts, overfitting."""
+"""Foundation invariants: causality, counts, overfitting, MoE (decode ==
+forward is in test_decode.py)."""
 
 import dataclasses
 
@@ -9,54 +10,10 @@ import optax
 import pytest
 
 from conftest import init, tiny
-from dsax import decode, model
+from dsax import model
 from dsax import params as P
 from dsax import moe
 from dsax.config import MoEConfig, RopeScaling
-
-
-@pytest.mark.parametrize("q_lora_rank", [32, 0])
-@pytest.mark.parametrize("yarn", [False, True])
-def test_absorbed_decode_matches_expanded_forward(q_lora_rank, yarn):
-  # YaRN with original length 8 < sequence length 24 so the frequency
-  # correction and mscale are both active.
-  cfg = tiny(q_lora_rank=q_lora_rank, init_std=0.1, attn_q_chunk=8,
-             rope_scaling=RopeScaling(enabled=yarn, factor=4.0,
-                                      original_max_position=8))
-  params = init(cfg)
-  toks = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, cfg.vocab_size)
-  logits, _ = model.forward(params, toks, cfg)
-  assert float(jnp.std(logits)) > 0.1  # a non-trivial model
-  prompt = 5
-  first, cache = decode.prefill(params, toks[:, :prompt], cfg, 24)
-  steps = [first]
-  step = jax.jit(decode.decode_step, static_argnums=3)
-  for t in range(prompt, 24):
-    out, cache = step(params, cache, toks[:, t], cfg)
-    steps.append(out[:, None])
-  dec = jnp.concatenate(steps, axis=1)
-  np.testing.assert_array_less(np.abs(np.asarray(dec - logits)).max(), 1e-4)
-  # The cache holds only C + R numbers per token and layer.
-  assert cache["kv"].shape[-1] + cache["k_rope"].shape[-1] == (
-      cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-
-
-@pytest.mark.parametrize("first_k_dense", [1, 0])
-def test_decode_with_moe_matches_forward(first_k_dense):
-  """Decode scans the dense-MLP and MoE layer runs like the forward."""
-  cfg = tiny(n_layers=3, init_std=0.1, moe=MoEConfig(
-      **_MOE, first_k_dense=first_k_dense))
-  params = init(cfg)
-  toks = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, cfg.vocab_size)
-  logits, _ = model.forward(params, toks, cfg)
-  first, cache = decode.prefill(params, toks[:, :5], cfg, 12)
-  step = jax.jit(decode.decode_step, static_argnums=3)
-  outs = [first]
-  for t in range(5, 12):
-    out, cache = step(params, cache, toks[:, t], cfg)
-    outs.append(out[:, None])
-  dec = jnp.concatenate(outs, axis=1)
-  np.testing.assert_array_less(np.abs(np.asarray(dec - logits)).max(), 1e-4)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -81,13 +38,13 @@ def test_yarn_changes_logits():
 
 
 def _grad_wrt_embeddings(cfg, params, toks, ts, segment_ids=None,
-                         attention="dense"):
+                         mode=None):
   """d log p(token 7 at position t) / d embeddings, [T, D] for each t."""
   emb = model.embed(params, toks, cfg)
 
   def f(e, t):
     logits, _ = model.forward(params, toks, cfg, segment_ids,
-                              embeddings_BTD=e, attention=attention)
+                              embeddings_BTD=e, mode=mode)
     return jax.nn.log_softmax(logits[0, t])[7]
   g = jax.jit(jax.grad(f))
   return [np.asarray(g(emb, t))[0] for t in ts]

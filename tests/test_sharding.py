@@ -28,7 +28,8 @@ import pytest  # noqa: E402
 from jax.sharding import AbstractMesh, PartitionSpec as PS  # noqa: E402
 
 from configs.tiny_run import get_config  # noqa: E402
-from dsax import checkpoint, data, dsa, metrics, model, train  # noqa: E402
+from dsax import checkpoint, data, metrics, model, train  # noqa: E402
+from dsax.attention import AttentionMode  # noqa: E402
 from dsax import params as P  # noqa: E402
 from dsax import sharding as S  # noqa: E402
 from dsax.config import ConfigError, MeshConfig, override  # noqa: E402
@@ -78,11 +79,10 @@ def _steps(cfg, phase, params, mesh, batches, state=None):
 
 def _indices(cfg, params, mesh, batch):
   """Selected keys of every layer (sparse forward), gathered whole."""
-  opts = dsa.DSAOptions(indexer_loss=False, return_indices=True)
+  mode = AttentionMode.of(cfg.model, "sparse", indices=True)
   fwd = jax.jit(lambda p, b: model.forward(
       p, b["inputs"], cfg.model, b["segment_ids"], positions_BT=b["positions"],
-      attention="sparse", dsa_options=opts)[1]["idx"],
-                out_shardings=S.replicated(mesh))
+      mode=mode)[1].idx, out_shardings=S.replicated(mesh))
   return np.asarray(fwd(params, S.global_batch(batch,
                                                train.data_sharding(cfg, mesh))))
 

@@ -3,179 +3,118 @@
 The cache holds only ``[c_kv ; k_rope]`` per token and layer: C + R numbers,
 against 2 * N * (H + R) (or N * (H + R + E)) for an expanded KV cache.
 
-Sparse decoding (``attention="sparse"``, DSA) also caches the indexer key k_I
-(J numbers per token and layer). A step scores the cache with the new token's
-indexer query, I[s] = sum_i w[i] relu(q_I[i] . k_I[s]) for s <= t, keeps the
-top-k, and attends only to those latent rows (``kernels.sparse_mla``): the
-same selection and attention as the sparse forward at position t.
+A step is the forward's layer for one token: ``model.attention_input``, the
+family's ``project`` (its rows written into the cache at ``cache['length']``),
+then either attention to every cached row s <= t (``masked_attention``,
+absorbed form for MLA) or, with a sparse ``AttentionMode`` (DSA), the
+indexer's top-k of the cached rows (``dsa.select_cached``: the new token's
+indexer query against the cached indexer keys, J numbers per token and
+layer) through the same ``sparse_attention`` as the forward, then
+``model.finish_layer``. The selection and attention equal the sparse
+forward's at position t.
 
 GQA models (``cfg.attention_type="gqa"``) cache k and v per kv head instead
-(2 G H numbers per token and layer, ``model.CACHE_NAMES``) and attend to the
-whole cache, or with DSA to the indexer's top-k rows of it
-(``sparse_gqa_reference``).
+(2 G H numbers per token and layer, ``model.CACHE_NAMES``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from dsax import dsa, gqa, kernels, mla, model, moe
+from dsax import dsa, model
+from dsax.attention import AttentionMode
 from dsax.config import ModelConfig
-from dsax.kernels.reference import indexer_logits, sparse_gqa_reference
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int,
-               attention: str = "dense") -> dict[str, Any]:
-  dt = jnp.dtype(cfg.compute_dtype)
-  if cfg.attention_type == "gqa":
-    row = (cfg.n_kv_heads, cfg.head_dim)
-    cache = {n: jnp.zeros((cfg.n_layers, batch, max_len) + row, dt)
-             for n in model.CACHE_NAMES["gqa"]}
-  else:
-    cache = {
-        "kv": jnp.zeros((cfg.n_layers, batch, max_len, cfg.kv_lora_rank), dt),
-        "k_rope": jnp.zeros(
-            (cfg.n_layers, batch, max_len, cfg.qk_rope_head_dim), dt)}
-  cache["length"] = jnp.zeros((), jnp.int32)
-  if attention == "sparse":
-    cache["index_k"] = jnp.zeros(
-        (cfg.n_layers, batch, max_len, cfg.indexer.head_dim), dt)
-  return cache
+def _mode(cfg: ModelConfig, mode: AttentionMode | None) -> AttentionMode:
+  mode = AttentionMode.of(cfg) if mode is None else mode
+  if mode.selection != "indexer":
+    raise ValueError(f"decoding selects with the indexer; got "
+                     f"mode.selection={mode.selection!r}")
+  return mode
 
 
 def prefill(params: dict[str, Any], tokens_BT: jax.Array, cfg: ModelConfig,
-            max_len: int, attention: str = "dense", topk: int | None = None):
+            max_len: int, mode: AttentionMode | None = None):
   """Runs the expanded forward on a prompt; returns (logits_BTV, cache).
-  ``attention="sparse"``: the DSA forward at ``topk`` (None: the config's),
-  and the cache holds the indexer keys too."""
+  A sparse ``mode``: the DSA forward at ``mode.topk``, and the cache holds
+  the indexer keys too."""
   b, t = tokens_BT.shape
   if t > max_len:
     raise ValueError(f"prompt length {t} exceeds max_len {max_len}")
-  opts = None
-  if attention == "sparse":
-    opts = dsa.DSAOptions(indexer_loss=False, topk=topk, return_keys=True)
-  logits, aux = model.forward(params, tokens_BT, cfg, return_cache=True,
-                              attention=attention, dsa_options=opts)
-  names = model.CACHE_NAMES[cfg.attention_type] + (
-      ("index_k",) if attention == "sparse" else ())
+  mode = dataclasses.replace(_mode(cfg, mode), indexer_loss=False,
+                             recall=False, indices=False, cache=True)
+  mode = dataclasses.replace(mode, indexer_keys=mode.sparse)
+  logits_BTV, aux = model.forward(params, tokens_BT, cfg, mode=mode)
+  rows = dict(zip(model.CACHE_NAMES[cfg.attention_type], aux.cache))
+  if mode.sparse:
+    rows["index_k"] = aux.index_k
 
-  def pad(x):  # [L, B, t, ...] -> [L, B, max_len, ...]
-    return jnp.pad(x, [(0, 0), (0, 0), (0, max_len - t)]
-                   + [(0, 0)] * (x.ndim - 3))
+  def pad(x_LBT_):  # [L, B, t, ...] -> [L, B, max_len, ...]
+    return jnp.pad(x_LBT_, [(0, 0), (0, 0), (0, max_len - t)]
+                   + [(0, 0)] * (x_LBT_.ndim - 3))
 
-  cache = {n: pad(aux[n].astype(jnp.dtype(cfg.compute_dtype))) for n in names}
+  cache = {n: pad(r.astype(jnp.dtype(cfg.compute_dtype)))
+           for n, r in rows.items()}
   cache["length"] = jnp.int32(t)
-  return logits, cache
-
-
-def sparse_select(p_indexer: dict[str, Any], h_B1D: jax.Array,
-                  cq_B1Q: jax.Array | None, index_k_BSJ: jax.Array,
-                  pos: jax.Array, topk: int, cfg: ModelConfig):
-  """(idx_B1K, valid_B1K, k_new_B1J): the top-k cached keys s <= pos by the
-  new token's indexer scores (ties to the lower index, invalid slots point at
-  pos, as ``kernels.indexer_topk``), and its own indexer key."""
-  b, max_len = index_k_BSJ.shape[:2]
-  ang = dsa.indexer_angles(jnp.full((b, 1), pos, jnp.int32), cfg)
-  q, k_new, w = dsa.indexer_project(p_indexer, h_B1D, cq_B1Q, ang, cfg)
-  keys = jax.lax.dynamic_update_slice(
-      index_k_BSJ, k_new.astype(index_k_BSJ.dtype), (0, pos, 0))
-  visible = jnp.arange(max_len) <= pos
-  scores = jnp.where(visible[None, None],
-                     indexer_logits(q, keys, w), -jnp.inf)
-  _, idx = jax.lax.top_k(scores, min(topk, max_len))
-  valid = visible[idx]
-  return jnp.where(valid, idx, pos).astype(jnp.int32), valid, keys
-
-
-def gqa_step(p: dict[str, Any], h_B1D: jax.Array, ang: jax.Array,
-             k_BSGH: jax.Array, v_BSGH: jax.Array, index_k_BSJ: jax.Array,
-             pos: jax.Array, mask_B1S: jax.Array, sparse: bool, topk: int,
-             cfg: ModelConfig):
-  """One token of GQA against the layer's k/v cache (all rows s <= pos, or
-  the indexer's top-k of them); returns (o_B1NH, k, v, index_k) updated."""
-  q, k_new, v_new = gqa.project_qkv(p["attn"], h_B1D, ang, cfg)
-  k = jax.lax.dynamic_update_slice(k_BSGH, k_new.astype(k_BSGH.dtype),
-                                   (0, pos, 0, 0))
-  v = jax.lax.dynamic_update_slice(v_BSGH, v_new.astype(v_BSGH.dtype),
-                                   (0, pos, 0, 0))
-  if not sparse:
-    return gqa.masked_attention(q, k, v, mask_B1S, cfg), k, v, index_k_BSJ
-  idx, valid, index_k = sparse_select(p["indexer"], h_B1D, None, index_k_BSJ,
-                                      pos, topk, cfg)
-  o, _ = sparse_gqa_reference(q, k, v, idx, valid, gqa.softmax_scale(cfg))
-  return o, k, v, index_k
+  return logits_BTV, cache
 
 
 def decode_step(params: dict[str, Any], cache: dict[str, Any],
                 tokens_B: jax.Array, cfg: ModelConfig,
-                attention: str = "dense", topk: int | None = None):
+                mode: AttentionMode | None = None):
   """Appends one token per row at position ``cache['length']``; returns
-  (logits_BV, new cache). MLA attention is the absorbed (MQA) form; with
-  ``attention="sparse"`` over the indexer's top-k rows only."""
+  (logits_BV, new cache). MLA attention is the absorbed (MQA) form; with a
+  sparse ``mode`` over the indexer's top-k rows only."""
+  mode = _mode(cfg, mode)
+  fam = dsa.family(cfg)
   pos = cache["length"]
-  sparse = attention == "sparse"
-  topk = topk or cfg.indexer.topk
   b = tokens_B.shape[0]
   names = model.CACHE_NAMES[cfg.attention_type]
   max_len = cache[names[0]].shape[2]
-  x = model.embed(params, tokens_B[:, None], cfg)
-  ang = model.angles(jnp.full((b, 1), pos, jnp.int32), cfg)
+  x_B1D = model.embed(params, tokens_B[:, None], cfg)
+  ang_B1R = fam.angles(jnp.full((b, 1), pos, jnp.int32), cfg)
   mask_B1S = jnp.broadcast_to((jnp.arange(max_len) <= pos)[None, None],
                               (b, 1, max_len))
 
-  def layer(x, xs):
-    p, kv_l, kr_l, ik_l = xs  # GQA: kv_l, kr_l hold k and v
-    a = p["attn"]
-    h = mla.rms_norm(x, p["attn_norm"], cfg.norm_eps)
-    if cfg.attention_type == "gqa":
-      o, kv_l, kr_l, ik_l = gqa_step(p, h, ang, kv_l, kr_l, ik_l, pos,
-                                     mask_B1S, sparse, topk, cfg)
-      return finish(x, o, p), (kv_l, kr_l, ik_l)
-    q_nope, q_rope, cq = mla.project_q(a, h, ang, cfg)
-    kv_new, kr_new = mla.project_kv(a, h, ang, cfg)
-    kv_l = jax.lax.dynamic_update_slice(kv_l, kv_new.astype(kv_l.dtype),
-                                        (0, pos, 0))
-    kr_l = jax.lax.dynamic_update_slice(kr_l, kr_new.astype(kr_l.dtype),
-                                        (0, pos, 0))
-    if sparse:
-      idx, valid, ik_l = sparse_select(p["indexer"], h, cq, ik_l, pos, topk,
-                                       cfg)
-      q_full = jnp.concatenate(
-          [mla.absorb_query(q_nope, a["wkv_b"], cfg), q_rope], axis=-1)
-      kv_full = jnp.concatenate([kv_l, kr_l.astype(kv_l.dtype)], axis=-1)
-      o_lat, _ = kernels.sparse_mla(q_full, kv_full, idx, valid,
-                                    mla.softmax_scale(cfg), cfg.kv_lora_rank,
-                                    impl=cfg.kernel_impl)
-      o = mla.expand_output(o_lat, a["wkv_b"], cfg)
+  def write(row_BS_, new_B1_):
+    start = (0, pos) + (0,) * (row_BS_.ndim - 2)
+    return jax.lax.dynamic_update_slice(row_BS_, new_B1_.astype(row_BS_.dtype),
+                                        start)
+
+  def layer(x_B1D, xs):
+    p, rows, index_k_BSJ = xs
+    h_B1D = model.attention_input(p, x_B1D, cfg)
+    proj = fam.project(p["attn"], h_B1D, ang_B1R, cfg)
+    rows = tuple(write(r, new) for r, new in zip(rows, proj.rows))
+    if mode.sparse:
+      idx_B1K, valid_B1K, index_k_BSJ = dsa.select_cached(
+          p["indexer"], h_B1D, proj.cq, index_k_BSJ, pos, mode.topk, cfg)
+      o_B1NE, _ = fam.sparse_attention(p["attn"], proj, rows, idx_B1K,
+                                       valid_B1K, cfg, mode.impl)
     else:
-      o = mla.absorbed_attention(q_nope, q_rope, kv_l, kr_l, a["wkv_b"],
-                                 mask_B1S, cfg)
-    return finish(x, o, p), (kv_l, kr_l, ik_l)
+      o_B1NE = fam.masked_attention(p["attn"], proj, rows, mask_B1S, cfg)
+    return model.finish_layer(p, x_B1D, o_B1NE, cfg), (rows, index_k_BSJ)
 
-  def finish(x, o, p):
-    x = x + mla.output_projection(o, p["attn"]["wo"]).astype(x.dtype)
-    h = mla.rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-    return x + moe.ffn(p["mlp"], h, cfg).astype(x.dtype)
-
-  index_k = cache["index_k"] if sparse else jnp.zeros((cfg.n_layers, 0))
-  rows = (cache[names[0]], cache[names[1]], index_k)
+  index_k = cache["index_k"] if mode.sparse else jnp.zeros((cfg.n_layers, 0))
+  rows = tuple(cache[n] for n in names)
   outs, start = [], 0
   for segment in model.layer_segments(params, cfg):  # dense-MLP, MoE layers
     n = jax.tree.leaves(segment)[0].shape[0]
-    x, ys = jax.lax.scan(layer, x, (segment,) + tuple(
-        r[start:start + n] for r in rows))
+    part = jax.tree.map(lambda a: a[start:start + n], (rows, index_k))
+    x_B1D, ys = jax.lax.scan(layer, x_B1D, (segment,) + part)
     outs.append(ys)
     start += n
-  kv, k_rope, index_k = (jnp.concatenate(parts, axis=0)
-                         for parts in zip(*outs))
-  logits = model.unembed(params, x, cfg)[:, 0]
-  new = {names[0]: kv, names[1]: k_rope, "length": pos + 1}
-  if sparse:
+  rows, index_k = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *outs)
+  logits_BV = model.unembed(params, x_B1D, cfg)[:, 0]
+  new = dict(zip(names, rows), length=pos + 1)
+  if mode.sparse:
     new["index_k"] = index_k
-  return logits, new
+  return logits_BV, new
 
 
 def sample(logits_BV: jax.Array, key: jax.Array,
@@ -189,19 +128,20 @@ def sample(logits_BV: jax.Array, key: jax.Array,
 
 def generate(params: dict[str, Any], prompt_BT: jax.Array, cfg: ModelConfig,
              steps: int, key: jax.Array | None = None,
-             temperature: float = 0.0, attention: str = "dense",
-             topk: int | None = None) -> jax.Array:
-  """Prompt plus ``steps`` new tokens, [B, T + steps]; ``attention`` and
-  ``topk`` as in ``prefill``."""
+             temperature: float = 0.0,
+             mode: AttentionMode | None = None) -> jax.Array:
+  """Prompt plus ``steps`` new tokens, [B, T + steps]; ``mode`` as in
+  ``prefill`` (dense by default; sparse: DSA at ``mode.topk``)."""
   if key is None:
     key = jax.random.PRNGKey(0)
-  logits, cache = prefill(params, prompt_BT, cfg, prompt_BT.shape[1] + steps,
-                          attention, topk)
-  step = jax.jit(decode_step, static_argnums=(3, 4, 5))
-  tok = sample(logits[:, -1], key, temperature)
-  out = [tok]
+  mode = _mode(cfg, mode)
+  logits_BTV, cache = prefill(params, prompt_BT, cfg,
+                              prompt_BT.shape[1] + steps, mode)
+  step = jax.jit(decode_step, static_argnums=(3, 4))
+  tok_B = sample(logits_BTV[:, -1], key, temperature)
+  out = [tok_B]
   for i in range(steps - 1):
-    logits_b, cache = step(params, cache, tok, cfg, attention, topk)
-    tok = sample(logits_b, jax.random.fold_in(key, i + 1), temperature)
-    out.append(tok)
+    logits_BV, cache = step(params, cache, tok_B, cfg, mode)
+    tok_B = sample(logits_BV, jax.random.fold_in(key, i + 1), temperature)
+    out.append(tok_B)
   return jnp.concatenate([prompt_BT, jnp.stack(out, axis=1)], axis=1)

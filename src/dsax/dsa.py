@@ -23,11 +23,16 @@ Losses (target detached; indexer inputs detached):
   sparse: the same with both sides restricted and renormalised to S_t.
 Recall: sum of p_t over S_t (selected), over the k largest p_t (oracle) and
 over the k most recent keys (local window).
+
+``attend`` is the one attention layer of the model: it takes the layer's
+projections and an ``attention.AttentionMode`` and returns ``(o, LayerAux)``
+for every mode (dense, dense with the warm-up KL or recall, sparse with the
+indexer's or a given selection).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -35,22 +40,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsax import gqa, kernels, mla, rope, sharding
+from dsax.attention import AttentionMode, LayerAux, Projections
 from dsax.config import ModelConfig
-from dsax.kernels.reference import (NEG_INF, gather_rows, indexer_logits,
-                                    sparse_gqa_reference, sparse_scores)
 from dsax.kernels.query_chunks import map_query_chunks
+from dsax.kernels.reference import (NEG_INF, gather_rows, indexer_logits,
+                                    kl_divergence, select_topk, sparse_scores)
 
 
-@dataclasses.dataclass(frozen=True)
-class DSAOptions:
-  """What the DSA layer computes besides the attention output."""
-  indexer_loss: bool = True     # per-layer indexer KL in aux["indexer_kl"]
-  metrics: bool = False         # recall of selected / oracle / local window
-  return_indices: bool = False  # aux["idx"], aux["valid"] per layer
-  return_keys: bool = False     # aux["index_k"]: indexer keys (decode cache)
-  topk: int | None = None       # overrides cfg.indexer.topk
-  impl: str | None = None       # kernels: None = cfg.kernel_impl, or
-                                # "reference" | "pallas" | "auto"
+def family(cfg: ModelConfig):
+  """The attention family's module (``dsax.mla`` or ``dsax.gqa``): both
+  provide angles, project, dense_attention, flash_inputs,
+  sparse_attention, masked_attention and softmax_scale with one signature."""
+  return gqa if cfg.attention_type == "gqa" else mla
 
 
 # ------------------------------------------------------------------ indexer
@@ -83,8 +84,9 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
   mu = jnp.mean(x32, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(x32 - mu), axis=-1, keepdims=True)
   y = (x32 - mu) * jax.lax.rsqrt(var + eps)
-  return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(
-      x.dtype)
+  scale, bias = (jax.lax.broadcast_to_rank(v.astype(jnp.float32), y.ndim)
+                 for v in (scale, bias))
+  return (y * scale + bias).astype(x.dtype)
 
 
 def indexer_angles(positions_BT: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -96,39 +98,55 @@ def indexer_angles(positions_BT: jax.Array, cfg: ModelConfig) -> jax.Array:
 def indexer_project(p: dict[str, Any], h_BTD: jax.Array,
                     cq_BTQ: jax.Array | None, ang_BTR: jax.Array,
                     cfg: ModelConfig):
-  """Returns (q_BTIJ, k_BTJ, w_BTI) of the lightning indexer."""
+  """Returns (q_BTIJ, k_BTJ, w_BTI) of the lightning indexer; q reads the
+  q-latent ``cq_BTQ`` (the hidden state when it is None)."""
   ix = cfg.indexer
   cdt = jnp.dtype(cfg.compute_dtype)
-  src = (h_BTD if cq_BTQ is None else cq_BTQ).astype(cdt)
-  q = jnp.einsum("btq,qij->btij", src, p["wq_b"].astype(cdt))
-  k = layer_norm(h_BTD.astype(cdt) @ p["wk"].astype(cdt), p["k_norm_scale"],
-                 p["k_norm_bias"], cfg.norm_eps)
+  src_BTQ = (h_BTD if cq_BTQ is None else cq_BTQ).astype(cdt)
+  q_BTIJ = jnp.einsum("btq,qij->btij", src_BTQ, p["wq_b"].astype(cdt))
+  k_BTJ = layer_norm(h_BTD.astype(cdt) @ p["wk"].astype(cdt),
+                     p["k_norm_scale"], p["k_norm_bias"], cfg.norm_eps)
   r = ix.rope_dim
   if r:
-    q = jnp.concatenate([rope.apply_half(q[..., :r], ang_BTR), q[..., r:]], -1)
-    k = jnp.concatenate([rope.apply_half(k[..., :r], ang_BTR), k[..., r:]], -1)
+    q_BTIJ = jnp.concatenate(
+        [rope.apply_half(q_BTIJ[..., :r], ang_BTR), q_BTIJ[..., r:]], -1)
+    k_BTJ = jnp.concatenate(
+        [rope.apply_half(k_BTJ[..., :r], ang_BTR), k_BTJ[..., r:]], -1)
   if ix.hadamard:
-    had = jnp.asarray(hadamard(ix.head_dim), cdt)
-    q, k = q @ had, k @ had
+    had_JJ = jnp.asarray(hadamard(ix.head_dim), cdt)
+    q_BTIJ, k_BTJ = q_BTIJ @ had_JJ, k_BTJ @ had_JJ
   if ix.fp8:
-    q, k = fp8_roundtrip(q), fp8_roundtrip(k)
-  w = h_BTD.astype(jnp.float32) @ p["weights_proj"].astype(jnp.float32)
-  w = w * (ix.n_heads ** -0.5 * ix.head_dim ** -0.5)
-  return q, k, w
+    q_BTIJ, k_BTJ = fp8_roundtrip(q_BTIJ), fp8_roundtrip(k_BTJ)
+  w_BTI = h_BTD.astype(jnp.float32) @ p["weights_proj"].astype(jnp.float32)
+  w_BTI = w_BTI * (ix.n_heads ** -0.5 * ix.head_dim ** -0.5)
+  return q_BTIJ, k_BTJ, w_BTI
+
+
+def select_cached(p: dict[str, Any], h_B1D: jax.Array,
+                  cq_B1Q: jax.Array | None, index_k_BSJ: jax.Array,
+                  pos: jax.Array, topk: int, cfg: ModelConfig):
+  """One decode step's selection: (idx_B1K, valid_B1K, index_k_BSJ with the
+  new token's key written at ``pos``): the top-k cached keys s <= pos by the
+  new token's indexer scores, as ``kernels.indexer_topk`` selects them in a
+  forward (same ``select_topk``)."""
+  b, max_len = index_k_BSJ.shape[:2]
+  ang_B1R = indexer_angles(jnp.full((b, 1), pos, jnp.int32), cfg)
+  q_B1IJ, k_B1J, w_B1I = indexer_project(p, h_B1D, cq_B1Q, ang_B1R, cfg)
+  index_k_BSJ = jax.lax.dynamic_update_slice(
+      index_k_BSJ, k_B1J.astype(index_k_BSJ.dtype), (0, pos, 0))
+  visible_11S = (jnp.arange(max_len) <= pos)[None, None]
+  idx_B1K, valid_B1K = select_topk(
+      indexer_logits(q_B1IJ, index_k_BSJ, w_B1I), visible_11S, topk,
+      jnp.reshape(pos, (1,)))
+  return idx_B1K, valid_B1K, index_k_BSJ
 
 
 # ------------------------------------------------------- losses and recall
 
 
-def kl_divergence(p: jax.Array, logits: jax.Array, mask: jax.Array) -> jax.Array:
-  """sum over the last axis of p (log p - log_softmax(logits)) on ``mask``."""
-  logq = jax.nn.log_softmax(jnp.where(mask, logits, NEG_INF), axis=-1)
-  terms = jax.scipy.special.xlogy(p, p) - p * logq
-  return jnp.sum(jnp.where(mask, terms, 0.0), axis=-1)
-
-
-def _normalise(p: jax.Array) -> jax.Array:
-  return p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
+def normalise(p_BTS: jax.Array) -> jax.Array:
+  """L1-normalise the last axis."""
+  return p_BTS / jnp.maximum(jnp.sum(p_BTS, axis=-1, keepdims=True), 1e-30)
 
 
 def recall_metrics(p_BTS: jax.Array, logits_BTS: jax.Array, mask_BTS: jax.Array,
@@ -136,168 +154,183 @@ def recall_metrics(p_BTS: jax.Array, logits_BTS: jax.Array, mask_BTS: jax.Array,
   """Dense attention mass kept by the indexer's top-k, the oracle top-k and
   the local window of the k most recent keys; [B, T] each."""
   kk = min(topk, p_BTS.shape[-1])
-  _, idx = jax.lax.top_k(jnp.where(mask_BTS, logits_BTS, -jnp.inf), kk)
-  valid = jnp.take_along_axis(jnp.broadcast_to(mask_BTS, p_BTS.shape), idx, -1)
-  selected = jnp.sum(jnp.take_along_axis(p_BTS, idx, -1) * valid, -1)
-  oracle = jnp.sum(jax.lax.top_k(p_BTS, kk)[0], -1)
-  k_index = jnp.arange(p_BTS.shape[-1])
-  window = k_index[None, None, :] > q_index_T[None, :, None] - kk
-  local = jnp.sum(jnp.where(window & mask_BTS, p_BTS, 0.0), -1)
-  return {"recall": selected, "recall_oracle": oracle, "recall_local": local}
+  idx_BTK, valid_BTK = select_topk(logits_BTS, mask_BTS, kk, q_index_T)
+  selected_BT = jnp.sum(jnp.take_along_axis(p_BTS, idx_BTK, -1) * valid_BTK,
+                        -1)
+  oracle_BT = jnp.sum(jax.lax.top_k(p_BTS, kk)[0], -1)
+  k_index_S = jnp.arange(p_BTS.shape[-1])
+  window_1TS = k_index_S[None, None, :] > q_index_T[None, :, None] - kk
+  local_BT = jnp.sum(jnp.where(window_1TS & mask_BTS, p_BTS, 0.0), -1)
+  return {"recall": selected_BT, "recall_oracle": oracle_BT,
+          "recall_local": local_BT}
 
 
-def dense_probe(topk: int, loss: bool, metrics: bool):
-  """The chunk probe for ``mla.dense_attention``: the warm-up KL per token and
-  optionally recall, from the chunk's probabilities, the indexer q and w of
-  its queries and the indexer keys of its key prefix."""
+def dense_probe(start, prob_BNTS, mask_BTS, q_i_BTIJ, w_i_BTI, k_i_BSJ, *,
+                topk: int, loss: bool, recall: bool) -> dict[str, jax.Array]:
+  """The chunk probe of ``dense_attention`` (partial over the keywords):
+  per query of the chunk, the warm-up KL and/or recall from the chunk's
+  attention probabilities and the indexer q, w (of its queries) and k (of
+  its key prefix)."""
+  p_BTS = normalise(jax.lax.stop_gradient(jnp.sum(prob_BNTS, axis=1)))
+  logits_BTS = indexer_logits(q_i_BTIJ, k_i_BSJ, w_i_BTI)
+  out = {}
+  if loss:
+    out["indexer_kl"] = kl_divergence(p_BTS, logits_BTS, mask_BTS)
+  if recall:
+    q_index_T = start + jnp.arange(p_BTS.shape[1])
+    out.update(recall_metrics(p_BTS, jax.lax.stop_gradient(logits_BTS),
+                              mask_BTS, q_index_T, topk))
+    # Queries that see at most k keys keep all their mass in any set.
+    out["recall_weight"] = (
+        jnp.sum(jnp.broadcast_to(mask_BTS, p_BTS.shape), -1) > topk
+    ).astype(jnp.float32)
+  return out
 
-  def probe(start, prob_BNTS, mask_BTS, q_BTIJ, w_BTI, k_BSJ):
-    p = _normalise(jax.lax.stop_gradient(jnp.sum(prob_BNTS, axis=1)))
-    logits = indexer_logits(q_BTIJ, k_BSJ, w_BTI)
-    out = {}
-    if loss:
-      out["indexer_kl"] = kl_divergence(p, logits, mask_BTS)
-    if metrics:
-      q_index = start + jnp.arange(p.shape[1])
-      out.update(recall_metrics(p, jax.lax.stop_gradient(logits), mask_BTS,
-                                q_index, topk))
-      # Queries that see at most k keys keep all their mass in any set.
-      out["recall_weight"] = (jnp.sum(jnp.broadcast_to(mask_BTS, p.shape), -1)
-                              > topk).astype(jnp.float32)
-    return out
 
-  return probe
-
-
-def sparse_kl(q_BTND: jax.Array, kv_BSD: jax.Array, idx_BTK: jax.Array,
-              valid_BTK: jax.Array, scale: float, iq_BTIJ: jax.Array,
-              ik_BSJ: jax.Array, iw_BTI: jax.Array, q_chunk: int) -> jax.Array:
+def sparse_kl(q_BTNA: jax.Array, row_BSA: jax.Array, idx_BTK: jax.Array,
+              valid_BTK: jax.Array, scale: float, q_i_BTIJ: jax.Array,
+              k_i_BSJ: jax.Array, w_i_BTI: jax.Array, q_chunk: int) -> jax.Array:
   """KL(p_t[S_t] || softmax(I_t[S_t])) per token, both renormalised on S_t;
-  the main-model side (q, kv) is the detached target. [B, T]. ``kv`` is
-  [B,S,D] (MLA rows shared by all heads) or GQA keys [B,S,G,H]."""
-  q_BTND = jax.lax.stop_gradient(q_BTND)
-  kv_BSD = jax.lax.stop_gradient(kv_BSD)
+  the main-model side (q, rows) is the detached target. [B, T]. ``row_BSA``
+  holds MLA's latent rows shared by all heads, or GQA's keys k_BSGH (with
+  q_BTNH)."""
+  q_BTNA = jax.lax.stop_gradient(q_BTNA)
+  row_BSA = jax.lax.stop_gradient(row_BSA)
 
-  def chunk_fn(start, q, idx, valid, iq, iw):
+  def chunk_fn(start, q_BTNA, idx_BTK, valid_BTK, q_i_BTIJ, w_i_BTI):
     del start
-    s = sparse_scores(q, gather_rows(kv_BSD, idx), scale)
-    s = jnp.where(valid[:, :, None, :], s, NEG_INF)
-    p = _normalise(jnp.sum(jax.nn.softmax(s, axis=-1), axis=2))
-    k_sel = gather_rows(ik_BSJ, idx)                          # B,t,K,J
-    dots = jnp.einsum("btij,btkj->btik", iq, k_sel,
-                      preferred_element_type=jnp.float32)
-    logits = jnp.einsum("btik,bti->btk", jax.nn.relu(dots),
-                        iw.astype(jnp.float32))
-    return kl_divergence(p, logits, valid)
+    s_BTNK = sparse_scores(q_BTNA, gather_rows(row_BSA, idx_BTK), scale)
+    s_BTNK = jnp.where(valid_BTK[:, :, None, :], s_BTNK, NEG_INF)
+    p_BTK = normalise(jnp.sum(jax.nn.softmax(s_BTNK, axis=-1), axis=2))
+    k_sel_BTKJ = gather_rows(k_i_BSJ, idx_BTK)
+    dots_BTIK = jnp.einsum("btij,btkj->btik", q_i_BTIJ, k_sel_BTKJ,
+                           preferred_element_type=jnp.float32)
+    logits_BTK = jnp.einsum("btik,bti->btk", jax.nn.relu(dots_BTIK),
+                            w_i_BTI.astype(jnp.float32))
+    return kl_divergence(p_BTK, logits_BTK, valid_BTK)
 
-  return map_query_chunks(chunk_fn, q_chunk, q_BTND, idx_BTK, valid_BTK,
-                          iq_BTIJ, iw_BTI)
+  return map_query_chunks(chunk_fn, q_chunk, q_BTNA, idx_BTK, valid_BTK,
+                          q_i_BTIJ, w_i_BTI)
+
+
+def layer_means(per_token: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Means over query positions; recall only over queries that see more
+  than k keys (1.0 when there are none)."""
+  per_token = dict(per_token)
+  w_BT = per_token.pop("recall_weight", None)
+  out = {}
+  for k, v_BT in per_token.items():
+    if k.startswith("recall") and w_BT is not None:
+      n = jnp.sum(w_BT)
+      out[k] = jnp.where(n > 0, jnp.sum(v_BT * w_BT) / jnp.maximum(n, 1.0),
+                         1.0)
+    else:
+      out[k] = jnp.mean(v_BT)
+  return out
 
 
 # -------------------------------------------------------------- the layer
 
 
-def _layer_means(per_token: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """Means over query positions; recall only over queries that see more
-  than k keys (1.0 when there are none)."""
-  w = per_token.pop("recall_weight", None)
-  out = {}
-  for k, v in per_token.items():
-    if k.startswith("recall") and w is not None:
-      n = jnp.sum(w)
-      out[k] = jnp.where(n > 0, jnp.sum(v * w) / jnp.maximum(n, 1.0), 1.0)
-    else:
-      out[k] = jnp.mean(v)
-  return out
+def attend(p: dict[str, Any], h_BTD: jax.Array, proj: Projections,
+           mode: AttentionMode, cfg: ModelConfig,
+           segment_ids_BT: jax.Array | None = None,
+           ang_i_BTR: jax.Array | None = None,
+           given: tuple[jax.Array, jax.Array] | None = None):
+  """One layer's core attention: ``(o_BTNE, LayerAux)``.
 
-
-def make_layer_attend(cfg: ModelConfig, attention: str,
-                      options: DSAOptions | None, positions_BT: jax.Array,
-                      segment_ids_BT: jax.Array | None):
-  """Builds ``for_layer(p_layer, h_BTD) -> attend`` for ``model.forward``.
-
-  dense: dense MLA, plus the warm-up KL (and recall) from the same scores.
-  sparse: indexer top-k, sparse MLA in MQA form, the sparse KL (and recall).
-  GQA models (``cfg.attention_type``) take the same steps with dense / sparse
-  GQA. Per-layer aux values are means over the B x T query positions.
+  ``p`` is the layer's parameters (attn, indexer), ``h_BTD`` its normalised
+  input (the indexer reads it), ``ang_i_BTR`` the indexer's RoPE angles
+  (``indexer_angles``; needed when ``mode.uses_indexer``) and ``given`` the
+  (idx_BTK, valid_BTK) of ``mode.selection == "given"``.
+  dense:  causal attention; with ``indexer_loss`` the warm-up KL and with
+          ``recall`` the recall, from the same scores (the jnp probe), or
+          with kernels the flash kernel then the warm-up KL kernel on its lse.
+  sparse: the selection (indexer top-k, or given), sparse attention (MLA:
+          absorbed form over the latent rows), the KL on the selected set.
+  The indexer's inputs are detached: it learns only from its own loss.
   """
-  options = options or DSAOptions()
-  topk = options.topk or cfg.indexer.topk
-  ang_i = indexer_angles(positions_BT, cfg)
-  is_gqa = cfg.attention_type == "gqa"
-  scale = gqa.softmax_scale(cfg) if is_gqa else mla.softmax_scale(cfg)
-  chunk = cfg.indexer.q_chunk
-  impl = options.impl or cfg.kernel_impl
+  out: dict[str, Any] = {}
+  indexer = ()
+  if mode.uses_indexer:
+    cq = None if proj.cq is None else jax.lax.stop_gradient(proj.cq)
+    indexer = indexer_project(p["indexer"], jax.lax.stop_gradient(h_BTD), cq,
+                              ang_i_BTR, cfg)
+    if mode.indexer_keys:
+      out["index_k"] = indexer[1]
+  if mode.cache:
+    out["cache"] = proj.rows
+  run = _sparse if mode.sparse else _dense
+  o_BTNE, more = run(p["attn"], proj, mode, cfg, segment_ids_BT, indexer,
+                     given)
+  return o_BTNE, LayerAux(**out, **more)
+
+
+def _recall(fam, a, proj, mode, cfg, segment_ids_BT, indexer):
+  """Recall of the dense attention mass, from a (detached) dense pass."""
+  q_i_BTIJ, k_i_BSJ, w_i_BTI = indexer
+  probe = functools.partial(dense_probe, topk=mode.topk, loss=False,
+                            recall=True)
+  _, per_token = fam.dense_attention(
+      *jax.lax.stop_gradient((a, proj)), cfg, segment_ids_BT, probe,
+      (q_i_BTIJ, w_i_BTI), (k_i_BSJ,))
+  return layer_means(per_token)
+
+
+def _dense(a, proj, mode, cfg, segment_ids_BT, indexer, given):
+  del given
+  fam = family(cfg)
   # Recall needs the probabilities: only the jnp path (a probe) has them.
-  fused = kernels.resolve_impl(impl) != "reference" and not options.metrics
+  if kernels.resolve_impl(mode.impl) != "reference" and not mode.recall:
+    q_BTNP, k_BSNP, v_BSNE = fam.flash_inputs(a, proj, cfg)
+    scale = fam.softmax_scale(cfg)
+    o_BTNE, lse_BTN = kernels.mla_flash(
+        q_BTNP, k_BSNP, v_BSNE, scale, segment_ids_BT,
+        q_chunk=cfg.attn_q_chunk, impl="pallas")
+    if not mode.indexer_loss:
+      return o_BTNE, {}
+    kl_BT = kernels.warmup_kl(q_BTNP, k_BSNP, lse_BTN, *indexer, scale,
+                              segment_ids_BT, q_chunk=cfg.attn_q_chunk,
+                              impl="pallas")
+    return o_BTNE, {"indexer_kl": jnp.mean(kl_BT)}
+  if not (mode.indexer_loss or mode.recall):
+    return fam.dense_attention(a, proj, cfg, segment_ids_BT)[0], {}
+  q_i_BTIJ, k_i_BSJ, w_i_BTI = indexer
+  probe = functools.partial(dense_probe, topk=mode.topk,
+                            loss=mode.indexer_loss, recall=mode.recall)
+  o_BTNE, per_token = fam.dense_attention(a, proj, cfg, segment_ids_BT, probe,
+                                          (q_i_BTIJ, w_i_BTI), (k_i_BSJ,))
+  return o_BTNE, layer_means(per_token)
 
-  def dense_fn(a, main):
-    """The layer's dense attention, ``**kw`` as in mla/gqa.dense_attention."""
-    if is_gqa:
-      return lambda **kw: gqa.dense_attention(*main, cfg, segment_ids_BT, **kw)
-    q_nope, q_rope, _, kv, k_rope = main
-    return lambda **kw: mla.dense_attention(
-        q_nope, q_rope, kv, k_rope, a["wkv_b"], cfg, segment_ids_BT, **kw)
 
-  def sparse_fn(a, main, idx, valid):
-    """(o, q, keys): the sparse output and the (q, keys) of ``sparse_kl``."""
-    if is_gqa:
-      q, k, v = main
-      # GQA has no sparse kernel yet: the jnp reference on every backend.
-      o, _ = sparse_gqa_reference(q, k, v, idx, valid, scale, chunk)
-      return o, q, k
-    q_nope, q_rope, _, kv, k_rope = main
-    q_full = jnp.concatenate([mla.absorb_query(q_nope, a["wkv_b"], cfg),
-                              q_rope], axis=-1)
-    kv_full = jnp.concatenate([kv, k_rope.astype(kv.dtype)], axis=-1)
-    o_lat, _ = kernels.sparse_mla(q_full, kv_full, idx, valid, scale,
-                                  cfg.kv_lora_rank, q_chunk=chunk, impl=impl)
-    return mla.expand_output(o_lat, a["wkv_b"], cfg), q_full, kv_full
+def _indexer_topk(q_i_BTIJ, k_i_BSJ, w_i_BTI, segment_ids_BT, *, topk, q_chunk,
+                  impl):
+  return kernels.indexer_topk(q_i_BTIJ, k_i_BSJ, w_i_BTI, topk, segment_ids_BT,
+                              q_chunk=q_chunk, impl=impl)
 
-  def for_layer(p, h_BTD):
-    def attend(*main):
-      a = p["attn"]
-      cq = None if is_gqa else main[2]
-      # The indexer learns only from its own loss: its inputs are detached.
-      iq, ik, iw = indexer_project(
-          p["indexer"], jax.lax.stop_gradient(h_BTD),
-          None if cq is None else jax.lax.stop_gradient(cq), ang_i, cfg)
-      aux: dict[str, Any] = {}
-      if attention == "dense" and fused:
-        # The flash kernel's warm-up KL: a second pass over key blocks.
-        target = (iq, ik, iw) if options.indexer_loss else None
-        out = dense_fn(a, main)(impl=impl, target=target)
-        if target is None:
-          return out, aux
-        aux["indexer_kl"] = jnp.mean(out[1])
-        return out[0], aux
-      if attention == "dense":
-        o, per_tok = dense_fn(a, main)(
-            probe=dense_probe(topk, options.indexer_loss, options.metrics),
-            probe_args=(iq, iw), probe_keys=(ik,))
-        aux.update(_layer_means(per_tok))
-        return o, aux
-      # Per shard of the batch rows: XLA would otherwise all-gather each
-      # chunk's scores over the batch and repeat the top-k on every device.
-      idx, valid = sharding.batch_local(
-          lambda q, k, w, seg: kernels.indexer_topk(
-              q, k, w, topk, seg, q_chunk=chunk, impl=impl))(
-                  iq, ik, iw, segment_ids_BT)
-      o, q_kl, keys_kl = sparse_fn(a, main, idx, valid)
-      if options.indexer_loss:
-        aux["indexer_kl"] = jnp.mean(sparse_kl(q_kl, keys_kl, idx, valid,
-                                               scale, iq, ik, iw, chunk))
-      if options.metrics:
-        _, per_tok = dense_fn(*jax.lax.stop_gradient((a, main)))(
-            probe=dense_probe(topk, False, True), probe_args=(iq, iw),
-            probe_keys=(ik,))
-        aux.update(_layer_means(per_tok))
-      if options.return_indices:
-        aux["idx"], aux["valid"] = idx, valid
-      if options.return_keys:
-        aux["index_k"] = ik
-      return o, aux
 
-    return attend
-
-  return for_layer
+def _sparse(a, proj, mode, cfg, segment_ids_BT, indexer, given):
+  fam = family(cfg)
+  chunk = cfg.indexer.q_chunk
+  if mode.selection == "given":
+    idx_BTK, valid_BTK = given
+  else:
+    # Per shard of the batch rows: XLA would otherwise all-gather each
+    # chunk's scores over the batch and repeat the top-k on every device.
+    topk_fn = functools.partial(_indexer_topk, topk=mode.topk,
+                                q_chunk=chunk, impl=mode.impl)
+    idx_BTK, valid_BTK = sharding.batch_local(topk_fn)(*indexer,
+                                                       segment_ids_BT)
+  o_BTNE, (q_kl, rows_kl) = fam.sparse_attention(
+      a, proj, proj.rows, idx_BTK, valid_BTK, cfg, mode.impl)
+  out = {}
+  if mode.indexer_loss:
+    q_i_BTIJ, k_i_BSJ, w_i_BTI = indexer
+    out["indexer_kl"] = jnp.mean(sparse_kl(
+        q_kl, rows_kl, idx_BTK, valid_BTK, fam.softmax_scale(cfg), q_i_BTIJ,
+        k_i_BSJ, w_i_BTI, chunk))
+  if mode.recall:
+    out.update(_recall(fam, a, proj, mode, cfg, segment_ids_BT, indexer))
+  if mode.indices:
+    out["idx"], out["valid"] = idx_BTK, valid_BTK
+  return o_BTNE, out

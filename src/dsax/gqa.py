@@ -19,35 +19,38 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from dsax import kernels, rope
+from dsax import rope
+from dsax.attention import Projections
 from dsax.config import ModelConfig
 from dsax.kernels.query_chunks import causal_segment_mask, map_causal_chunks
-from dsax.kernels.reference import NEG_INF
+from dsax.kernels.reference import NEG_INF, sparse_gqa_reference
 
 
 def softmax_scale(cfg: ModelConfig) -> float:
   return cfg.head_dim ** -0.5 * rope.softmax_mscale(cfg.rope_scaling)
 
 
-def gqa_angles(positions_BT: jax.Array, cfg: ModelConfig) -> jax.Array:
+def angles(positions_BT: jax.Array, cfg: ModelConfig) -> jax.Array:
   """RoPE angles [B, T, H/2] for q and k."""
   inv = rope.inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
   return rope.angles(positions_BT, inv)
 
 
-def project_qkv(p: dict[str, Any], x_BTD: jax.Array, ang_BTR: jax.Array,
-                cfg: ModelConfig):
-  """Returns (q_BTNH, k_BTGH, v_BTGH), RoPE applied to q and k."""
+def project(p: dict[str, Any], x_BTD: jax.Array, ang_BTR: jax.Array,
+            cfg: ModelConfig) -> Projections:
+  """q_BTNH and the rows (k_BTGH, v_BTGH), RoPE applied to q and k."""
   cdt = jnp.dtype(cfg.compute_dtype)
-  x = x_BTD.astype(cdt)
+  x_BTD = x_BTD.astype(cdt)
 
   def proj(w, b):
-    y = jnp.einsum("btd,dgh->btgh", x, p[w].astype(cdt))
-    return y + p[b].astype(cdt) if cfg.qkv_bias else y
+    y_BTGH = jnp.einsum("btd,dgh->btgh", x_BTD, p[w].astype(cdt))
+    if not cfg.qkv_bias:
+      return y_BTGH
+    return y_BTGH + jax.lax.broadcast_to_rank(p[b].astype(cdt), y_BTGH.ndim)
 
-  q = rope.apply_half(proj("wq", "bq"), ang_BTR)
-  k = rope.apply_half(proj("wk", "bk"), ang_BTR)
-  return q, k, proj("wv", "bv")
+  q_BTNH = rope.apply_half(proj("wq", "bq"), ang_BTR)
+  k_BTGH = rope.apply_half(proj("wk", "bk"), ang_BTR)
+  return Projections(q=q_BTNH, rows=(k_BTGH, proj("wv", "bv")))
 
 
 def grouped(q_BTNH: jax.Array, n_kv_heads: int) -> jax.Array:
@@ -59,77 +62,91 @@ def grouped(q_BTNH: jax.Array, n_kv_heads: int) -> jax.Array:
 def scores(q_BTNH: jax.Array, k_BSGH: jax.Array, scale: float) -> jax.Array:
   """s[b, n, t, s] = q[b, t, n] . k[b, s, n // M] * scale, f32 [B,N,T,S]."""
   b, t, n, _ = q_BTNH.shape
-  s = jnp.einsum("btgmh,bsgh->bgmts", grouped(q_BTNH, k_BSGH.shape[2]),
-                 k_BSGH.astype(q_BTNH.dtype),
-                 preferred_element_type=jnp.float32) * scale
-  return s.reshape(b, n, t, k_BSGH.shape[1])
+  s_BGMTS = jnp.einsum("btgmh,bsgh->bgmts", grouped(q_BTNH, k_BSGH.shape[2]),
+                       k_BSGH.astype(q_BTNH.dtype),
+                       preferred_element_type=jnp.float32) * scale
+  return s_BGMTS.reshape(b, n, t, k_BSGH.shape[1])
 
 
 def weighted_values(prob_BNTS: jax.Array, v_BSGH: jax.Array) -> jax.Array:
   """o[b, t, n] = sum_s prob[b, n, t, s] v[b, s, n // M], [B,T,N,H]."""
   b, n, t, s = prob_BNTS.shape
   g = v_BSGH.shape[2]
-  p = prob_BNTS.reshape(b, g, n // g, t, s).astype(v_BSGH.dtype)
-  o = jnp.einsum("bgmts,bsgh->btgmh", p, v_BSGH)
-  return o.reshape(b, t, n, v_BSGH.shape[-1])
+  p_BGMTS = prob_BNTS.reshape(b, g, n // g, t, s).astype(v_BSGH.dtype)
+  o_BTGMH = jnp.einsum("bgmts,bsgh->btgmh", p_BGMTS, v_BSGH)
+  return o_BTGMH.reshape(b, t, n, v_BSGH.shape[-1])
 
 
-def masked_attention(q_BTNH: jax.Array, k_BSGH: jax.Array, v_BSGH: jax.Array,
-                     mask_BTS: jax.Array, cfg: ModelConfig) -> jax.Array:
-  """Attention under an explicit key mask (the decode path). o_BTNH."""
+def masked_attention(p: dict[str, Any], proj: Projections,
+                     rows: tuple[jax.Array, jax.Array], mask_BTS: jax.Array,
+                     cfg: ModelConfig) -> jax.Array:
+  """Attention to every cached row under an explicit key mask (a dense
+  decode step). o_BTNH."""
+  del p
   cdt = jnp.dtype(cfg.compute_dtype)
-  s = scores(q_BTNH, k_BSGH.astype(cdt), softmax_scale(cfg))
-  prob = jax.nn.softmax(jnp.where(mask_BTS[:, None], s, NEG_INF), axis=-1)
-  return weighted_values(prob, v_BSGH.astype(cdt))
+  k_BSGH, v_BSGH = (r.astype(cdt) for r in rows)
+  s_BNTS = scores(proj.q.astype(cdt), k_BSGH, softmax_scale(cfg))
+  prob_BNTS = jax.nn.softmax(jnp.where(mask_BTS[:, None], s_BNTS, NEG_INF),
+                             axis=-1)
+  return weighted_values(prob_BNTS, v_BSGH)
 
 
-def dense_attention(q_BTNH: jax.Array, k_BSGH: jax.Array, v_BSGH: jax.Array,
-                    cfg: ModelConfig, segment_ids_BT: jax.Array | None = None,
+def flash_inputs(p: dict[str, Any], proj: Projections, cfg: ModelConfig):
+  """(q_BTNH, k_BSNH, v_BSNH): k and v repeated to the N query heads, for
+  the flash kernel (whose qk head dim P is H here)."""
+  del p
+  cdt = jnp.dtype(cfg.compute_dtype)
+  m = cfg.n_heads // cfg.n_kv_heads
+  k_BSGH, v_BSGH = proj.rows
+  return (proj.q.astype(cdt), jnp.repeat(k_BSGH.astype(cdt), m, axis=2),
+          jnp.repeat(v_BSGH.astype(cdt), m, axis=2))
+
+
+def dense_attention(p: dict[str, Any], proj: Projections, cfg: ModelConfig,
+                    segment_ids_BT: jax.Array | None = None,
                     probe: Callable[..., Any] | None = None,
-                    probe_args: tuple[jax.Array, ...] = (),
-                    probe_keys: tuple[jax.Array, ...] = (), *,
-                    impl: str | None = None, target: tuple | None = None):
-  """Causal GQA over query chunks. Returns o_BTNH.
-
-  The arguments after ``segment_ids_BT`` mean what they mean in
-  ``mla.dense_attention``: a ``probe`` sees each chunk's probabilities
-  [B, N, chunk, S] (the DSA warm-up target) and the result is then
-  ``(o_BTNH, probe_out)``; ``impl`` "pallas" (or "auto" off CPU) without a
-  probe runs ``kernels.mla_flash`` with k and v repeated to N heads, and
-  ``target = (q_I, k_I, w_I)`` asks it for the fused warm-up KL (result
-  ``(o_BTNH, kl_BT)``).
-  """
+                    probe_rows: tuple[jax.Array, ...] = (),
+                    probe_keys: tuple[jax.Array, ...] = ()):
+  """Causal GQA over query chunks (jnp). Returns ``(o_BTNH, probe_out)``;
+  the probe arguments mean what they mean in ``mla.dense_attention`` (the
+  probe sees each chunk's probabilities [B, N, chunk, S])."""
+  del p
   cdt = jnp.dtype(cfg.compute_dtype)
-  q, k, v = q_BTNH.astype(cdt), k_BSGH.astype(cdt), v_BSGH.astype(cdt)
+  k_BSGH, v_BSGH = (r.astype(cdt) for r in proj.rows)
   scale = softmax_scale(cfg)
-  if probe is None and kernels.resolve_impl(impl or cfg.kernel_impl) != (
-      "reference"):
-    m = cfg.n_heads // cfg.n_kv_heads
-    out = kernels.mla_flash(q, jnp.repeat(k, m, axis=2),
-                            jnp.repeat(v, m, axis=2), scale, segment_ids_BT,
-                            target=target, q_chunk=cfg.attn_q_chunk,
-                            impl="pallas")
-    return out[0] if target is None else (out[0], out[2])
-  if target is not None:
-    raise ValueError("gqa.dense_attention: target (the fused warm-up KL) "
-                     "needs the kernel path (impl pallas or auto off CPU, "
-                     "no probe)")
-  b, s_len = k.shape[:2]
+  b, s_len = k_BSGH.shape[:2]
   seg_BT = (jnp.zeros((b, s_len), jnp.int32) if segment_ids_BT is None
             else segment_ids_BT)
-  n_args = len(probe_args)
+  n_rows = len(probe_rows)
 
-  def chunk_fn(start, q_c, seg, *rest):
-    pargs, (k_c, v_c, seg_k, *pkeys) = rest[:n_args], rest[n_args:]
-    mask = causal_segment_mask(start + jnp.arange(q_c.shape[1]),
-                               jnp.arange(k_c.shape[1]), seg, seg_k)
-    s = jnp.where(mask[:, None], scores(q_c, k_c, scale), NEG_INF)
-    prob = jax.nn.softmax(s, axis=-1)
-    o = weighted_values(prob, v_c)
+  def chunk_fn(start, q_BTNH, seg_q_BT, *rest):
+    prows, (k_BSGH, v_BSGH, seg_k_BS, *pkeys) = rest[:n_rows], rest[n_rows:]
+    mask_BTS = causal_segment_mask(start + jnp.arange(q_BTNH.shape[1]),
+                                   jnp.arange(k_BSGH.shape[1]), seg_q_BT,
+                                   seg_k_BS)
+    s_BNTS = jnp.where(mask_BTS[:, None], scores(q_BTNH, k_BSGH, scale),
+                       NEG_INF)
+    prob_BNTS = jax.nn.softmax(s_BNTS, axis=-1)
+    o_BTNH = weighted_values(prob_BNTS, v_BSGH)
     if probe is None:
-      return o
-    return o, probe(start, prob, mask, *pargs, *pkeys)
+      return o_BTNH, None
+    return o_BTNH, probe(start, prob_BNTS, mask_BTS, *prows, *pkeys)
 
   return map_causal_chunks(chunk_fn, cfg.attn_q_chunk,
-                           (q, seg_BT) + tuple(probe_args),
-                           (k, v, seg_BT) + tuple(probe_keys))
+                           (proj.q.astype(cdt), seg_BT) + tuple(probe_rows),
+                           (k_BSGH, v_BSGH, seg_BT) + tuple(probe_keys))
+
+
+def sparse_attention(p: dict[str, Any], proj: Projections,
+                     rows: tuple[jax.Array, jax.Array], idx_BTK: jax.Array,
+                     valid_BTK: jax.Array, cfg: ModelConfig, impl: str):
+  """Each query head attends to the selected rows of its kv head (the jnp
+  reference on every backend: GQA has no sparse kernel yet). ``rows``: the
+  layer's own (k, v), or the cache in a decode step. Returns ``(o_BTNH,
+  (q_BTNH, k_BSGH))``: the output and the main-model side of the sparse
+  indexer KL."""
+  del p, impl
+  k_BSGH, v_BSGH = rows
+  o_BTNH, _ = sparse_gqa_reference(proj.q, k_BSGH, v_BSGH, idx_BTK, valid_BTK,
+                                   softmax_scale(cfg), cfg.indexer.q_chunk)
+  return o_BTNH, (proj.q, k_BSGH)

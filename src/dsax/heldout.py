@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsax import dsa, model
+from dsax import model
+from dsax.attention import AttentionMode, LayerAux
 from dsax.config import ExperimentConfig
 
 log = logging.getLogger("dsax")
@@ -42,42 +43,41 @@ class Evaluator:
                                                   val_docs, n, seq_len)]
     if not self.batches:
       raise ValueError("no held-out batches: raise data.val_fraction")
-    self._fns: dict[tuple[str, int], Any] = {}
+    self._fns: dict[AttentionMode, Any] = {}
 
-  def _fn(self, attention: str, topk: int):
-    key = (attention, topk)
-    if key not in self._fns:
+  def _fn(self, mode: AttentionMode):
+    if mode not in self._fns:
       cfg = self.cfg
-      opts = dsa.DSAOptions(indexer_loss=True, metrics=True, topk=topk)
 
       def f(params, batch):
-        logits, aux = model.forward(
+        logits_BTV, aux = model.forward(
             params, batch["inputs"], cfg.model, batch["segment_ids"],
-            positions_BT=batch["positions"], attention=attention,
-            dsa_options=opts)
-        logp = jax.nn.log_softmax(logits, -1)
-        nll = -jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
-        w = batch["weights"]
-        return {"nll_sum": jnp.sum(nll * w), "weight": jnp.sum(w),
-                **{k: jnp.mean(v) for k, v in aux.items()}}
+            mode=mode, positions_BT=batch["positions"])
+        nll_BT = model.token_nll(logits_BTV, batch["targets"])
+        w_BT = batch["weights"]
+        return {"nll_sum": jnp.sum(nll_BT * w_BT), "weight": jnp.sum(w_BT),
+                **{k: jnp.mean(v) for k, v in aux.scalars().items()}}
 
-      self._fns[key] = jax.jit(f)
-    return self._fns[key]
+      self._fns[mode] = jax.jit(f)
+    return self._fns[mode]
 
-  def evaluate(self, params, attention: str = "dense", topk: int = 0,
+  def evaluate(self, params, kind: str = "dense", topk: int = 0,
                n_batches: int | None = None) -> dict[str, float]:
-    topk = topk or self.cfg.model.indexer.topk
-    fn = self._fn(attention, topk)
+    """Loss, indexer KL and recall with ``kind`` attention ("dense" or
+    "sparse") at ``topk`` (0: the model's)."""
+    mode = AttentionMode.of(self.cfg.model, kind, topk=topk,
+                            indexer_loss=True, recall=True)
+    fn = self._fn(mode)
     batches = self.batches[:n_batches or len(self.batches)]
     outs = [jax.device_get(fn(params, b)) for b in batches]
     res = {"loss": sum(o["nll_sum"] for o in outs)
                    / max(sum(o["weight"] for o in outs), 1.0)}
-    for k in ("indexer_kl", "recall", "recall_oracle", "recall_local"):
+    for k in LayerAux.SCALARS:
       res[k] = float(np.mean([o[k] for o in outs]))
     return {k: float(v) for k, v in res.items()}
 
-  def quick(self, params, attention: str) -> dict[str, float]:
-    return self.evaluate(params, attention, n_batches=self.cfg.eval.batches)
+  def quick(self, params, kind: str, topk: int = 0) -> dict[str, float]:
+    return self.evaluate(params, kind, topk, n_batches=self.cfg.eval.batches)
 
 
 def write_summary(workdir: str, summary: dict[str, Any]) -> None:

@@ -24,154 +24,182 @@ import jax
 import jax.numpy as jnp
 
 from dsax import kernels, rope
+from dsax.attention import Projections
 from dsax.config import ModelConfig
 from dsax.kernels.query_chunks import causal_segment_mask, map_causal_chunks
-
-NEG_INF = -1e30
+from dsax.kernels.reference import NEG_INF
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   x32 = x.astype(jnp.float32)
   y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return (y * scale.astype(jnp.float32)).astype(x.dtype)
+  return (y * jax.lax.broadcast_to_rank(scale.astype(jnp.float32), y.ndim)
+          ).astype(x.dtype)
 
 
 def softmax_scale(cfg: ModelConfig) -> float:
   return cfg.qk_head_dim ** -0.5 * rope.softmax_mscale(cfg.rope_scaling)
 
 
-def mla_angles(positions_BT: jax.Array, cfg: ModelConfig) -> jax.Array:
+def angles(positions_BT: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """RoPE angles [B, T, R/2] of q_rope and k_rope."""
   inv = rope.inv_frequencies(cfg.qk_rope_head_dim, cfg.rope_theta,
                              cfg.rope_scaling)
   return rope.angles(positions_BT, inv)
 
 
-def project_q(p: dict[str, Any], x_BTD: jax.Array, ang_BTR: jax.Array,
-              cfg: ModelConfig):
-  """Returns (q_nope_BTNH, q_rope_BTNR, cq_BTQ); cq is the normalised q-latent
-  (None without one) that the indexer reads."""
+def project(p: dict[str, Any], x_BTD: jax.Array, ang_BTR: jax.Array,
+            cfg: ModelConfig) -> Projections:
+  """q (nope and rope parts), the normalised q-latent the indexer reads
+  (None without one), and the latent rows [c_kv ; k_rope] the cache holds."""
   cdt = jnp.dtype(cfg.compute_dtype)
-  x = x_BTD.astype(cdt)
+  x_BTD = x_BTD.astype(cdt)
   if cfg.q_lora_rank:
-    cq_BTQ = rms_norm(x @ p["wq_a"].astype(cdt), p["q_norm"], cfg.norm_eps)
-    q_BTNK = jnp.einsum("btq,qnk->btnk", cq_BTQ, p["wq_b"].astype(cdt))
+    cq_BTQ = rms_norm(x_BTD @ p["wq_a"].astype(cdt), p["q_norm"], cfg.norm_eps)
+    q_BTNP = jnp.einsum("btq,qnp->btnp", cq_BTQ, p["wq_b"].astype(cdt))
   else:
     cq_BTQ = None
-    q_BTNK = jnp.einsum("btd,dnk->btnk", x, p["wq"].astype(cdt))
-  q_nope = q_BTNK[..., :cfg.qk_nope_head_dim]
-  q_rope = rope.apply_interleaved(q_BTNK[..., cfg.qk_nope_head_dim:], ang_BTR)
-  return q_nope, q_rope, cq_BTQ
+    q_BTNP = jnp.einsum("btd,dnp->btnp", x_BTD, p["wq"].astype(cdt))
+  h = cfg.qk_nope_head_dim
+  q_rope_BTNR = rope.apply_interleaved(q_BTNP[..., h:], ang_BTR)
+  kva_BTA = x_BTD @ p["wkv_a"].astype(cdt)
+  kv_BTC = rms_norm(kva_BTA[..., :cfg.kv_lora_rank], p["kv_norm"],
+                    cfg.norm_eps)
+  k_rope_BTR = rope.apply_interleaved(kva_BTA[..., cfg.kv_lora_rank:],
+                                      ang_BTR)
+  return Projections(q=q_BTNP[..., :h], rows=(kv_BTC, k_rope_BTR),
+                     q_rope=q_rope_BTNR, cq=cq_BTQ)
 
 
-def project_kv(p: dict[str, Any], x_BTD: jax.Array, ang_BTR: jax.Array,
-               cfg: ModelConfig):
-  """Returns (kv_BSC, k_rope_BSR): exactly what the latent cache holds."""
-  cdt = jnp.dtype(cfg.compute_dtype)
-  kva = x_BTD.astype(cdt) @ p["wkv_a"].astype(cdt)
-  kv_BSC = rms_norm(kva[..., :cfg.kv_lora_rank], p["kv_norm"], cfg.norm_eps)
-  k_rope_BSR = rope.apply_interleaved(kva[..., cfg.kv_lora_rank:], ang_BTR)
-  return kv_BSC, k_rope_BSR
-
-
-def dense_attention(q_nope_BTNH: jax.Array, q_rope_BTNR: jax.Array,
-                    kv_BSC: jax.Array, k_rope_BSR: jax.Array,
-                    wkv_b_CNK: jax.Array, cfg: ModelConfig,
-                    segment_ids_BT: jax.Array | None = None,
-                    probe: Callable[..., Any] | None = None,
-                    probe_args: tuple[jax.Array, ...] = (),
-                    probe_keys: tuple[jax.Array, ...] = (), *,
-                    impl: str | None = None, target: tuple | None = None):
-  """Causal expanded-form MLA over query chunks. Returns o_BTNE.
-
-  ``impl`` (None: cfg.kernel_impl) "pallas" (or "auto" off CPU) runs the
-  kernels.mla_flash kernel instead, unless a probe is given (a probe needs the
-  probabilities, which the kernel never forms). There ``target = (q_I_BTIJ,
-  k_I_BSJ, w_BTI)`` asks the kernel for the fused DSA warm-up KL, and the
-  result is ``(o_BTNE, kl_BT)``.
-
-  Query chunk [s0, s1) is scored only against keys [0, s1) (the rest are in
-  its future). ``probe(start, prob_BNTS, mask_BTS, *probe_arg_chunks,
-  *probe_key_prefixes)`` sees each chunk's attention probabilities (the DSA
-  warm-up target is computed there, so the scores are formed once) and returns
-  a tree of [B, chunk, ...] arrays; with a probe the result is
-  ``(o_BTNE, probe_out)``. ``probe_args`` are per query [B,T,...],
-  ``probe_keys`` per key [B,S,...].
-  """
+def expanded_keys(p: dict[str, Any], kv_BSC: jax.Array,
+                  cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+  """(k_nope_BSNH, v_BSNE) = c_kv W_kvb per head (W_kvb is [C, N, H + E])."""
   cdt = jnp.dtype(cfg.compute_dtype)
   h = cfg.qk_nope_head_dim
-  kvb = jnp.einsum("bsc,cnk->bsnk", kv_BSC.astype(cdt), wkv_b_CNK.astype(cdt))
-  k_nope_BSNH, v_BSNE = kvb[..., :h], kvb[..., h:]
+  kv_BSC = kv_BSC.astype(cdt)
+  w = p["wkv_b"].astype(cdt)
+  return (jnp.einsum("bsc,cnh->bsnh", kv_BSC, w[..., :h]),
+          jnp.einsum("bsc,cne->bsne", kv_BSC, w[..., h:]))
+
+
+def flash_inputs(p: dict[str, Any], proj: Projections, cfg: ModelConfig):
+  """(q_BTNP, k_BSNP, v_BSNE) of the expanded form, P = H + R, for the
+  flash kernel (the shared rope key repeated per head)."""
+  cdt = jnp.dtype(cfg.compute_dtype)
+  kv_BSC, k_rope_BSR = proj.rows
+  k_nope_BSNH, v_BSNE = expanded_keys(p, kv_BSC, cfg)
+  k_rope_BSNR = jnp.broadcast_to(
+      k_rope_BSR.astype(cdt)[:, :, None],
+      k_nope_BSNH.shape[:3] + k_rope_BSR.shape[-1:])
+  q_BTNP = jnp.concatenate([proj.q.astype(cdt), proj.q_rope.astype(cdt)], -1)
+  return q_BTNP, jnp.concatenate([k_nope_BSNH, k_rope_BSNR], -1), v_BSNE
+
+
+def dense_attention(p: dict[str, Any], proj: Projections, cfg: ModelConfig,
+                    segment_ids_BT: jax.Array | None = None,
+                    probe: Callable[..., Any] | None = None,
+                    probe_rows: tuple[jax.Array, ...] = (),
+                    probe_keys: tuple[jax.Array, ...] = ()):
+  """Causal expanded-form MLA over query chunks (jnp). Returns
+  ``(o_BTNE, probe_out)``; probe_out is None without a probe.
+
+  Query chunk [s0, s1) is scored only against keys [0, s1) (the rest are in
+  its future). ``probe(start, prob_BNTS, mask_BTS, *probe_row_chunks,
+  *probe_key_prefixes)`` sees each chunk's attention probabilities (the DSA
+  warm-up target is computed there, so the scores are formed once) and
+  returns a tree of [B, chunk, ...] arrays. ``probe_rows`` are per query
+  [B,T,...], ``probe_keys`` per key [B,S,...].
+  """
+  cdt = jnp.dtype(cfg.compute_dtype)
+  kv_BSC, k_rope_BSR = proj.rows
+  k_nope_BSNH, v_BSNE = expanded_keys(p, kv_BSC, cfg)
   scale = softmax_scale(cfg)
-  if probe is None and kernels.resolve_impl(impl or cfg.kernel_impl) != (
-      "reference"):
-    # The kernel takes one qk dim K = H + R: the shared rope key per head.
-    k_rope = jnp.broadcast_to(k_rope_BSR.astype(cdt)[:, :, None],
-                              k_nope_BSNH.shape[:3] + k_rope_BSR.shape[-1:])
-    out = kernels.mla_flash(
-        jnp.concatenate([q_nope_BTNH.astype(cdt), q_rope_BTNR.astype(cdt)],
-                        -1), jnp.concatenate([k_nope_BSNH, k_rope], -1),
-        v_BSNE, scale, segment_ids_BT, target=target,
-        q_chunk=cfg.attn_q_chunk, impl="pallas")
-    return out[0] if target is None else (out[0], out[2])
-  if target is not None:
-    raise ValueError("dense_attention: target (the fused warm-up KL) needs "
-                     "the kernel path (impl pallas or auto off CPU, no probe)")
   b, s_len = kv_BSC.shape[:2]
   seg_BT = (jnp.zeros((b, s_len), jnp.int32) if segment_ids_BT is None
             else segment_ids_BT)
-  n_args = len(probe_args)
+  n_rows = len(probe_rows)
 
-  def chunk_fn(start, qn, qr, seg, *rest):
-    pargs, (k_nope, v, k_rope, seg_k, *pkeys) = rest[:n_args], rest[n_args:]
-    tq, sk = qn.shape[1], k_nope.shape[1]
-    s = (jnp.einsum("btnh,bsnh->bnts", qn, k_nope,
-                    preferred_element_type=jnp.float32)
-         + jnp.einsum("btnr,bsr->bnts", qr, k_rope.astype(cdt),
-                      preferred_element_type=jnp.float32)) * scale
-    mask = causal_segment_mask(start + jnp.arange(tq), jnp.arange(sk), seg,
-                               seg_k)
-    s = jnp.where(mask[:, None], s, NEG_INF)
-    prob = jax.nn.softmax(s, axis=-1)
-    o = jnp.einsum("bnts,bsne->btne", prob.astype(cdt), v)
+  def chunk_fn(start, q_nope_BTNH, q_rope_BTNR, seg_q_BT, *rest):
+    prows, (k_nope_BSNH, v_BSNE, k_rope_BSR, seg_k_BS, *pkeys) = (
+        rest[:n_rows], rest[n_rows:])
+    s_BNTS = (jnp.einsum("btnh,bsnh->bnts", q_nope_BTNH, k_nope_BSNH,
+                         preferred_element_type=jnp.float32)
+              + jnp.einsum("btnr,bsr->bnts", q_rope_BTNR,
+                           k_rope_BSR.astype(cdt),
+                           preferred_element_type=jnp.float32)) * scale
+    mask_BTS = causal_segment_mask(
+        start + jnp.arange(q_nope_BTNH.shape[1]),
+        jnp.arange(k_nope_BSNH.shape[1]), seg_q_BT, seg_k_BS)
+    s_BNTS = jnp.where(mask_BTS[:, None], s_BNTS, NEG_INF)
+    prob_BNTS = jax.nn.softmax(s_BNTS, axis=-1)
+    o_BTNE = jnp.einsum("bnts,bsne->btne", prob_BNTS.astype(cdt), v_BSNE)
     if probe is None:
-      return o
-    return o, probe(start, prob, mask, *pargs, *pkeys)
+      return o_BTNE, None
+    return o_BTNE, probe(start, prob_BNTS, mask_BTS, *prows, *pkeys)
 
   return map_causal_chunks(
-      chunk_fn, cfg.attn_q_chunk, (q_nope_BTNH, q_rope_BTNR, seg_BT)
-      + tuple(probe_args),
+      chunk_fn, cfg.attn_q_chunk,
+      (proj.q.astype(cdt), proj.q_rope.astype(cdt), seg_BT) + tuple(probe_rows),
       (k_nope_BSNH, v_BSNE, k_rope_BSR, seg_BT) + tuple(probe_keys))
 
 
-def absorb_query(q_nope_BTNH: jax.Array, wkv_b_CNK: jax.Array,
+def absorb_query(q_nope_BTNH: jax.Array, wkv_b: jax.Array,
                  cfg: ModelConfig) -> jax.Array:
   """q_abs[n] = q_nope[n] W_kvb[:, n, :H]^T, shape [B,T,N,C]."""
-  w = wkv_b_CNK[..., :cfg.qk_nope_head_dim].astype(q_nope_BTNH.dtype)
-  return jnp.einsum("btnh,cnh->btnc", q_nope_BTNH, w)
+  w_CNH = wkv_b[..., :cfg.qk_nope_head_dim].astype(q_nope_BTNH.dtype)
+  return jnp.einsum("btnh,cnh->btnc", q_nope_BTNH, w_CNH)
 
 
-def expand_output(o_BTNC: jax.Array, wkv_b_CNK: jax.Array,
+def expand_output(o_BTNC: jax.Array, wkv_b: jax.Array,
                   cfg: ModelConfig) -> jax.Array:
   """o[n] = o_latent[n] W_kvb[:, n, H:], shape [B,T,N,E]."""
-  w = wkv_b_CNK[..., cfg.qk_nope_head_dim:].astype(o_BTNC.dtype)
-  return jnp.einsum("btnc,cne->btne", o_BTNC, w)
+  w_CNE = wkv_b[..., cfg.qk_nope_head_dim:].astype(o_BTNC.dtype)
+  return jnp.einsum("btnc,cne->btne", o_BTNC, w_CNE)
 
 
-def absorbed_attention(q_nope_BTNH: jax.Array, q_rope_BTNR: jax.Array,
-                       kv_BSC: jax.Array, k_rope_BSR: jax.Array,
-                       wkv_b_CNK: jax.Array, mask_BTS: jax.Array,
-                       cfg: ModelConfig) -> jax.Array:
-  """MQA-form attention against latent rows (the decode path). o_BTNE."""
+def absorbed_inputs(p: dict[str, Any], proj: Projections,
+                    rows: tuple[jax.Array, jax.Array], cfg: ModelConfig):
+  """(q_BTNA, row_BSA), A = C + R: the absorbed queries [q_abs ; q_rope]
+  and latent rows [c_kv ; k_rope] that sparse attention scores."""
+  kv_BSC, k_rope_BSR = rows
+  q_BTNA = jnp.concatenate(
+      [absorb_query(proj.q, p["wkv_b"], cfg), proj.q_rope], axis=-1)
+  row_BSA = jnp.concatenate([kv_BSC, k_rope_BSR.astype(kv_BSC.dtype)], -1)
+  return q_BTNA, row_BSA
+
+
+def sparse_attention(p: dict[str, Any], proj: Projections,
+                     rows: tuple[jax.Array, jax.Array], idx_BTK: jax.Array,
+                     valid_BTK: jax.Array, cfg: ModelConfig, impl: str):
+  """Attention of each query to its selected latent rows in absorbed (MQA)
+  form (kernels.sparse_mla), softmax scale unchanged. ``rows``: the layer's
+  own (kv, k_rope) in a forward, the cache in a decode step. Returns
+  ``(o_BTNE, (q_BTNA, row_BSA))``: the output and the main-model side that
+  the sparse indexer KL scores."""
+  q_BTNA, row_BSA = absorbed_inputs(p, proj, rows, cfg)
+  o_BTNC, _ = kernels.sparse_mla(q_BTNA, row_BSA, idx_BTK, valid_BTK,
+                                 softmax_scale(cfg), cfg.kv_lora_rank,
+                                 q_chunk=cfg.indexer.q_chunk, impl=impl)
+  return expand_output(o_BTNC, p["wkv_b"], cfg), (q_BTNA, row_BSA)
+
+
+def masked_attention(p: dict[str, Any], proj: Projections,
+                     rows: tuple[jax.Array, jax.Array], mask_BTS: jax.Array,
+                     cfg: ModelConfig) -> jax.Array:
+  """Absorbed (MQA) attention of the queries to every row under an explicit
+  key mask (a dense decode step against the latent cache). o_BTNE."""
   cdt = jnp.dtype(cfg.compute_dtype)
-  q_abs = absorb_query(q_nope_BTNH, wkv_b_CNK, cfg)
-  s = (jnp.einsum("btnc,bsc->bnts", q_abs, kv_BSC.astype(cdt),
-                  preferred_element_type=jnp.float32)
-       + jnp.einsum("btnr,bsr->bnts", q_rope_BTNR, k_rope_BSR.astype(cdt),
-                    preferred_element_type=jnp.float32)) * softmax_scale(cfg)
-  s = jnp.where(mask_BTS[:, None], s, NEG_INF)
-  prob = jax.nn.softmax(s, axis=-1)
-  o_BTNC = jnp.einsum("bnts,bsc->btnc", prob.astype(cdt), kv_BSC.astype(cdt))
-  return expand_output(o_BTNC, wkv_b_CNK, cfg)
+  kv_BSC, k_rope_BSR = (r.astype(cdt) for r in rows)
+  q_abs_BTNC = absorb_query(proj.q, p["wkv_b"], cfg)
+  s_BNTS = (jnp.einsum("btnc,bsc->bnts", q_abs_BTNC, kv_BSC,
+                       preferred_element_type=jnp.float32)
+            + jnp.einsum("btnr,bsr->bnts", proj.q_rope, k_rope_BSR,
+                         preferred_element_type=jnp.float32)
+            ) * softmax_scale(cfg)
+  s_BNTS = jnp.where(mask_BTS[:, None], s_BNTS, NEG_INF)
+  prob_BNTS = jax.nn.softmax(s_BNTS, axis=-1)
+  o_BTNC = jnp.einsum("bnts,bsc->btnc", prob_BNTS.astype(cdt), kv_BSC)
+  return expand_output(o_BTNC, p["wkv_b"], cfg)
 
 
 def output_projection(o_BTNE: jax.Array, wo_NED: jax.Array) -> jax.Array:

@@ -1,8 +1,12 @@
 """The decoder: embedding, L x (RMSNorm -> MLA or GQA -> RMSNorm -> SwiGLU
 or DeepSeekMoE), head.
 
-``forward(params, tokens_BT, cfg, segment_ids_BT=None) -> (logits_BTV, aux)``
-is causal and never attends across packed-document boundaries (segment ids).
+``forward(params, tokens_BT, cfg, segment_ids_BT=None, mode=...) ->
+(logits_BTV, LayerAux)`` is causal and never attends across packed-document
+boundaries (segment ids); ``mode`` (``dsax.attention.AttentionMode``) says
+dense or sparse and what to report. A layer is ``attention_input`` (RMSNorm),
+the family's ``project`` (MLA or GQA, ``dsa.family``), ``dsa.attend`` and
+``finish_layer``; the decode step (dsax.decode) uses the same pieces.
 Layers are stacked on a leading axis and scanned (with MoE, in two runs: the
 first k dense-MLP layers, then the MoE layers; see ``layer_segments``).
 """
@@ -14,7 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dsax import gqa, mla, moe
+from dsax import dsa, mla, moe
+from dsax.attention import AttentionMode
 from dsax.config import ModelConfig
 
 # What a decode cache holds per token and layer, by cfg.attention_type.
@@ -46,10 +51,10 @@ def embed(params: dict[str, Any], tokens_BT: jax.Array,
 
 def unembed(params: dict[str, Any], x_BTD: jax.Array,
             cfg: ModelConfig) -> jax.Array:
-  x = mla.rms_norm(x_BTD, params["final_norm"], cfg.norm_eps)
-  w = params["embed"].T if cfg.tie_embeddings else params["head"]
+  x_BTD = mla.rms_norm(x_BTD, params["final_norm"], cfg.norm_eps)
+  w_DV = params["embed"].T if cfg.tie_embeddings else params["head"]
   cdt = jnp.dtype(cfg.compute_dtype)
-  return jnp.einsum("btd,dv->btv", x.astype(cdt), w.astype(cdt),
+  return jnp.einsum("btd,dv->btv", x_BTD.astype(cdt), w_DV.astype(cdt),
                     preferred_element_type=jnp.float32)
 
 
@@ -58,94 +63,88 @@ def default_positions(tokens_BT: jax.Array) -> jax.Array:
   return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
 
-def angles(positions_BT: jax.Array, cfg: ModelConfig) -> jax.Array:
-  """RoPE angles of the main attention (MLA: R dims; GQA: the head dim)."""
-  if cfg.attention_type == "gqa":
-    return gqa.gqa_angles(positions_BT, cfg)
-  return mla.mla_angles(positions_BT, cfg)
+def attention_input(p: dict[str, Any], x_BTD: jax.Array,
+                    cfg: ModelConfig) -> jax.Array:
+  """The normalised hidden state h_BTD that the attention and indexer read."""
+  return mla.rms_norm(x_BTD, p["attn_norm"], cfg.norm_eps)
 
 
-def attention_block(p: dict[str, Any], x_BTD: jax.Array, ang_BTR: jax.Array,
-                    cfg: ModelConfig, segment_ids_BT: jax.Array | None,
-                    attend=None):
-  """One attention block on the normalised input. ``attend`` replaces the
-  core attention: MLA ``attend(q_nope, q_rope, cq, kv, k_rope)``, GQA
-  ``attend(q, k, v)``, -> (o_BTNE, aux); the DSA layer passes one that selects
-  keys. Returns (out_BTD, aux, *cache rows): MLA's (kv, k_rope), GQA's (k, v).
-  """
-  a = p["attn"]
-  if cfg.attention_type == "gqa":
-    q, k, v = gqa.project_qkv(a, x_BTD, ang_BTR, cfg)
-    if attend is None:
-      o, aux = gqa.dense_attention(q, k, v, cfg, segment_ids_BT), {}
-    else:
-      o, aux = attend(q, k, v)
-    return mla.output_projection(o, a["wo"]), aux, k, v
-  q_nope, q_rope, cq = mla.project_q(a, x_BTD, ang_BTR, cfg)
-  kv, k_rope = mla.project_kv(a, x_BTD, ang_BTR, cfg)
-  if attend is None:
-    o = mla.dense_attention(q_nope, q_rope, kv, k_rope, a["wkv_b"], cfg,
-                            segment_ids_BT)
-    aux = {}
-  else:
-    o, aux = attend(q_nope, q_rope, cq, kv, k_rope)
-  return mla.output_projection(o, a["wo"]), aux, kv, k_rope
+def finish_layer(p: dict[str, Any], x_BTD: jax.Array, o_BTNE: jax.Array,
+                 cfg: ModelConfig) -> jax.Array:
+  """The rest of a layer after the core attention: output projection,
+  residual, RMSNorm, feed-forward (SwiGLU or MoE), residual. Shared by the
+  forward and the decode step."""
+  x_BTD = x_BTD + mla.output_projection(o_BTNE, p["attn"]["wo"]).astype(
+      x_BTD.dtype)
+  h_BTD = mla.rms_norm(x_BTD, p["mlp_norm"], cfg.norm_eps)
+  return x_BTD + moe.ffn(p["mlp"], h_BTD, cfg).astype(x_BTD.dtype)
 
 
 def forward(params: dict[str, Any], tokens_BT: jax.Array, cfg: ModelConfig,
             segment_ids_BT: jax.Array | None = None, *,
+            mode: AttentionMode | None = None,
             positions_BT: jax.Array | None = None,
             embeddings_BTD: jax.Array | None = None,
-            attention: str = "dense", dsa_options: Any = None,
-            return_cache: bool = False):
-  """Logits and aux. ``attention``: "dense" or "sparse" (DSA, see dsax.dsa).
+            selection: tuple[jax.Array, jax.Array] | None = None):
+  """Logits and aux: ``(logits_BTV, LayerAux)``.
 
-  aux holds per-layer arrays stacked on a leading L axis (indexer KL, recall,
-  selected indices when asked) and, with ``return_cache``, the rows a decode
-  cache holds (``CACHE_NAMES``): MLA's latent ``kv_LBSC`` and ``k_rope_LBSR``,
-  GQA's ``k_LBSGH`` and ``v_LBSGH``.
+  ``mode`` (default ``AttentionMode.of(cfg)``: dense, nothing extra) says
+  how every layer attends and what it reports; ``LayerAux``'s fields are
+  stacked on a leading L axis (per-layer scalars [L], per-token arrays
+  [L, B, ...]); with ``mode.cache`` its ``cache`` holds the rows a decode
+  cache keeps (``CACHE_NAMES``). ``selection = (idx_LBTK, valid_LBTK)``
+  gives every layer's key sets when ``mode.selection == "given"`` (replay).
   ``embeddings_BTD`` replaces the token embedding (for gradient tests).
   """
-  if attention not in ("dense", "sparse"):
-    raise ValueError(f"attention must be 'dense' or 'sparse', got {attention!r}")
+  mode = AttentionMode.of(cfg) if mode is None else mode
+  if (selection is None) != (mode.selection != "given"):
+    raise ValueError("forward: selection (idx_LBTK, valid_LBTK) is given "
+                     "exactly when mode.selection == 'given', got "
+                     f"selection={'set' if selection is not None else None} "
+                     f"with mode.selection={mode.selection!r}")
   if positions_BT is None:
     positions_BT = default_positions(tokens_BT)
-  x = embed(params, tokens_BT, cfg) if embeddings_BTD is None else embeddings_BTD
-  ang = angles(positions_BT, cfg)
-  layer_fn = None
-  if attention == "sparse" or dsa_options is not None:
-    from dsax import dsa  # the DSA layer builds on this module
-    layer_fn = dsa.make_layer_attend(cfg, attention, dsa_options,
-                                     positions_BT, segment_ids_BT)
+  fam = dsa.family(cfg)
+  x_BTD = (embed(params, tokens_BT, cfg) if embeddings_BTD is None
+           else embeddings_BTD)
+  ang_BTR = fam.angles(positions_BT, cfg)
+  ang_i_BTR = (dsa.indexer_angles(positions_BT, cfg) if mode.uses_indexer
+               else None)
 
-  def layer(x, p):
-    h = mla.rms_norm(x, p["attn_norm"], cfg.norm_eps)
-    attend = None if layer_fn is None else layer_fn(p, h)
-    out, aux, *rows = attention_block(p, h, ang, cfg, segment_ids_BT,
-                                      attend)
-    x = x + out.astype(x.dtype)
-    h = mla.rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-    x = x + moe.ffn(p["mlp"], h, cfg).astype(x.dtype)
-    if return_cache:
-      aux = dict(aux, **dict(zip(CACHE_NAMES[cfg.attention_type], rows)))
-    return x, aux
+  def layer(x_BTD, xs):
+    p, given = xs
+    h_BTD = attention_input(p, x_BTD, cfg)
+    proj = fam.project(p["attn"], h_BTD, ang_BTR, cfg)
+    o_BTNE, aux = dsa.attend(p, h_BTD, proj, mode, cfg, segment_ids_BT,
+                             ang_i_BTR, given)
+    return finish_layer(p, x_BTD, o_BTNE, cfg), aux
 
   if cfg.remat:
     layer = jax.checkpoint(layer)
-  auxes = []
+  auxes, start = [], 0
   for segment in layer_segments(params, cfg):
-    x, aux = jax.lax.scan(layer, x, segment, unroll=True)
+    n = jax.tree.leaves(segment)[0].shape[0]
+    given = (None if selection is None
+             else jax.tree.map(lambda a: a[start:start + n], selection))
+    x_BTD, aux = jax.lax.scan(layer, x_BTD, (segment, given),
+                              unroll=min(cfg.scan_unroll, n))
     auxes.append(aux)
+    start += n
   aux = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *auxes)
-  return unembed(params, x, cfg), aux
+  return unembed(params, x_BTD, cfg), aux
+
+
+def token_nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+  """Next-token negative log-likelihood per position, f32 [B, T]."""
+  logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
 
 
 def lm_loss(logits_BTV: jax.Array, targets_BT: jax.Array,
             weights_BT: jax.Array | None = None) -> jax.Array:
   """Mean next-token cross entropy over weighted positions (f32)."""
-  logp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets_BT[..., None], axis=-1)[..., 0]
+  nll_BT = token_nll(logits_BTV, targets_BT)
   if weights_BT is None:
-    return nll.mean()
-  w = weights_BT.astype(jnp.float32)
-  return (nll * w).sum() / jnp.maximum(w.sum(), 1.0)
+    return nll_BT.mean()
+  w_BT = weights_BT.astype(jnp.float32)
+  return (nll_BT * w_BT).sum() / jnp.maximum(w_BT.sum(), 1.0)

@@ -40,8 +40,10 @@ def router_scores(p: dict[str, Any], x_BTD: jax.Array, cfg: ModelConfig):
     s = jax.nn.softmax(logits, axis=-1)
   else:
     s = jax.nn.sigmoid(logits)
-  c = s + p["router_bias"].astype(jnp.float32) if "router_bias" in p else s
-  return s, c
+  if "router_bias" not in p:
+    return s, s
+  return s, s + jax.lax.broadcast_to_rank(
+      p["router_bias"].astype(jnp.float32), s.ndim)
 
 
 def eligible_experts(c_BTX: jax.Array, cfg: ModelConfig) -> jax.Array:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -240,10 +240,3 @@ def param_count(cfg: ModelConfig) -> int:
     total += (L - m.first_k_dense) * (moe - mlp)
   return total
 
-
-def trainable_mask(params: Any, predicate: Callable[[str], bool]) -> Any:
-  """A bool tree: ``predicate('layers/attn/wq_a')`` per leaf path."""
-  def path_str(path):
-    return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
-  return jax.tree_util.tree_map_with_path(
-      lambda p, _: predicate(path_str(p)), params)

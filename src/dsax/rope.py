@@ -73,7 +73,9 @@ def softmax_mscale(scaling: RopeScaling | None) -> float:
 
 def angles(positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
   """positions [...] -> angles [..., R/2] in f32."""
-  return positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  inv = jnp.asarray(inv_freq, jnp.float32)
+  return (positions.astype(jnp.float32)[..., None]
+          * inv.reshape((1,) * positions.ndim + inv.shape))
 
 
 def _cos_sin(x: jax.Array, ang: jax.Array):

@@ -4,12 +4,14 @@ Freezing is partitioning: a phase's trainable parameters are those whose path
 (``layers/attn/wq_a``) matches its regex; only they are differentiated and
 only they have optimizer state. Losses per phase kind:
 
-  pretrain  L = lm_weight * LM
-  warmup    L = indexer_weight * sum_l KL_l(p_t || softmax(I_t))   (dense)
-  sparse    L = lm_weight * LM + indexer_weight * sum_l KL_l on S_t
+  pretrain  L = loss.lm_weight * LM                       (optim)
+  warmup    L = loss.indexer_weight * sum_l KL_l(p_t || softmax(I_t))
+            dense attention; the indexer is the only group (optim)
+  sparse    L = loss.lm_weight * LM + loss.indexer_weight * sum_l KL_l on S_t
             The indexer's inputs are detached and the LM loss cannot reach the
             indexer, so one backward gives each group exactly its own gradient;
-            the two groups have their own optimizers (optax.multi_transform).
+            the two groups have their own optimizers (optax.multi_transform:
+            optim for the main group, indexer_optim for the indexer).
 
 The host loop does no array maths and reads each step's metrics one step late.
 
@@ -36,10 +38,12 @@ import numpy as np
 import optax
 import tqdm
 
-from dsax import checkpoint, dsa, model
+from dsax import checkpoint, model
+from dsax.attention import AttentionMode
 from dsax import params as P
 from dsax import sharding as S
-from dsax.config import ConfigError, ExperimentConfig, PhaseConfig, dumps
+from dsax.config import (ConfigError, ExperimentConfig, OptimConfig,
+                         PhaseConfig, dumps)
 
 log = logging.getLogger("dsax")
 
@@ -76,20 +80,24 @@ def param_paths(cfg: ExperimentConfig) -> list[str]:
   return list(flatten(P.abstract_params(cfg.model)))
 
 
-def groups(phase: PhaseConfig) -> dict[str, str]:
-  """Optimizer group -> path regex for a phase."""
+def groups(phase: PhaseConfig) -> dict[str, tuple[str, OptimConfig]]:
+  """Optimizer group -> (path regex, optimizer settings) for a phase: the
+  main group (``trainable``, ``optim``) in pretrain and sparse phases, the
+  indexer (``indexer_trainable``) with ``optim`` in a warm-up phase, where it
+  is the only group, and with ``indexer_optim`` in a sparse phase."""
   if phase.kind == "warmup":
-    return {"indexer": phase.indexer_trainable}
+    return {"indexer": (phase.indexer_trainable, phase.optim)}
+  main = {"main": (phase.trainable, phase.optim)}
   if phase.kind == "sparse":
-    return {"main": phase.trainable, "indexer": phase.indexer_trainable}
-  return {"main": phase.trainable}
+    return {**main, "indexer": (phase.indexer_trainable, phase.indexer_optim)}
+  return main
 
 
 def labels_for(phase: PhaseConfig, paths: list[str]) -> dict[str, str]:
   """Trainable path -> its group (the first group whose regex matches)."""
   out = {}
   for path in paths:
-    for group, rx in groups(phase).items():
+    for group, (rx, _) in groups(phase).items():
       if re.search(rx, path):
         out[path] = group
         break
@@ -97,30 +105,29 @@ def labels_for(phase: PhaseConfig, paths: list[str]) -> dict[str, str]:
 
 
 def preflight(cfg: ExperimentConfig) -> None:
-  """Checks that need the model's parameter names; no compute."""
+  """Checks that need the model's parameter names; no compute. (What needs
+  no model, init_from included, is config validation's: config.validate.)"""
   paths = param_paths(cfg)
   for phase in cfg.phases:
-    for group, rx in groups(phase).items():
+    for group, (rx, _) in groups(phase).items():
       if not any(re.search(rx, p) for p in paths):
         key = "indexer_trainable" if group == "indexer" else "trainable"
         raise ConfigError(f"phases.{phase.name}.{key}={rx!r} matches no "
                           f"parameter (names look like {paths[1]!r})")
-    if phase.init_from and phase.init_from not in [p.name for p in cfg.phases]:
-      if not os.path.isdir(phase.init_from):
-        raise ConfigError(f"phases.{phase.name}.init_from="
-                          f"{phase.init_from!r}: no such checkpoint directory")
 
 
 # ------------------------------------------------------------- optimizers
 
 
-def schedule(phase: PhaseConfig, lr: float) -> optax.Schedule:
-  warm = max(1, min(phase.warmup_steps, phase.steps))
-  if phase.schedule == "constant":
+def schedule(optim: OptimConfig, steps: int) -> optax.Schedule:
+  """The learning rate of a group over a phase of ``steps`` steps."""
+  lr = optim.lr
+  warm = max(1, min(optim.lr_warmup_steps, steps))
+  if optim.schedule == "constant":
     return optax.linear_schedule(lr / warm, lr, warm)
   return optax.warmup_cosine_decay_schedule(
-      lr / warm, lr, warm, max(phase.steps, warm + 1),
-      end_value=lr * phase.min_lr_ratio)
+      lr / warm, lr, warm, max(steps, warm + 1),
+      end_value=lr * optim.min_lr_ratio)
 
 
 def decayed(tree: Any) -> Any:
@@ -133,16 +140,16 @@ def decayed(tree: Any) -> Any:
 
 
 def optimizer(phase: PhaseConfig, labels: dict[str, str]):
-  """(transform, lr schedule of the main group or the only group)."""
-  def adamw(lr):
-    sched = schedule(phase, lr)
-    return optax.chain(optax.clip_by_global_norm(phase.grad_clip),
-                       optax.adamw(sched, phase.b1, phase.b2,
-                                   weight_decay=phase.weight_decay,
+  """(transform, lr schedule of the main group or the only group); each
+  group of ``groups(phase)`` gets its own AdamW, clipped by its own norm."""
+  def adamw(optim: OptimConfig):
+    sched = schedule(optim, phase.steps)
+    return optax.chain(optax.clip_by_global_norm(optim.grad_clip),
+                       optax.adamw(sched, optim.b1, optim.b2,
+                                   weight_decay=optim.weight_decay,
                                    mask=decayed)), sched
   present = sorted(set(labels.values()))
-  txs = {"main": adamw(phase.lr), "indexer": adamw(
-      phase.lr if phase.kind == "warmup" else phase.indexer_lr)}
+  txs = {g: adamw(optim) for g, (_, optim) in groups(phase).items()}
   if len(present) == 1:
     return txs[present[0]]
   return (optax.multi_transform({g: txs[g][0] for g in present}, labels),
@@ -152,38 +159,41 @@ def optimizer(phase: PhaseConfig, labels: dict[str, str]):
 # ------------------------------------------------------------------- steps
 
 
-def batch_loss(params, batch, cfg: ExperimentConfig, phase_kind: str,
-               topk: int, metrics: bool = False):
-  """(loss terms, aux) of one batch for a phase kind; params nested."""
-  attention = "sparse" if phase_kind == "sparse" else "dense"
-  opts = None if phase_kind == "pretrain" and not metrics else dsa.DSAOptions(
-      indexer_loss=phase_kind != "pretrain" or metrics, metrics=metrics,
-      topk=topk)
-  logits, aux = model.forward(
-      params, batch["inputs"], cfg.model, batch["segment_ids"],
-      positions_BT=batch["positions"], attention=attention, dsa_options=opts)
-  lm = model.lm_loss(logits, batch["targets"], batch["weights"])
-  return lm, aux
+def phase_mode(cfg: ExperimentConfig, phase: PhaseConfig) -> AttentionMode:
+  """How a phase's step attends: sparse (with the KL on the selected set) in
+  a sparse phase; dense with the warm-up KL in a warm-up; plain dense in
+  pretraining."""
+  kind = "sparse" if phase.kind == "sparse" else "dense"
+  return AttentionMode.of(cfg.model, kind, topk=phase.topk,
+                          indexer_loss=phase.kind != "pretrain")
+
+
+def batch_loss(params, batch, cfg: ExperimentConfig, mode: AttentionMode):
+  """(LM loss, LayerAux) of one batch; params nested."""
+  logits_BTV, aux = model.forward(
+      params, batch["inputs"], cfg.model, batch["segment_ids"], mode=mode,
+      positions_BT=batch["positions"])
+  return model.lm_loss(logits_BTV, batch["targets"], batch["weights"]), aux
 
 
 def make_train_step(cfg: ExperimentConfig, phase: PhaseConfig, tx,
                     sched: optax.Schedule, mesh=None) -> Callable:
   """``step(state, frozen, batch) -> (state, metrics)`` jitted on ``mesh``
   (default: ``cfg.mesh`` over all devices) with the state donated."""
-  topk = phase.topk or cfg.model.indexer.topk
+  mode = phase_mode(cfg, phase)
 
   def loss_fn(trainable, frozen, batch):
     params = unflatten({**frozen, **trainable})
-    lm, aux = batch_loss(params, batch, cfg, phase.kind, topk)
+    lm, aux = batch_loss(params, batch, cfg, mode)
     out = {"lm_loss": lm}
     if phase.kind == "pretrain":
-      loss = phase.lm_weight * lm
+      loss = phase.loss.lm_weight * lm
     else:
-      kl = aux["indexer_kl"]
+      kl = aux.indexer_kl
       out["indexer_kl"] = jnp.mean(kl)
-      loss = phase.indexer_weight * jnp.sum(kl)
+      loss = phase.loss.indexer_weight * jnp.sum(kl)
       if phase.kind == "sparse":
-        loss = loss + phase.lm_weight * lm
+        loss = loss + phase.loss.lm_weight * lm
     out["loss"] = loss
     return loss, out
 
@@ -346,7 +356,8 @@ def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
         now_params = S.host_tree(
             unflatten({**frozen, **state["trainable"]}))
         if S.is_primary():
-          ev = evaluate(now_params, phase.attention)
+          mode = phase_mode(cfg, phase)
+          ev = evaluate(now_params, mode.kind, mode.topk)
           writer.write(phase.name, base + s, {f"eval_{k}": v
                                               for k, v in ev.items()})
       if sigs.caught is not None:

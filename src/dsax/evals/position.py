@@ -9,7 +9,7 @@ Loss by position: the weighted mean NLL of the tokens whose ``positions`` (the
 offset in their document piece, i.e. how much context they have) fall in each
 bucket [edges[i], edges[i+1]); edges double from 16 by default.
 
-Recall by layer (dense attention, ``DSAOptions(metrics=True)``): per layer, the
+Recall by layer (dense attention, an ``AttentionMode`` with ``recall``): per layer, the
 share of the head-summed dense attention mass in the indexer's top-k (selected),
 the k largest (oracle) and the k most recent keys (local), as ``dsax.dsa``
 computes them, averaged over batches. Random: the mass of k keys drawn uniformly
@@ -39,25 +39,24 @@ def default_edges(seq_len: int, first: int = 16) -> list[int]:
 
 def model_nll_fn(params, model_cfg, attention: str = "dense",
                  topk: int | None = None) -> NllFn:
-  key = ("nll", model_cfg, attention, topk if attention == "sparse" else None)
-  if key in _JITTED:
-    f = _JITTED[key]
-    return lambda batch: f(params, batch)
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from dsax import dsa, model  # pylint: disable=import-outside-toplevel
-  opts = (dsa.DSAOptions(indexer_loss=False, topk=topk)
-          if attention == "sparse" else None)
+  """Per-token NLL of ``dsax.model.forward`` with ``attention`` ("dense" or
+  "sparse", at ``topk``; None: the config's), jitted once per mode."""
+  from dsax import model  # pylint: disable=import-outside-toplevel
+  from dsax.attention import AttentionMode  # pylint: disable=import-outside-toplevel
+  mode = AttentionMode.of(model_cfg, attention,
+                          topk=topk if attention == "sparse" else 0)
+  key = ("nll", model_cfg, mode)
+  if key not in _JITTED:
+    import jax  # pylint: disable=import-outside-toplevel
 
-  def f(p, batch):
-    logits, _ = model.forward(p, batch["inputs"], model_cfg,
-                              batch["segment_ids"],
-                              positions_BT=batch["positions"],
-                              attention=attention, dsa_options=opts)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-    return -jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+    def f(p, batch):
+      logits_BTV, _ = model.forward(p, batch["inputs"], model_cfg,
+                                    batch["segment_ids"], mode=mode,
+                                    positions_BT=batch["positions"])
+      return model.token_nll(logits_BTV, batch["targets"])
 
-  f = _JITTED[key] = jax.jit(f)
+    _JITTED[key] = jax.jit(f)
+  f = _JITTED[key]
   return lambda batch: f(params, batch)
 
 
@@ -108,20 +107,21 @@ def recall_by_layer(params, model_cfg, batches: Sequence[dict],
                     topk: int) -> dict[str, list[float]]:
   """Per layer: recall (selected), recall_oracle, recall_local, recall_random."""
   import jax  # pylint: disable=import-outside-toplevel
-  from dsax import dsa, model  # pylint: disable=import-outside-toplevel
-  opts = dsa.DSAOptions(indexer_loss=False, metrics=True, topk=topk)
+  from dsax import model  # pylint: disable=import-outside-toplevel
+  from dsax.attention import AttentionMode  # pylint: disable=import-outside-toplevel
+  mode = AttentionMode.of(model_cfg, "dense", topk=topk, recall=True)
+  names = ("recall", "recall_oracle", "recall_local")
 
   def f(p, batch):
     _, aux = model.forward(p, batch["inputs"], model_cfg, batch["segment_ids"],
-                           positions_BT=batch["positions"], attention="dense",
-                           dsa_options=opts)
-    return {k: aux[k] for k in ("recall", "recall_oracle", "recall_local")}
+                           mode=mode, positions_BT=batch["positions"])
+    return {k: getattr(aux, k) for k in names}
 
-  key = ("recall", model_cfg, topk)
+  key = ("recall", model_cfg, mode)
   f = _JITTED.setdefault(key, jax.jit(f))
   outs = [jax.device_get(f(params, b)) for b in batches]
   res = {k: np.mean([o[k] for o in outs], axis=0).astype(float).tolist()
-         for k in ("recall", "recall_oracle", "recall_local")}
+         for k in names}
   rand = float(np.mean([random_recall(b["positions"], topk) for b in batches]))
   res["recall_random"] = [rand] * len(res["recall"])
   return res

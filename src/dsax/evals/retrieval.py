@@ -192,18 +192,17 @@ def accuracy_tables(results: Sequence[dict]) -> dict[str, Any]:
 def model_logits_fn(params, model_cfg, attention: str = "dense",
                     topk: int | None = None) -> LogitsFn:
   """A jitted ``tokens_BT -> logits_BTV`` of ``dsax.model.forward``; sparse
-  attention at ``topk`` (None: the config's) via DSAOptions."""
-  key = (model_cfg, attention, topk if attention == "sparse" else None)
+  attention at ``topk`` (None: the config's)."""
+  from dsax.attention import AttentionMode  # pylint: disable=import-outside-toplevel
+  mode = AttentionMode.of(model_cfg, attention,
+                          topk=topk if attention == "sparse" else 0)
+  key = (model_cfg, mode)
   if key not in _JITTED:
     import jax  # pylint: disable=import-outside-toplevel
-    from dsax import dsa, model  # pylint: disable=import-outside-toplevel
-    opts = None
-    if attention == "sparse":
-      opts = dsa.DSAOptions(indexer_loss=False, metrics=False, topk=topk)
+    from dsax import model  # pylint: disable=import-outside-toplevel
 
-    def f(p, tokens):
-      return model.forward(p, tokens, model_cfg, attention=attention,
-                           dsa_options=opts)[0]
+    def f(p, tokens_BT):
+      return model.forward(p, tokens_BT, model_cfg, mode=mode)[0]
 
     _JITTED[key] = jax.jit(f)
   f = _JITTED[key]
@@ -261,8 +260,11 @@ def greedy_scores(examples: Sequence[tasks.Example], tokenizer, *,
     if params is not None and logits_fn is None:
       import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
       from dsax import decode  # pylint: disable=import-outside-toplevel
+      from dsax.attention import AttentionMode  # pylint: disable=import-outside-toplevel
+      mode = AttentionMode.of(model_cfg, attention,
+                              topk=topk if attention == "sparse" else 0)
       full = decode.generate(params, jnp.asarray(prompt[None]), model_cfg,
-                             steps, attention=attention, topk=topk)
+                             steps, mode=mode)
       gen = np.asarray(full)[0, len(prompt):]
       method = "decode.generate"
     else:

@@ -1,0 +1,129 @@
+"""The attention interface: one mode value in, a fixed structure out.
+
+A forward (``model.forward``), a decode step and every caller (trainer, evals,
+benchmarks) say how to attend with one frozen ``AttentionMode``, built once
+with ``AttentionMode.of(model_cfg, kind, ...)``, which resolves the defaults
+(top-k from ``model.indexer.topk``, kernels from ``model.kernel_impl``) in
+one place. A layer's projections are one ``Projections`` value, MLA and GQA
+alike; ``dsa.attend(p_layer, h_BTD, proj, mode, ctx) -> (o_BTNE, LayerAux)``
+returns the same structure whatever the mode: fields the mode did not ask
+for are None.
+
+  kind       "dense": causal attention over every visible key;
+             "sparse": each query attends to its top-k keys only (DSA).
+  selection  where a sparse query's keys come from:
+             "indexer"  the lightning indexer's top-k (DeepSeek-V3.2);
+             "given"    indices the caller passes (``forward(selection=)``),
+                        e.g. the sets recorded at sampling time (RL replay).
+  aux        indexer_loss (the warm-up KL when dense, the KL on the selected
+             set when sparse), recall (dense attention mass kept by the
+             selection, the oracle top-k and the local window), indices
+             (the selected sets), indexer_keys and cache (the rows a decode
+             cache holds).
+  impl       "reference" | "pallas" | "auto" (dsax.kernels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from dsax.config import ModelConfig, resolve_topk
+
+KINDS = ("dense", "sparse")
+SELECTIONS = ("indexer", "given")
+IMPLS = ("reference", "pallas", "auto")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionMode:
+  """How every layer of a forward attends and what it reports (hashable:
+  a static argument of jitted functions)."""
+  kind: str = "dense"
+  topk: int = 0                 # keys per query (sparse attention, recall)
+  selection: str = "indexer"
+  indexer_loss: bool = False    # LayerAux.indexer_kl
+  recall: bool = False          # LayerAux.recall, recall_oracle, recall_local
+  indices: bool = False         # LayerAux.idx, valid (the selected sets)
+  indexer_keys: bool = False    # LayerAux.index_k (a sparse decode cache)
+  cache: bool = False           # LayerAux.cache (model.CACHE_NAMES rows)
+  impl: str = "reference"
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"AttentionMode.kind must be one of {KINDS}, "
+                       f"got {self.kind!r}")
+    if self.selection not in SELECTIONS:
+      raise ValueError(f"AttentionMode.selection must be one of "
+                       f"{SELECTIONS}, got {self.selection!r}")
+    if self.impl not in IMPLS:
+      raise ValueError(f"AttentionMode.impl must be one of {IMPLS}, "
+                       f"got {self.impl!r}")
+    if (self.sparse or self.recall) and self.topk <= 0:
+      raise ValueError(f"AttentionMode.topk must be > 0 for sparse attention "
+                       f"or recall, got {self.topk} (AttentionMode.of "
+                       "resolves it from the model config)")
+    if self.selection == "given" and not self.sparse:
+      raise ValueError("AttentionMode.selection='given' needs kind='sparse'")
+
+  @property
+  def sparse(self) -> bool:
+    return self.kind == "sparse"
+
+  @property
+  def uses_indexer(self) -> bool:
+    """Whether the layer computes the indexer's q, k and weights."""
+    return ((self.sparse and self.selection == "indexer") or self.indexer_loss
+            or self.recall or self.indexer_keys)
+
+  @classmethod
+  def of(cls, cfg: ModelConfig, kind: str = "dense", *, topk: int | None = 0,
+         impl: str | None = "", **flags) -> "AttentionMode":
+    """The mode for ``cfg``: ``topk`` 0/None means ``cfg.indexer.topk``,
+    ``impl`` ""/None means ``cfg.kernel_impl``; ``flags`` are the other
+    fields (selection, indexer_loss, recall, indices, indexer_keys, cache)."""
+    return cls(kind=kind, topk=resolve_topk(cfg, topk),
+               impl=impl or cfg.kernel_impl, **flags)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Projections:
+  """One layer's projected attention inputs.
+
+  MLA: ``q`` = q_nope_BTNH, ``q_rope`` = q_rope_BTNR (RoPE applied),
+  ``cq`` = the normalised q-latent c_q_BTQ (None when Q = 0), ``rows`` =
+  (kv_BSC, k_rope_BSR). GQA: ``q`` = q_BTNH (RoPE applied), ``q_rope`` and
+  ``cq`` None, ``rows`` = (k_BSGH, v_BSGH). ``rows`` is exactly what a
+  decode cache holds per token (``model.CACHE_NAMES``); the indexer reads
+  ``cq`` (or the hidden state when it is None).
+  """
+  q: jax.Array
+  rows: tuple[jax.Array, jax.Array]
+  q_rope: jax.Array | None = None
+  cq: jax.Array | None = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerAux:
+  """What a layer reports besides its output; None unless the mode asks.
+  Per layer: scalars (means over the query positions; recall over queries
+  that see more than k keys) and per-token arrays; ``model.forward`` stacks
+  them on a leading L axis."""
+  indexer_kl: jax.Array | None = None      # []
+  recall: jax.Array | None = None          # [] mass on the selected keys
+  recall_oracle: jax.Array | None = None   # [] on the k largest
+  recall_local: jax.Array | None = None    # [] on the k most recent
+  idx: jax.Array | None = None             # [B,T,K] int32
+  valid: jax.Array | None = None           # [B,T,K] bool
+  index_k: jax.Array | None = None         # [B,S,J] indexer keys
+  cache: tuple[jax.Array, jax.Array] | None = None  # Projections.rows
+
+  SCALARS = ("indexer_kl", "recall", "recall_oracle", "recall_local")
+
+  def scalars(self) -> dict[str, jax.Array]:
+    """The per-layer scalar metrics that were computed, by name."""
+    return {k: getattr(self, k) for k in self.SCALARS
+            if getattr(self, k) is not None}
