@@ -23,6 +23,10 @@ def get_config(arg=None) -> ExperimentConfig:
       q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32,
       qk_rope_head_dim=16, v_head_dim=32, d_ff=704 if full else 352,
       attn_q_chunk=256,
+      # Four layers unrolled: on this CPU the rolled scan made the warm-up
+      # step 7% and the sparse step 3-13% slower (experiments/bench_train.py
+      # --set model.scan_unroll=1); compile time is small at this depth.
+      scan_unroll=4,
       # Small sparse chunks keep the gathered rows in cache: on this CPU
       # q_chunk 16 made the sparse step 2.25x faster than 256
       # (experiments/bench_train.py --set model.indexer.q_chunk=16).

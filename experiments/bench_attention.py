@@ -9,14 +9,21 @@ normalised hidden state x_BTD. Timed: jax.grad of
 sum(out * ct) w.r.t. x and the layer's parameters (attention and indexer).
 
   dense   core = dsa.attend with a dense AttentionMode, i.e.
-          mla.dense_attention (expanded form, chunked over queries with
-          model.attn_q_chunk; each chunk forms a [N, chunk, keys] slab).
-          With at most 16 chunks (query_chunks.map_causal_chunks' max_unroll)
-          the chunks are unrolled and each scores only its causal key prefix
-          (about half the work); with more, a rolled lax.map scores all S
-          keys and masks the upper triangle. The rows say which path ran.
-          Default chunk 256: the rolled path at 8K/16K (a larger chunk that
-          unrolls, e.g. 1024 at 16K, compiles to ~38 GB of temp buffers).
+          mla.dense_attention: flash attention in jnp over the lower
+          triangle of key blocks (kernels/causal_blocks.py, blocks of
+          model.attn_q_chunk rows, default 256): n(n+1)/2 of the n^2
+          [N, block, block] tiles at every length, rolled loops, memory
+          O(T), a flash-attention-2 backward (custom_vjp).
+  full    the reference cost of a full non-causal T x T layer: the same
+          layer with every query scoring all T keys, no mask (query chunks
+          of model.attn_q_chunk in a rolled lax.map with remat, the chunk
+          scoring, softmax and remat of the pre-flash dense path). The
+          target: dense / full <= ~0.6 at 4K and 8K (causal: about half
+          the score work).
+  warmup  the dense warm-up's layer: dense attention with indexer_loss
+          (flash (o, lse), then the KL over the same causal blocks), the
+          layer output (it feeds the next layer) and the gradient of the KL
+          w.r.t. the indexer parameters only (the trunk is frozen).
   sparse  core = dsa.attend with a sparse AttentionMode (no indexer loss):
           indexer projection + causal top-k (reference,
           chunked by indexer.q_chunk), then sparse MLA in absorbed (MQA) form.
@@ -29,16 +36,16 @@ All kernels use impl="reference" (jnp; Pallas on CPU would be interpret mode).
 Everything is compiled first, then repetitions run in rounds over all T and
 all variants (see ``measure``); the minimum is reported (other processes
 share the 2 cores: load only adds time) and every repetition is printed.
-Dense repetitions after the first are dropped when they would exceed
---dense-budget-s: at 16K one dense fwd+bwd takes minutes on this CPU, which
-is why the default run takes ~12 min rather than 5.
+Dense, full and warmup repetitions after the first are dropped when they
+would exceed --dense-budget-s: at 16K one full fwd+bwd takes minutes here.
+Compile time is printed per variant (the dense one should not grow with T).
 
 FLOPs, DESIGN.md formulas, per query at context L (forward): dense MLA
 2*N*(H+R+E)*L, sparse MQA 2*N*(C+R+C)*min(k, L), indexer 2*I*J*L, summed over
 the causal sequence L = 1..T. Forward + backward counts 3x the forward
-(backward = 2x: the usual model-FLOPs convention; recomputation by remat and
-the masked upper triangle that the chunked dense path computes are not
-counted, so dense achieved GFLOP/s is "useful" throughput). The indexer has
+(backward = 2x: the usual model-FLOPs convention; recomputation, the
+diagonal tiles' masked halves and the full variant's upper triangle are not
+counted, so achieved GFLOP/s is "useful" causal throughput). The indexer has
 no backward here (1x). Projections (q/kv/out, absorb/expand) are linear in
 T and are not in the formulas; they are in the measured layer times.
 
@@ -50,7 +57,6 @@ peak of the executable, not process RSS.
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import sys
 import time
@@ -68,7 +74,8 @@ from dsax.config import IndexerConfig, ModelConfig  # noqa: E402
 from dsax.kernels import query_chunks  # noqa: E402
 
 
-VARIANTS = ("dense", "sparse", "core", "indexer")
+VARIANTS = ("dense", "full", "warmup", "sparse", "core", "indexer")
+SLOW = ("dense", "full", "warmup")   # reps cut by --dense-budget-s
 
 
 def parse_args(argv=None):
@@ -95,13 +102,14 @@ def parse_args(argv=None):
   ap.add_argument("--reps", type=int, default=3,
                   help="interleaved repetitions per T (min)")
   ap.add_argument("--dense-budget-s", type=float, default=60.0,
-                  help="dense reps (>= 1) per T: as many as fit this")
+                  help="dense, full and warmup reps (>= 1 each) per T: "
+                       "as many as fit this")
   ap.add_argument("--budget-s", type=float, default=60.0,
                   help="extra rounds of the sparse variants per T (total "
                        ">= 2 reps): as many as fit this")
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--variants", default=",".join(VARIANTS),
-                  help="subset of dense,sparse,core,indexer to time")
+                  help="subset of " + ",".join(VARIANTS) + " to time")
   args = ap.parse_args(argv)
   args.variants = [v for v in args.variants.split(",") if v]
   args.lengths = ([1024, 2048] if args.quick
@@ -146,8 +154,33 @@ def peak_mb(compiled) -> float:
   return total / 2**20
 
 
+def full_attention(p, proj, cfg: ModelConfig):
+  """Non-causal MLA over all T keys (no mask): query chunks of
+  cfg.attn_q_chunk in a rolled lax.map with remat, each a [N, chunk, T]
+  slab (the pre-flash dense path's chunk without its mask)."""
+  cdt = jnp.dtype(cfg.compute_dtype)
+  kv_BSC, k_rope_BSR = proj.rows
+  k_nope_BSNH, v_BSNE = mla.expanded_keys(p, kv_BSC, cfg)
+  k_rope_BSR = k_rope_BSR.astype(cdt)
+  scale = mla.softmax_scale(cfg)
+
+  def chunk_fn(start, q_nope_BTNH, q_rope_BTNR):
+    del start
+    s_BNTS = (jnp.einsum("btnh,bsnh->bnts", q_nope_BTNH, k_nope_BSNH,
+                         preferred_element_type=jnp.float32)
+              + jnp.einsum("btnr,bsr->bnts", q_rope_BTNR, k_rope_BSR,
+                           preferred_element_type=jnp.float32)) * scale
+    prob_BNTS = jax.nn.softmax(s_BNTS, axis=-1)
+    return jnp.einsum("bnts,bsne->btne", prob_BNTS.astype(cdt), v_BSNE)
+
+  return query_chunks.map_query_chunks(chunk_fn, cfg.attn_q_chunk,
+                                       proj.q.astype(cdt),
+                                       proj.q_rope.astype(cdt))
+
+
 def build(args, t: int, key):
-  """The four jitted functions at length t and their inputs."""
+  """The jitted functions at length t and their inputs, with each one's
+  compile time: {variant: (compiled, inputs, compile_s)}."""
   cfg = layer_config(args)
   b = args.batch
   dtype = jnp.dtype(args.dtype)
@@ -171,6 +204,25 @@ def build(args, t: int, key):
   def sparse_loss(p, x, ct):
     return jnp.sum(layer_out(p, x, "sparse").astype(jnp.float32) * ct)
 
+  def warmup_step(p, x, ct):
+    def kl(p_indexer):
+      mode = AttentionMode.of(cfg, "dense", indexer_loss=True,
+                              impl="reference")
+      proj = mla.project(p["attn"], x, ang, cfg)
+      o, aux = dsa.attend(dict(p, indexer=p_indexer), x, proj, mode, cfg,
+                          None, ang_i)
+      return aux.indexer_kl, o
+
+    g, o = jax.grad(kl, has_aux=True)(p["indexer"])
+    out = mla.output_projection(o, p["attn"]["wo"]).astype(jnp.float32)
+    return g, jnp.sum(out * ct)
+
+  def full_loss(p, x, ct):
+    proj = mla.project(p["attn"], x, ang, cfg)
+    o = mla.output_projection(full_attention(p["attn"], proj, cfg),
+                              p["attn"]["wo"])
+    return jnp.sum(o.astype(jnp.float32) * ct)
+
   # Inputs of the core and the indexer, as the sparse layer forms them.
   scale = mla.softmax_scale(cfg)
 
@@ -191,19 +243,25 @@ def build(args, t: int, key):
     return jnp.sum(o.astype(jnp.float32) * ct_o)
 
   q_full, kv_full, cq = core_inputs(p, x)
+  t0 = time.perf_counter()
   idx_fn = jax.jit(indexer).lower(p["indexer"], x, cq).compile()
+  compiled = {"indexer": (idx_fn, (p["indexer"], x, cq),
+                          time.perf_counter() - t0)}
   idx, valid = idx_fn(p["indexer"], x, cq)
   ct_o = jax.random.normal(kq, q_full.shape[:3] + (args.c,), dtype) * 1e-3
   fns = {
       "dense": (jax.jit(jax.grad(dense_loss, (0, 1))), (p, x, ct)),
+      "full": (jax.jit(jax.grad(full_loss, (0, 1))), (p, x, ct)),
+      "warmup": (jax.jit(warmup_step), (p, x, ct)),
       "sparse": (jax.jit(jax.grad(sparse_loss, (0, 1))), (p, x, ct)),
       "core": (jax.jit(jax.grad(core_loss, (0, 1))),
                (q_full, kv_full, idx, valid, ct_o)),
   }
-  compiled = {"indexer": (idx_fn, (p["indexer"], x, cq))}
   for name, (fn, inputs) in fns.items():
     if name in args.variants:
-      compiled[name] = (fn.lower(*inputs).compile(), inputs)
+      t0 = time.perf_counter()
+      compiled[name] = (fn.lower(*inputs).compile(), inputs,
+                        time.perf_counter() - t0)
   return compiled
 
 
@@ -216,13 +274,14 @@ def run_once(fn, inputs) -> float:
 def measure(args) -> list[dict]:
   """Compiles every (T, variant) first, then runs rounds over all of them.
 
-  Round r runs, for each T in turn, dense, sparse, core, indexer: the
+  Round r runs, for each T in turn, each variant in VARIANTS' order: the
   variants of one T are interleaved, and each T's repetitions are spread over
   the whole run, so a background load that comes and goes (other processes
   share the 2 cores) biases neither a ratio nor the slope over T. Every call
   of an ahead-of-time compiled executable is a measurement; the min over reps
   is reported. After round 0 each T's reps are cut to fit the budgets: dense
-  >= 1 rep (--dense-budget-s), the other variants >= 2 (--budget-s).
+  full and warmup >= 1 rep each (--dense-budget-s), the others >= 2
+  (--budget-s).
   """
   compiled, compile_s = {}, {}
   for t in args.lengths:
@@ -238,15 +297,16 @@ def measure(args) -> list[dict]:
     for t in args.lengths:
       for n in names:
         if r < reps[(t, n)]:
-          times[t][n].append(run_once(*compiled[t][n]))
+          times[t][n].append(run_once(*compiled[t][n][:2]))
       if r == 0:
         tt = times[t]
-        if tt["dense"]:
-          reps[(t, "dense")] = max(1, min(args.reps, int(
-              args.dense_budget_s // tt["dense"][0])))
-        other0 = sum(tt[n][0] for n in names if n != "dense")
+        for n in SLOW:
+          if tt[n]:
+            reps[(t, n)] = max(1, min(args.reps, int(
+                args.dense_budget_s // tt[n][0])))
+        other0 = sum(tt[n][0] for n in names if n not in SLOW)
         for n in names:
-          if n != "dense":
+          if n not in SLOW:
             reps[(t, n)] = min(args.reps, max(2, 1 + int(
                 args.budget_s // max(other0, 1e-9))))
     print(f"  round {r} done, elapsed {time.perf_counter() - start:.0f} s",
@@ -260,12 +320,15 @@ def measure(args) -> list[dict]:
       row[f"{n}_all_ms"] = [round(x * 1e3, 1) for x in tn]
       row[f"{n}_mb"] = (peak_mb(compiled[t][n][0]) if n in compiled[t]
                         else float("nan"))
+      row[f"{n}_compile_s"] = (compiled[t][n][2] if n in compiled[t]
+                               else float("nan"))
     f = flops(args, t)
     row["gf_dense"] = 3 * f["dense"] / 1e9
     row["gf_core"] = 3 * f["sparse"] / 1e9
     row["gf_indexer"] = f["indexer"] / 1e9
     row["gf_sparse"] = row["gf_core"] + row["gf_indexer"]
-    for n, g in (("dense", "gf_dense"), ("sparse", "gf_sparse"),
+    for n, g in (("dense", "gf_dense"), ("full", "gf_dense"),
+                 ("sparse", "gf_sparse"),
                  ("core", "gf_core"), ("indexer", "gf_indexer")):
       row[f"{n}_gflops"] = row[g] / (row[f"{n}_ms"] / 1e3)
     rows.append(row)
@@ -290,33 +353,40 @@ def main(argv=None):
   print("peak MB = XLA compiled memory analysis (temp + args + outputs - "
         "aliased) of the jitted fwd+bwd; GFLOP = DESIGN.md formulas, "
         "fwd+bwd = 3x fwd, indexer fwd only")
-  hdr = (f"{'T':>6} {'dense_ms':>9} {'sparse_ms':>9} {'core_ms':>8} "
-         f"{'idx_ms':>8} {'dense_MB':>8} {'sparse_MB':>9} {'core_MB':>8} "
-         f"{'GF_dense':>8} {'GF_sp':>7} {'GF_core':>7} {'GF_idx':>7} "
-         f"{'dense':>6} {'sparse':>6} {'core':>6} {'idx':>6}  (GFLOP/s)")
+  hdr = (f"{'T':>6} {'dense_ms':>9} {'full_ms':>9} {'dns/full':>8} "
+         f"{'warmup_ms':>9} {'wup/dns':>7} "
+         f"{'sparse_ms':>9} {'core_ms':>8} {'idx_ms':>8} {'dense_MB':>8} "
+         f"{'full_MB':>8} {'sparse_MB':>9} {'core_MB':>8} {'GF_dense':>8} "
+         f"{'GF_sp':>7} {'GF_core':>7} {'GF_idx':>7} {'dense':>6} "
+         f"{'full':>6} {'sparse':>6} {'core':>6} {'idx':>6}  (GFLOP/s)")
   t_start = time.perf_counter()
   rows = measure(args)
   print(hdr, flush=True)
   for r in rows:
     t = r["t"]
-    print(f"{t:6d} {r['dense_ms']:9.1f} {r['sparse_ms']:9.1f} "
-          f"{r['core_ms']:8.1f} {r['indexer_ms']:8.1f} {r['dense_mb']:8.1f} "
-          f"{r['sparse_mb']:9.1f} {r['core_mb']:8.1f} {r['gf_dense']:8.1f} "
-          f"{r['gf_sparse']:7.1f} {r['gf_core']:7.1f} {r['gf_indexer']:7.1f} "
-          f"{r['dense_gflops']:6.1f} {r['sparse_gflops']:6.1f} "
-          f"{r['core_gflops']:6.1f} {r['indexer_gflops']:6.1f}")
-  unroll = inspect.signature(
-      query_chunks.map_causal_chunks).parameters["max_unroll"].default
+    print(f"{t:6d} {r['dense_ms']:9.1f} {r['full_ms']:9.1f} "
+          f"{r['dense_ms'] / r['full_ms']:8.3f} {r['warmup_ms']:9.1f} "
+          f"{r['warmup_ms'] / r['dense_ms']:7.3f} "
+          f"{r['sparse_ms']:9.1f} {r['core_ms']:8.1f} {r['indexer_ms']:8.1f} "
+          f"{r['dense_mb']:8.1f} {r['full_mb']:8.1f} {r['sparse_mb']:9.1f} "
+          f"{r['core_mb']:8.1f} {r['gf_dense']:8.1f} {r['gf_sparse']:7.1f} "
+          f"{r['gf_core']:7.1f} {r['gf_indexer']:7.1f} "
+          f"{r['dense_gflops']:6.1f} {r['full_gflops']:6.1f} "
+          f"{r['sparse_gflops']:6.1f} {r['core_gflops']:6.1f} "
+          f"{r['indexer_gflops']:6.1f}")
   for r in rows:
     n = -(-r["t"] // args.dense_chunk)
-    path = ("causal-prefix, unrolled" if 1 < n <= unroll
-            else "all keys, rolled")
-    print(f"T={r['t']} dense path: {n} chunks, {path}")
-    print(f"T={r['t']} reps ms: dense {r['dense_all_ms']} sparse "
-          f"{r['sparse_all_ms']} core {r['core_all_ms']} indexer "
-          f"{r['indexer_all_ms']}; sparse - core - indexer (projections, "
-          f"absorb/expand) {r['sparse_ms'] - r['core_ms'] - r['indexer_ms']:.0f}"
-          f" ms; compile {r['compile_s']:.1f} s")
+    print(f"T={r['t']} dense: {n} blocks of {min(args.dense_chunk, r['t'])}, "
+          f"{n * (n + 1) // 2} of {n * n} tiles scored; full: all {n * n}")
+    print(f"T={r['t']} reps ms: dense {r['dense_all_ms']} full "
+          f"{r['full_all_ms']} warmup {r['warmup_all_ms']} sparse {r['sparse_all_ms']} core "
+          f"{r['core_all_ms']} indexer {r['indexer_all_ms']}; sparse - core "
+          f"- indexer (projections, absorb/expand) "
+          f"{r['sparse_ms'] - r['core_ms'] - r['indexer_ms']:.0f} ms")
+    print(f"T={r['t']} compile s: " + " ".join(
+        f"{n} {r[f'{n}_compile_s']:.1f}" for n in VARIANTS
+        if r[f"{n}_compile_s"] == r[f"{n}_compile_s"])
+        + f" (all, with inputs: {r['compile_s']:.1f})")
   print(f"wall {time.perf_counter() - t_start:.0f} s")
   last = rows[-1]
   half = [r for r in rows if r["t"] * 2 == last["t"]]
@@ -331,7 +401,8 @@ def main(argv=None):
         f"{last['indexer_ms'] / last['sparse_ms']:.2f}")
   print(f"summary: time_ratio={last['sparse_ms'] / last['dense_ms']:.3f} "
         f"mem_growth={mem_growth:.3f} "
-        f"slope={slope(ts, [r['core_ms'] for r in rows]):.3f}")
+        f"slope={slope(ts, [r['core_ms'] for r in rows]):.3f} "
+        f"dense_over_full={last['dense_ms'] / last['full_ms']:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,29 +1,77 @@
-"""Tokens/s of the pretrain, warm-up and sparse train steps at a config's shapes.
+"""Tokens/s and model FLOP utilisation of the pretrain, warm-up and sparse
+train steps at a config's shapes.
 
   python experiments/bench_train.py                       # configs/main.py
   python experiments/bench_train.py --batch-size 2 --seq-len 2048
   python experiments/bench_train.py --config main:full --set model.remat=true
+  python experiments/bench_train.py --config experiments/smollm2_dsa.py:cpu \\
+      --seq-len 2048 --set model.indexer.topk=128 \\
+      --set phases.original.init_from=           # SmolLM2 shape, no files
+  python experiments/bench_train.py --reps 0 --compile-cache /tmp/jaxcache
 
-Each phase kind (the first phase of that kind in the config) gets the step the
-trainer builds: ``train.make_train_step`` with the trainer's partitioning
-(``labels_for``: trainable vs frozen parameters, regexes of the phase) and
-optimizer (``train.optimizer``), state donated. Inputs are random tokens, one
-document per row. The config is read at run time (``sweep.load_config``).
+The config is any that launch.py accepts (``sweep.load_config``: configs/
+NAME[:ARG] or PATH.py[:ARG]) with dotted ``--set`` overrides. Each phase kind
+(the first phase of that kind) gets the step the trainer builds:
+``train.make_train_step`` with the trainer's partitioning (``labels_for``)
+and optimizer (``train.optimizer``), state donated. Inputs are random
+tokens, one document per row.
 
-After one compiling call per phase, repetitions are interleaved (pretrain,
-warmup, sparse, pretrain, ...); each repetition times ``--steps`` consecutive
-steps and blocks at the end, as the trainer's loop only reads metrics a step
-late. Reported: the median step time over repetitions (and the min), tokens/s
-= batch_size * seq_len / step time, and warmup/pretrain and sparse/pretrain
-step-time ratios. The warm-up differentiates only the indexer (the trunk is
-frozen and the indexer's inputs are detached), so its step should cost well
-under a pretrain step: a forward, the dense-probe recompute and the indexer's
-small backward.
+Timing: one compiling call per phase (``lower`` then ``compile``, timed
+apart from the first step; ``--reps 0`` stops there), then repetitions
+interleaved (pretrain, warmup, sparse, matmul, pretrain, ...); each times
+``--steps`` consecutive steps and blocks at the end, as the trainer's loop
+reads metrics a step late. Reported: the median step time (and the min),
+tokens/s = B T / step time, the step-time ratios.
+
+Machine rate: a jitted f32 [n x n] @ [n x n] (``--matmul-n``, 2 n^3 FLOPs),
+best of 5 before the phases and best of 3 in every repetition round; the
+best of all is the rate R (per-round rates are printed: a loaded machine
+shows there). A phase's utilisation is F / (step time * R).
+
+Model FLOPs F of one step (B rows of T tokens, one document each, L layers;
+sums over the causal sequence: S1 = sum_{l=1..T} l, Sk = sum_{l=1..T}
+min(k, l)); per (query, key) pair forward FLOPs, DESIGN.md's: dense MLA
+a_d = 2 N (H+R+E), sparse MLA a_s = 2 N (C+R+C); GQA a_d = a_s = 2 N (2 H);
+indexer a_i = 2 I J:
+  pretrain  6 P T B + 3 a_d S1 B L
+  warmup    2 P' T B + a_d S1 B L + 4 P_I T B + 3 a_i S1 B L
+            (what the step does: the frozen trunk's forward without the
+            head (no LM loss), the dense attention's forward, the indexer's
+            projections forward + weight gradients (inputs detached), its
+            logits over every causal key forward + backward; the probe's
+            recompute of the scores in the backward is not counted)
+  sparse    6 P T B + 3 a_s Sk B L + 4 P_I T B + a_i S1 B L
+            + (3 a_i + a_t) Sk B L
+            (the indexer's logits over every causal key for the top-k,
+            forward only; the KL on the selected set: the indexer logits
+            forward + backward and the detached target scores, a_t =
+            2 N (C+R) for MLA, 2 N H for GQA)
+P = the matrices a token multiplies: attention and MLP (MoE: the routed
+experts times n_activated / n_routed), norms, and the output head (the
+embedding when tied; an untied embedding is a lookup); P' = P without the
+head; P_I = the indexer's. Backward = 2 x forward (3 x in all, remat not
+counted). The attention terms are bench_attention.py's.
+
+``--breakdown`` also times each phase's forward alone (the loss value,
+jitted) and the head alone (unembed + LM loss forward), so a step splits
+into forward and backward + update, and the warm-up's forward into the
+trunk's and the probe's (warm-up fwd - (pretrain fwd - head fwd)).
+
+``--compile-cache DIR`` runs under JAX's persistent compilation cache in
+DIR (``train.compilation_cache``, as a run does in <workdir>/cache/jax): a
+second invocation with the same DIR and shapes shows the cached compile.
+
+Ends with one line:
+  summary: pretrain_util=<F/(t R)> warmup_over_pretrain=<t_w/t_p>
+  sparse_util=<F/(t R)> compile_s=<max over phases of lower + compile>
+(nan for what was not measured).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import statistics
 import sys
@@ -36,10 +84,21 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from dsax import config as C  # noqa: E402
+from dsax import model  # noqa: E402
 from dsax import params as P  # noqa: E402
 from dsax import sweep, train  # noqa: E402
 
 KINDS = ("pretrain", "warmup", "sparse")
+CACHE_HITS = [0]  # persistent compilation cache hits so far
+
+
+def _count_hits(event: str, **kwargs) -> None:
+  del kwargs
+  if event == "/jax/compilation_cache/cache_hits":
+    CACHE_HITS[0] += 1
+
+
+jax.monitoring.register_event_listener(_count_hits)
 
 
 def parse_args(argv=None):
@@ -56,6 +115,12 @@ def parse_args(argv=None):
                   help="interleaved repetitions per phase (0: compile only)")
   ap.add_argument("--steps", type=int, default=3,
                   help="consecutive steps per repetition")
+  ap.add_argument("--matmul-n", type=int, default=2048,
+                  help="size n of the f32 [n x n] @ [n x n] rate")
+  ap.add_argument("--breakdown", action="store_true",
+                  help="also time each phase's forward and the head alone")
+  ap.add_argument("--compile-cache", metavar="DIR", default=None,
+                  help="JAX's persistent compilation cache in DIR")
   return ap.parse_args(argv)
 
 
@@ -82,8 +147,89 @@ def random_batch(cfg: C.ExperimentConfig, seed: int = 0) -> dict:
   return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
+# ------------------------------------------------------------------ FLOPs
+
+
+def param_groups(m: C.ModelConfig) -> dict[str, float]:
+  """Parameters by what multiplies them (see the docstring's P, P_I):
+  trunk, head, indexer."""
+  out = {"trunk": 0.0, "head": 0.0, "indexer": 0.0}
+  for path, v in train.flatten(P.abstract_params(m)).items():
+    n = float(np.prod(v.shape))
+    parts = path.split("/")
+    if "indexer" in parts:
+      out["indexer"] += n
+    elif path == "head" or (path == "embed" and m.tie_embeddings):
+      out["head"] += n
+    elif path == "embed":  # an untied embedding is a lookup
+      continue
+    elif parts[0] == "moe" and parts[1] in ("w_gate", "w_up", "w_down"):
+      out["trunk"] += n * m.moe.n_activated / m.moe.n_routed_experts
+    else:
+      out["trunk"] += n
+  return out
+
+
+def pair_flops(m: C.ModelConfig) -> dict[str, float]:
+  """Forward FLOPs per (query, key) pair and layer: dense attention a_d,
+  sparse a_s, the sparse KL's target scores a_t, the indexer a_i."""
+  n, ix = m.n_heads, m.indexer
+  out = {"indexer": 2.0 * ix.n_heads * ix.head_dim}
+  if m.attention_type == "gqa":
+    h = m.head_dim
+    return {**out, "dense": 2.0 * n * 2 * h, "sparse": 2.0 * n * 2 * h,
+            "target": 2.0 * n * h}
+  h, r, e, c = (m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim,
+                m.kv_lora_rank)
+  return {**out, "dense": 2.0 * n * (h + r + e),
+          "sparse": 2.0 * n * (2 * c + r), "target": 2.0 * n * (c + r)}
+
+
+def step_flops(cfg: C.ExperimentConfig, kind: str,
+               topk: int) -> dict[str, float]:
+  """Model FLOPs of one step of a phase kind, by the docstring's rule:
+  {"matmul": the parameter terms, "attention", "indexer"}."""
+  m = cfg.model
+  b, t, layers = cfg.data.batch_size, cfg.data.seq_len, m.n_layers
+  kk = min(topk, t)
+  s1 = t * (t + 1) / 2
+  sk = kk * (kk + 1) / 2 + (t - kk) * kk
+  pg, a = param_groups(m), pair_flops(m)
+  tok, rows = b * t, b * layers
+  if kind == "pretrain":
+    return {"matmul": 6 * (pg["trunk"] + pg["head"]) * tok,
+            "attention": 3 * a["dense"] * s1 * rows, "indexer": 0.0}
+  if kind == "warmup":
+    return {"matmul": 2 * pg["trunk"] * tok,
+            "attention": a["dense"] * s1 * rows,
+            "indexer": 4 * pg["indexer"] * tok + 3 * a["indexer"] * s1 * rows}
+  return {"matmul": 6 * (pg["trunk"] + pg["head"]) * tok,
+          "attention": 3 * a["sparse"] * sk * rows,
+          "indexer": (4 * pg["indexer"] * tok + a["indexer"] * s1 * rows
+                      + (3 * a["indexer"] + a["target"]) * sk * rows)}
+
+
+# ----------------------------------------------------------------- timing
+
+
+def matmul_timer(n: int):
+  """A function timing one jitted f32 [n x n] @ [n x n] (compiled here);
+  returns seconds."""
+  ka, kb = jax.random.split(jax.random.PRNGKey(1))
+  x = jax.random.normal(ka, (n, n), jnp.float32)
+  y = jax.random.normal(kb, (n, n), jnp.float32)
+  f = jax.jit(jnp.matmul)
+  f(x, y).block_until_ready()
+
+  def once() -> float:
+    t0 = time.perf_counter()
+    f(x, y).block_until_ready()
+    return time.perf_counter() - t0
+  return once
+
+
 def phase_step(cfg, phase, params):
-  """(step_fn, state, frozen) exactly as ``train.run_phase`` builds them."""
+  """(step_fn, state, frozen, labels) as ``train.run_phase`` builds them."""
   flat = train.flatten(params)
   labels = train.labels_for(phase, list(flat))
   trainable = {k: jnp.array(v) for k, v in flat.items() if k in labels}
@@ -94,9 +240,37 @@ def phase_step(cfg, phase, params):
   return train.make_train_step(cfg, phase, tx, sched), state, frozen, labels
 
 
+def compile_timed(jitted, *args):
+  """(compiled, trace + lower seconds, compile seconds)."""
+  t0 = time.perf_counter()
+  lowered = jitted.lower(*args)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  return compiled, t1 - t0, time.perf_counter() - t1
+
+
+def head_fn(cfg: C.ExperimentConfig):
+  """The output head alone: unembed + LM loss of a hidden state."""
+  def fn(params, x_BTD, batch):
+    logits_BTV = model.unembed(params, x_BTD, cfg.model)
+    return model.lm_loss(logits_BTV, batch["targets"], batch["weights"])
+  return jax.jit(fn)
+
+
+def fmt(x: float, digits: int = 3) -> str:
+  return "nan" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
 def main(argv=None):
   args = parse_args(argv)
   cfg = load(args)
+  cache = (train.compilation_cache(args.compile_cache) if args.compile_cache
+           else contextlib.nullcontext())
+  with cache:
+    bench(args, cfg)
+
+
+def bench(args, cfg: C.ExperimentConfig) -> None:
   m = cfg.model
   phases = {}
   for kind in KINDS:
@@ -104,68 +278,142 @@ def main(argv=None):
     if found:
       phases[kind] = found[0]
   tokens = cfg.data.batch_size * cfg.data.seq_len
+  pg = param_groups(m)
   print(f"jax {jax.__version__} on {jax.default_backend()} "
-        f"({os.cpu_count()} cpus); config {args.config} ({cfg.name}): "
-        f"batch {cfg.data.batch_size} x seq_len {cfg.data.seq_len} = "
-        f"{tokens} tokens/step; D={m.d_model} L={m.n_layers} N={m.n_heads} "
-        f"C={m.kv_lora_rank} F={m.d_ff} remat={m.remat} attn_q_chunk="
-        f"{m.attn_q_chunk}; indexer I={m.indexer.n_heads} J="
-        f"{m.indexer.head_dim} q_chunk={m.indexer.q_chunk}; {P.param_count(m)}"
-        " params")
+        f"({os.cpu_count()} cpus); config {args.config} ({cfg.name}, "
+        f"{m.attention_type}): batch {cfg.data.batch_size} x seq_len "
+        f"{cfg.data.seq_len} = {tokens} tokens/step; D={m.d_model} "
+        f"L={m.n_layers} N={m.n_heads} F={m.d_ff} remat={m.remat} "
+        f"attn_q_chunk={m.attn_q_chunk}; indexer I={m.indexer.n_heads} J="
+        f"{m.indexer.head_dim} q_chunk={m.indexer.q_chunk}; "
+        f"{P.param_count(m)} params (P: trunk {pg['trunk']:.0f} + head "
+        f"{pg['head']:.0f}, P_I {pg['indexer']:.0f})"
+        + (f"; compile cache {args.compile_cache}" if args.compile_cache
+           else ""), flush=True)
+  mm = matmul_timer(args.matmul_n)
+  mm_flops = 2.0 * args.matmul_n ** 3
+  mm_first = min(mm() for _ in range(5))
+  print(f"matmul f32 [{args.matmul_n}x{args.matmul_n}] @ [{args.matmul_n}x"
+        f"{args.matmul_n}]: {mm_flops / mm_first / 1e9:.1f} GFLOP/s (best "
+        "of 5)", flush=True)
+
   params = P.init_params(m, jax.random.PRNGKey(cfg.seed))
   batch = random_batch(cfg)
-  steps, states, frozens = {}, {}, {}
+  runs, states, frozens, flops, compile_s, meshes = {}, {}, {}, {}, {}, {}
   for kind, phase in phases.items():
-    steps[kind], states[kind], frozens[kind], labels = phase_step(
-        cfg, phase, params)
+    step, states[kind], frozens[kind], labels = phase_step(cfg, phase, params)
+    meshes[kind] = step.mesh
+    mode = train.phase_mode(cfg, phase)
+    flops[kind] = step_flops(cfg, kind, mode.topk)
     n_train = sum(int(np.prod(v.shape)) for k, v in
                   train.flatten(params).items() if k in labels)
-    mode = train.phase_mode(cfg, phase)
-    t0 = time.perf_counter()
-    with jax.set_mesh(steps[kind].mesh):
-      compiled = steps[kind].jitted.lower(states[kind], frozens[kind],
-                                          batch).compile()
-    compile_s = time.perf_counter() - t0
+    hits = CACHE_HITS[0]
+    with jax.set_mesh(step.mesh):
+      compiled, lower_s, comp_s = compile_timed(
+          step.jitted, states[kind], frozens[kind], batch)
+    compile_s[kind] = lower_s + comp_s
+    line = (f"  {kind:8s} phase {phase.name!r}: {n_train} trainable params "
+            f"in groups {sorted(set(labels.values()))}, attention "
+            f"{mode.kind}" + (f" top-{mode.topk}" if mode.sparse else "")
+            + f"; {sum(flops[kind].values()) / 1e9:.1f} GFLOP/step ("
+            + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in flops[kind].items())
+            + f"); trace+lower {lower_s:.1f} s, compile {comp_s:.1f} s"
+            + (" (cache hit)" if CACHE_HITS[0] > hits else ""))
     if not args.reps:  # compile only
-      print(f"  {kind:8s} phase {phase.name!r}: compile {compile_s:.1f} s",
-            flush=True)
+      print(line, flush=True)
       continue
     t0 = time.perf_counter()
-    steps[kind] = compiled  # later calls skip jit's dispatch and cache
+    runs[kind] = compiled  # later calls skip jit's dispatch and cache
     states[kind], out = compiled(states[kind], frozens[kind], batch)
     jax.block_until_ready((states[kind], out))
-    print(f"  {kind:8s} phase {phase.name!r}: {n_train} trainable params "
-          f"in groups {sorted(set(labels.values()))}, attention "
-          f"{mode.kind}" + (f" top-{mode.topk}" if mode.sparse else "")
-          + f"; compile {compile_s:.1f} s, first step "
-          f"{time.perf_counter() - t0:.1f} s, "
-          f"loss {float(out['loss']):.4f}", flush=True)
+    print(line + f", first step {time.perf_counter() - t0:.1f} s, loss "
+          f"{float(out['loss']):.4f}", flush=True)
 
-  if not args.reps:
-    return
-  times = {kind: [] for kind in phases}
+  fwds = {}
+  if args.breakdown and args.reps:
+    for kind, phase in phases.items():
+      fwd = jax.jit(lambda tr, fr, b, f=train.make_loss_fn(cfg, phase):
+                    f(tr, fr, b)[0])
+      # A copy: the steps donate (delete) the state's own buffers.
+      trainable = jax.tree.map(jnp.copy, states[kind]["trainable"])
+      with jax.set_mesh(meshes[kind]):
+        compiled = compile_timed(fwd, trainable, frozens[kind], batch)[0]
+      fwds[f"{kind} fwd"] = (compiled, (trainable, frozens[kind], batch))
+    x_BTD = jax.random.normal(jax.random.PRNGKey(2), (
+        cfg.data.batch_size, cfg.data.seq_len, m.d_model), jnp.float32)
+    x_BTD = x_BTD.astype(jnp.dtype(m.compute_dtype))
+    fwds["head fwd"] = (head_fn(cfg).lower(params, x_BTD, batch).compile(),
+                        (params, x_BTD, batch))
+
+  if args.reps:
+    times, mm_rates = time_rounds(args, runs, states, frozens, batch, fwds,
+                                  mm)
+  else:
+    times, mm_rates = {}, []
+  rate = max([mm_flops / mm_first] + [mm_flops / s for s in mm_rates])
+  report(args, phases, times, mm_rates, mm_flops, rate, flops, tokens,
+         compile_s, fwds)
+
+
+def time_rounds(args, runs, states, frozens, batch, fwds, mm):
+  """Interleaved repetitions: {name: [seconds per step]}, [matmul s]."""
+  times = {k: [] for k in list(runs) + list(fwds)}
+  mm_times = []
   for _ in range(args.reps):
-    for kind in phases:
+    for kind, compiled in runs.items():
       t0 = time.perf_counter()
       for _ in range(args.steps):
-        states[kind], out = steps[kind](states[kind], frozens[kind], batch)
+        states[kind], out = compiled(states[kind], frozens[kind], batch)
       jax.block_until_ready((states[kind], out))
       times[kind].append((time.perf_counter() - t0) / args.steps)
+    for name, (compiled, fargs) in fwds.items():
+      t0 = time.perf_counter()
+      for _ in range(args.steps):
+        out = compiled(*fargs)
+      jax.block_until_ready(out)
+      times[name].append((time.perf_counter() - t0) / args.steps)
+    mm_times.append(min(mm() for _ in range(3)))
+  return times, mm_times
 
-  print(f"{'phase':9s} {'step_ms':>9s} {'min_ms':>9s} {'tokens/s':>10s}  "
-        f"per-rep step ms ({args.reps} reps x {args.steps} steps, "
-        "interleaved)")
-  med = {}
-  for kind in phases:
-    med[kind] = statistics.median(times[kind])
-    print(f"{kind:9s} {med[kind] * 1e3:9.1f} {min(times[kind]) * 1e3:9.1f} "
-          f"{tokens / med[kind]:10.0f}  "
-          f"{[round(x * 1e3, 1) for x in times[kind]]}")
-  parts = []
-  for kind in ("warmup", "sparse"):
-    if kind in med and "pretrain" in med:
-      parts.append(f"{kind}/pretrain={med[kind] / med['pretrain']:.3f}")
-  print("step-time ratios (median): " + " ".join(parts))
+
+def report(args, phases, times, mm_times, mm_flops, rate, flops, tokens,
+           compile_s, fwds):
+  """The table, the ratios and the summary line."""
+  med = {k: statistics.median(v) for k, v in times.items() if v}
+  util = {}
+  if med:
+    print(f"matmul per round (best of 3): "
+          f"{[round(mm_flops / s / 1e9, 1) for s in mm_times]} GFLOP/s; "
+          f"R = {rate / 1e9:.1f} GFLOP/s (best of all)")
+    print(f"{'phase':13s} {'step_ms':>9s} {'min_ms':>9s} {'tokens/s':>9s} "
+          f"{'GFLOP/s':>8s} {'util':>6s}  per-rep step ms ({args.reps} reps "
+          f"x {args.steps} steps, interleaved)")
+  for name, t in med.items():
+    gflops = ""
+    if name in flops:
+      achieved = sum(flops[name].values()) / t
+      util[name] = achieved / rate
+      gflops = f"{achieved / 1e9:8.1f} {util[name]:6.3f}"
+    print(f"{name:13s} {t * 1e3:9.1f} {min(times[name]) * 1e3:9.1f} "
+          f"{tokens / t:9.0f} {gflops:>15s}  "
+          f"{[round(x * 1e3, 1) for x in times[name]]}")
+  if "pretrain" in med:
+    print("step-time ratios (median): " + " ".join(
+        f"{k}/pretrain={med[k] / med['pretrain']:.3f}"
+        for k in ("warmup", "sparse") if k in med))
+  if fwds and {"pretrain fwd", "warmup fwd", "head fwd"} <= set(med):
+    trunk = med["pretrain fwd"] - med["head fwd"]
+    print("warm-up breakdown (ms): forward "
+          f"{med['warmup fwd'] * 1e3:.1f} = trunk + dense attention "
+          f"{trunk * 1e3:.1f} (pretrain fwd - head fwd) + probe "
+          f"{(med['warmup fwd'] - trunk) * 1e3:.1f}; backward + update "
+          f"{(med['warmup'] - med['warmup fwd']) * 1e3:.1f}")
+  ratio = (med["warmup"] / med["pretrain"]
+           if {"warmup", "pretrain"} <= set(med) else float("nan"))
+  print(f"summary: pretrain_util={fmt(util.get('pretrain', float('nan')))} "
+        f"warmup_over_pretrain={fmt(ratio)} "
+        f"sparse_util={fmt(util.get('sparse', float('nan')))} "
+        f"compile_s={fmt(max(compile_s.values(), default=float('nan')), 1)}")
 
 
 if __name__ == "__main__":

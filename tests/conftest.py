@@ -8,6 +8,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import jax  # noqa: E402
+import jax.extend  # noqa: E402
 import pytest  # noqa: E402
 
 # No implicit rank broadcasting anywhere in the model or the tests: a missing
@@ -30,3 +31,13 @@ def tiny(**kw):
 
 def init(cfg, seed=0):
   return P.init_params(cfg, jax.random.PRNGKey(seed))
+
+
+def all_avals(jaxpr):
+  """Every output aval of a jaxpr, sub-jaxprs (scan, remat, custom VJPs)
+  included: what a memory test searches for a tensor that is too big."""
+  for eqn in jaxpr.eqns:
+    for v in eqn.outvars:
+      yield v.aval
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from all_avals(sub)

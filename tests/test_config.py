@@ -65,6 +65,10 @@ MEANINGLESS = [
     ("warmup", "indexer_optim.lr", 1e-4),
     ("warmup", "indexer_optim.lr_warmup_steps", 3),
     ("warmup", "loss.lm_weight", 2.0),
+    ("warmup", "selection", "local"),
+    ("warmup", "indexer_grad", "both"),
+    ("pretrain", "selection", "oracle"),
+    ("pretrain", "sinks", 2),
 ]
 
 
@@ -104,7 +108,8 @@ def test_config_setting_a_meaningless_field_is_refused(kind, field, value):
     ("sparse", ["trainable=^layers/", "indexer_trainable=^layers/indexer/",
                 "optim.lr=1e-4", "indexer_optim.lr=1e-4",
                 "indexer_optim.weight_decay=0.1", "loss.lm_weight=2",
-                "loss.indexer_weight=2", "topk=8"]),
+                "loss.indexer_weight=2", "topk=8", "selection=local",
+                "sinks=2", "indexer_grad=both"]),
 ])
 def test_meaningful_keys_are_accepted(kind, fields):
   cfg = override(RUN, [f"phases.{kind}.{f}" for f in fields])
@@ -179,6 +184,7 @@ def test_phase_config_round_trips():
                         b1=0.8, b2=0.99),
       indexer_optim=OptimConfig(lr=1e-4, lr_warmup_steps=4),
       loss=LossConfig(lm_weight=0.5, indexer_weight=2.0), topk=8,
+      selection="oracle", sinks=2, indexer_grad="lm",
       init_from="pretrain", data_from="pretrain")
   data = json.loads(json.dumps(to_dict(phase)))
   assert data["optim"]["lr_warmup_steps"] == 3 and "lr" not in data

@@ -4,12 +4,11 @@ crafted scores, gradient isolation, degenerate indexers, O(T k) memory."""
 import dataclasses
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import init, tiny
+from conftest import all_avals, init, tiny
 from dsax import dsa, mla, model
 from dsax.attention import AttentionMode
 from dsax.kernels import reference
@@ -197,14 +196,6 @@ def test_zero_query_weights_still_select_valid_causal_in_segment_keys():
     assert len(set(row[ok])) == ok.sum()
 
 
-def _all_avals(jaxpr):
-  for eqn in jaxpr.eqns:
-    for v in eqn.outvars:
-      yield v.aval
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      yield from _all_avals(sub)
-
-
 def test_sparse_forward_and_backward_never_hold_t_by_s():
   t = 512
   cfg = dataclasses.replace(cfg_with(topk=16), attn_q_chunk=64)
@@ -219,7 +210,7 @@ def test_sparse_forward_and_backward_never_hold_t_by_s():
     return logits.mean() + aux.indexer_kl.sum()
 
   jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
-  biggest = max(int(np.prod(a.shape)) for a in _all_avals(jaxpr)
+  biggest = max(int(np.prod(a.shape)) for a in all_avals(jaxpr)
                 if hasattr(a, "shape"))
   # Logits are T x V = 131K; any T x S (x heads) tensor would be >= 262K.
   assert biggest < t * t, biggest

@@ -2,9 +2,11 @@
 none of them rots: each runs end to end and prints its summary line."""
 
 import os
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -22,25 +24,71 @@ def test_bench_attention_runs_at_tiny_sizes(capsys):
   assert "summary: time_ratio=" in out
 
 
+SUMMARY = re.compile(r"^summary: pretrain_util=(\S+) "
+                     r"warmup_over_pretrain=(\S+) sparse_util=(\S+) "
+                     r"compile_s=(\S+)$", re.M)
+
+
+def bench_summary(out):
+  """The four numbers of bench_train's summary line (its last line)."""
+  assert out.rstrip().splitlines()[-1].startswith("summary: "), out
+  match = SUMMARY.search(out)
+  assert match, out
+  return [float(x) for x in match.groups()]
+
+
 def test_bench_train_runs_every_phase_kind(capsys):
   import bench_train
   bench_train.main(["--config", "tiny_run", "--seq-len", "64",
                     "--batch-size", "2", "--set", "model.indexer.topk=16",
-                    "--reps", "1", "--steps", "1"])
+                    "--reps", "1", "--steps", "1", "--matmul-n", "64",
+                    "--breakdown"])
   out = capsys.readouterr().out
   for kind in ("pretrain", "warmup", "sparse"):
     assert f"{kind:8s} phase" in out, out
+  assert "GFLOP/s (best of 5)" in out and "warm-up breakdown (ms)" in out
   assert "step-time ratios (median): warmup/pretrain=" in out
+  pretrain_util, ratio, sparse_util, compile_s = bench_summary(out)
+  assert pretrain_util > 0 and sparse_util > 0 and ratio > 0
+  assert compile_s > 0
 
 
 def test_bench_train_reads_an_experiment_file(capsys):
-  """Any config launch.py accepts: here an experiment file with its ARG."""
+  """Any config launch.py accepts: here an experiment file with its ARG (a
+  GQA model); --reps 0 compiles only, so only compile_s is a number."""
   import bench_train
   bench_train.main(["--config", os.path.join(ROOT, "experiments",
                                              "smollm2_dsa.py") + ":test",
-                    "--reps", "0"])
+                    "--reps", "0", "--matmul-n", "64"])
   out = capsys.readouterr().out
   assert "warmup   phase 'warmup'" in out and "compile" in out
+  assert "gqa" in out
+  pretrain_util, ratio, sparse_util, compile_s = bench_summary(out)
+  assert np.isnan([pretrain_util, ratio, sparse_util]).all()
+  assert compile_s > 0
+
+
+def test_bench_train_flop_counts_follow_the_docstring():
+  """The counting rule on a config small enough to check by hand."""
+  import bench_train
+  from dsax import sweep
+  cfg = sweep.load_config("tiny_run")
+  m, b, t = cfg.model, cfg.data.batch_size, cfg.data.seq_len
+  n_idx = sum(int(np.prod(v.shape)) for k, v in bench_train.train.flatten(
+      bench_train.P.abstract_params(m)).items() if "indexer" in k)
+  groups = bench_train.param_groups(m)
+  assert groups["indexer"] == n_idx
+  assert groups["trunk"] + groups["head"] + n_idx == bench_train.P.param_count(
+      m) - (0 if m.tie_embeddings else m.vocab_size * m.d_model)
+  pre = bench_train.step_flops(cfg, "pretrain", 16)
+  a_d = 2 * m.n_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim
+                         + m.v_head_dim)
+  assert pre["attention"] == 3 * a_d * t * (t + 1) / 2 * b * m.n_layers
+  sparse = bench_train.step_flops(cfg, "sparse", t)  # k >= T: every key
+  a_s = 2 * m.n_heads * (2 * m.kv_lora_rank + m.qk_rope_head_dim)
+  assert sparse["attention"] == 3 * a_s * t * (t + 1) / 2 * b * m.n_layers
+  warm = bench_train.step_flops(cfg, "warmup", 16)
+  assert warm["matmul"] == 2 * groups["trunk"] * b * t
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import all_avals
 from dsax import kernels
 from dsax.kernels.mla_flash import (FlashBlocks, mla_flash,
                                     mla_flash_reference)
@@ -213,14 +214,6 @@ def test_public_wrappers_pallas_equals_reference():
     assert not np.any(np.asarray(g))
 
 
-def _all_avals(jaxpr):
-  for eqn in jaxpr.eqns:
-    for v in eqn.outvars:
-      yield v.aval
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      yield from _all_avals(sub)
-
-
 def test_forward_and_backward_never_hold_t_by_s():
   """The largest array in the KL's gradient is one [chunk, S] logits slab:
   no T x S, no T x S x N, and no per-chunk slabs stacked across chunks."""
@@ -234,7 +227,7 @@ def test_forward_and_backward_never_hold_t_by_s():
 
   jaxpr = jax.make_jaxpr(jax.grad(loss, (3, 4, 5)))(
       *(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)).jaxpr
-  biggest = max(int(np.prod(a.shape)) for a in _all_avals(jaxpr)
+  biggest = max(int(np.prod(a.shape)) for a in all_avals(jaxpr)
                 if hasattr(a, "shape"))
   assert biggest == b * chunk * t, biggest
 

@@ -3,6 +3,7 @@ non-finite losses."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -192,3 +193,90 @@ def test_config_json_is_written_and_resolved(tmp_path):
   train.run(cfg, str(tmp_path))
   saved = json.load(open(tmp_path / "config.json"))
   assert saved["data"]["seq_len"] == 64 and len(saved["phases"]) == 4
+
+
+def _phase_inputs(cfg, kind, seed=0):
+  """(phase, trainable, frozen, batch) of the first phase of ``kind``."""
+  phase = next(p for p in cfg.phases if p.kind == kind)
+  flat = train.flatten(P.init_params(cfg.model, jax.random.PRNGKey(seed)))
+  labels = train.labels_for(phase, list(flat))
+  b, t = cfg.data.batch_size, cfg.data.seq_len
+  tokens = np.random.default_rng(seed).integers(
+      0, cfg.model.vocab_size, (b, t + 1)).astype(np.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+           "segment_ids": np.ones((b, t), np.int32),
+           "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+           "weights": np.ones((b, t), np.float32)}
+  return (phase, {k: v for k, v in flat.items() if k in labels},
+          {k: v for k, v in flat.items() if k not in labels}, batch)
+
+
+def test_warmup_step_computes_no_lm_loss_and_drops_the_head():
+  """The warm-up's loss is the KL alone, and its compiled gradient has no
+  [B, T, V] logits (XLA drops the unused head); the pretrain one has."""
+  from dsax import model
+  cfg = small_cfg(["model.vocab_size=263"])  # a V no other axis has
+  v = cfg.model.vocab_size
+  texts = {}
+  for kind in ("warmup", "pretrain"):
+    phase, trainable, frozen, batch = _phase_inputs(cfg, kind)
+    compiled = jax.jit(jax.grad(train.make_loss_fn(cfg, phase),
+                                has_aux=True)).lower(
+                                    trainable, frozen, batch).compile()
+    texts[kind] = compiled.as_text()
+    if kind == "warmup":
+      out = compiled(trainable, frozen, batch)[1]
+      assert set(out) == {"loss", "indexer_kl"}
+      mode = train.phase_mode(cfg, phase)
+      kl_L = jax.jit(lambda p, b: model.forward(
+          p, b["inputs"], cfg.model, b["segment_ids"], mode=mode,
+          positions_BT=b["positions"])[1].indexer_kl)(
+              train.unflatten({**frozen, **trainable}), batch)
+      np.testing.assert_allclose(
+          out["loss"], phase.loss.indexer_weight * np.sum(kl_L), rtol=1e-5)
+  # Any array with V as its last axis: the logits (perhaps as [B*T, V]) or
+  # the head's matrix [D, V]; the embedding itself is [V, D].
+  last_v = re.compile(rf"\[(\d+,)+{v}\]")
+  assert last_v.search(texts["pretrain"]) and not last_v.search(
+      texts["warmup"])
+
+
+def test_run_caches_compiled_programs_in_the_workdir(tmp_path, monkeypatch):
+  """A run writes JAX's persistent compilation cache to <workdir>/cache/jax
+  and restores the global setting after; a second launch with that cache
+  (here a copy, in another run directory: the keys hold no path) loads its
+  programs instead of compiling them, so it writes no new entry."""
+  import shutil
+  monkeypatch.setattr(train, "COMPILE_CACHE_MIN_S", 0.0)  # tiny programs too
+  cfg = small_cfg(["phases.warmup.steps=0", "phases.sparse.steps=0",
+                   "phases.dense.steps=0", "phases.pretrain.steps=2"])
+  train.run(cfg, str(tmp_path / "a"))
+  cache = train.compile_cache_dir(str(tmp_path / "a"))
+  assert os.listdir(cache)
+  assert jax.config.jax_compilation_cache_dir is None
+  shutil.copytree(cache, train.compile_cache_dir(str(tmp_path / "b")))
+  hits = []
+
+  def listen(event, **kwargs):
+    del kwargs
+    if event == "/jax/compilation_cache/cache_hits":
+      hits.append(event)
+  jax.monitoring.register_event_listener(listen)
+  try:
+    train.run(cfg, str(tmp_path / "b"))
+  finally:
+    jax.monitoring.unregister_event_listener(listen)
+  assert hits
+  assert sorted(os.listdir(train.compile_cache_dir(str(tmp_path / "b")))) == (
+      sorted(os.listdir(cache)))
+
+
+def test_a_user_compilation_cache_is_kept(tmp_path):
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
+  try:
+    with train.compilation_cache(str(tmp_path / "run")) as path:
+      assert path == str(tmp_path / "mine")
+      assert jax.config.jax_compilation_cache_dir == path
+  finally:
+    jax.config.update("jax_compilation_cache_dir", None)
+  assert not os.path.exists(tmp_path / "run")

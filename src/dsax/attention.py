@@ -11,10 +11,28 @@ for are None.
 
   kind       "dense": causal attention over every visible key;
              "sparse": each query attends to its top-k keys only (DSA).
-  selection  where a sparse query's keys come from:
+  selection  where a sparse query's keys come from (``dsa.select``):
              "indexer"  the lightning indexer's top-k (DeepSeek-V3.2);
+             "local"    a baseline: the first ``sinks`` keys of the query's
+                        segment (attention sinks) plus its k - sinks most
+                        recent keys (itself included); all visible keys
+                        when it sees at most k;
+             "oracle"   an upper bound: the top-k of the dense attention
+                        probabilities p_t (the warm-up target), from a
+                        detached dense pass over query chunks;
              "given"    indices the caller passes (``forward(selection=)``),
                         e.g. the sets recorded at sampling time (RL replay).
+             The baselines do not need the indexer to select; with
+             ``indexer_loss`` the sparse KL still trains it on their set.
+  sinks      "local": the attention sinks, counted inside k (default 4,
+             as in StreamingLLM; must be < k so the query sees itself).
+  indexer_gate
+             sparse: train the indexer from the LM loss through the
+             selection, like an MoE router (``dsa.gate_delta``): the
+             selected keys' attention logits get the straight-through bias
+             log g - sg(log g), g[t, k] = softmax over S_t of I[t, k]; the
+             forward value is unchanged (exactly), the LM gradient reaches
+             the indexer, and the main model's gradient is unchanged.
   aux        indexer_loss (the warm-up KL when dense, the KL on the selected
              set when sparse), recall (dense attention mass kept by the
              selection, the oracle top-k and the local window), indices
@@ -32,7 +50,7 @@ import jax
 from dsax.config import ModelConfig, resolve_topk
 
 KINDS = ("dense", "sparse")
-SELECTIONS = ("indexer", "given")
+SELECTIONS = ("indexer", "local", "oracle", "given")
 IMPLS = ("reference", "pallas", "auto")
 
 
@@ -43,6 +61,8 @@ class AttentionMode:
   kind: str = "dense"
   topk: int = 0                 # keys per query (sparse attention, recall)
   selection: str = "indexer"
+  sinks: int = 4                # selection="local": attention sinks in k
+  indexer_gate: bool = False    # sparse: LM loss reaches the indexer
   indexer_loss: bool = False    # LayerAux.indexer_kl
   recall: bool = False          # LayerAux.recall, recall_oracle, recall_local
   indices: bool = False         # LayerAux.idx, valid (the selected sets)
@@ -64,8 +84,17 @@ class AttentionMode:
       raise ValueError(f"AttentionMode.topk must be > 0 for sparse attention "
                        f"or recall, got {self.topk} (AttentionMode.of "
                        "resolves it from the model config)")
-    if self.selection == "given" and not self.sparse:
-      raise ValueError("AttentionMode.selection='given' needs kind='sparse'")
+    if self.selection != "indexer" and not self.sparse:
+      raise ValueError(f"AttentionMode.selection={self.selection!r} needs "
+                       "kind='sparse'")
+    if self.sinks < 0:
+      raise ValueError(f"AttentionMode.sinks must be >= 0, got {self.sinks}")
+    if self.selection == "local" and self.sinks >= self.topk:
+      raise ValueError(f"AttentionMode.sinks={self.sinks} must be < topk="
+                       f"{self.topk} with selection='local' (the sinks are "
+                       "counted inside k and the query must see itself)")
+    if self.indexer_gate and not self.sparse:
+      raise ValueError("AttentionMode.indexer_gate needs kind='sparse'")
 
   @property
   def sparse(self) -> bool:
@@ -75,14 +104,15 @@ class AttentionMode:
   def uses_indexer(self) -> bool:
     """Whether the layer computes the indexer's q, k and weights."""
     return ((self.sparse and self.selection == "indexer") or self.indexer_loss
-            or self.recall or self.indexer_keys)
+            or self.recall or self.indexer_keys or self.indexer_gate)
 
   @classmethod
   def of(cls, cfg: ModelConfig, kind: str = "dense", *, topk: int | None = 0,
          impl: str | None = "", **flags) -> "AttentionMode":
     """The mode for ``cfg``: ``topk`` 0/None means ``cfg.indexer.topk``,
     ``impl`` ""/None means ``cfg.kernel_impl``; ``flags`` are the other
-    fields (selection, indexer_loss, recall, indices, indexer_keys, cache)."""
+    fields (selection, sinks, indexer_gate, indexer_loss, recall, indices,
+    indexer_keys, cache)."""
     return cls(kind=kind, topk=resolve_topk(cfg, topk),
                impl=impl or cfg.kernel_impl, **flags)
 

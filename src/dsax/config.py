@@ -31,9 +31,10 @@ from dsax.overrides import ConfigError, dumps, leaves, to_dict
 
 __all__ = [
     "ConfigError", "DataConfig", "EvalConfig", "ExperimentConfig",
-    "IndexerConfig", "LossConfig", "MeshConfig", "MoEConfig", "ModelConfig",
-    "OptimConfig", "PHASE_COMMON", "PHASE_FIELDS", "PHASE_KINDS",
-    "PhaseConfig", "RENAMED", "RopeScaling", "dumps", "from_dict",
+    "INDEXER_GRADS", "IndexerConfig", "LossConfig", "MeshConfig",
+    "MoEConfig", "ModelConfig", "OptimConfig", "PHASE_COMMON",
+    "PHASE_FIELDS", "PHASE_KINDS", "PHASE_SELECTIONS", "PhaseConfig",
+    "RENAMED", "RopeScaling", "dumps", "from_dict",
     "meaningless", "means_something", "override", "resolve_topk", "to_dict",
     "validate",
 ]
@@ -316,7 +317,14 @@ class PhaseConfig:
     sparse    top-``topk`` attention; the ``trainable`` (main) parameters learn
               the LM loss with ``optim``, the ``indexer_trainable`` ones the
               sparse KL with ``indexer_optim``; the indexer's inputs are
-              detached. Fields: all.
+              detached. ``selection`` picks each query's keys: "indexer"
+              (DSA), or a baseline: "local" (the first ``sinks`` keys of
+              the segment plus the most recent ones, ``sinks`` counted in
+              k) or "oracle" (the top-k of the dense attention); with a
+              baseline the KL still trains the indexer on the selected
+              set. ``indexer_grad``: "kl" (the KL only), "lm" (the LM loss
+              through the router-style gate only, dsax.dsa.gate_delta; the
+              KL is reported, not trained on) or "both". Fields: all.
   A field that means nothing for the kind is refused: a dotted override of it
   (whatever the value; judged against the phase's kind after every override of
   the command, so ``phases.x.kind=sparse`` may come before or after
@@ -336,6 +344,9 @@ class PhaseConfig:
   indexer_optim: OptimConfig = OptimConfig(lr=1e-3)  # sparse: the indexer's
   loss: LossConfig = LossConfig()
   topk: int = 0                   # 0: model.indexer.topk
+  selection: str = "indexer"      # sparse: "indexer" | "local" | "oracle"
+  sinks: int = 4                  # sparse, selection="local": sinks in k
+  indexer_grad: str = "kl"        # sparse: "kl" | "lm" | "both"
   init_from: str = ""
   data_from: str = ""
 
@@ -346,8 +357,13 @@ PHASE_FIELDS = {
     "pretrain": ("trainable", "optim", "loss.lm_weight"),
     "warmup": ("indexer_trainable", "optim", "loss.indexer_weight", "topk"),
     "sparse": ("trainable", "indexer_trainable", "optim", "indexer_optim",
-               "loss.lm_weight", "loss.indexer_weight", "topk"),
+               "loss.lm_weight", "loss.indexer_weight", "topk", "selection",
+               "sinks", "indexer_grad"),
 }
+# Values of the sparse phase's selection and indexer-gradient fields
+# (dsax.attention.AttentionMode: selection, indexer_gate).
+PHASE_SELECTIONS = ("indexer", "local", "oracle")
+INDEXER_GRADS = ("kl", "lm", "both")
 
 # Keys that were replaced (dotted below the class): old -> new.
 RENAMED = {
@@ -473,7 +489,17 @@ class ExperimentConfig:
       if p.data_from and p.data_from not in names:
         raise ConfigError(f"{key}.data_from={p.data_from!r} is not a phase "
                           f"of this run {names}")
+      if p.selection not in PHASE_SELECTIONS:
+        raise ConfigError(f"{key}.selection={p.selection!r} must be one of "
+                          f"{PHASE_SELECTIONS}")
+      if p.indexer_grad not in INDEXER_GRADS:
+        raise ConfigError(f"{key}.indexer_grad={p.indexer_grad!r} must be "
+                          f"one of {INDEXER_GRADS}")
       k = resolve_topk(self.model, p.topk)
+      if p.sinks < 0 or (p.selection == "local" and p.sinks >= k):
+        raise ConfigError(f"{key}.sinks={p.sinks} must be >= 0 and, with "
+                          f"selection='local', < topk={k} (the sinks are "
+                          "counted inside k)")
       if p.kind == "sparse" and k >= self.data.seq_len:
         raise ConfigError(
             f"{key}.topk (model.indexer.topk={k}) must be smaller than "

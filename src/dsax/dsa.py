@@ -11,11 +11,15 @@ RoPE rotates the first R_I dims half-split (not interleaved). Optionally q_I and
 k_I are rotated by a normalised Hadamard matrix and pass through an FP8 (e4m3,
 one scale per 128-vector) round trip with a straight-through gradient.
 
-Selection: S_t = top-k of I[t, s] over s <= t in t's segment (k_eff =
-min(k, visible)). Sparse attention attends only to [c_kv ; k_rope] rows in S_t
-in absorbed (MQA) form, softmax scale unchanged. GQA models (no q-latent: q_I
-from h) attend to the k and v rows in S_t of each kv head; S_t is shared by
-all heads either way.
+Selection (``select``, by ``AttentionMode.selection``): S_t = top-k of
+I[t, s] over s <= t in t's segment (k_eff = min(k, visible)). Baselines:
+"local" = the first ``sinks`` keys of t's segment plus its k - sinks most
+recent keys (``local_window``); "oracle" = the top-k of the dense target p_t
+below (``oracle_probe``). Every selection is causal and in-segment, with the
+invalid slots of ``select_topk`` (pointing at t, valid = False). Sparse
+attention attends only to [c_kv ; k_rope] rows in S_t in absorbed (MQA) form,
+softmax scale unchanged. GQA models (no q-latent: q_I from h) attend to the k
+and v rows in S_t of each kv head; S_t is shared by all heads either way.
 
 Losses (target detached; indexer inputs detached):
   dense:  p_t = sum_n softmax(s_n[t, :]) / N over causal keys;
@@ -23,11 +27,18 @@ Losses (target detached; indexer inputs detached):
   sparse: the same with both sides restricted and renormalised to S_t.
 Recall: sum of p_t over S_t (selected), over the k largest p_t (oracle) and
 over the k most recent keys (local window).
+Router-style gate (``AttentionMode.indexer_gate``, ``gate_delta``): the LM
+loss reaches the indexer through the selected keys' attention logits,
+  g[t, k]    = softmax_{k in S_t} I[t, idx[t, k]]
+  s'[n,t,k]  = s[n,t,k] + log g[t,k] - sg(log g[t,k])
+so the forward is unchanged, dL/dI[t, k] = sum_n p[n,t,k] (v_k - o[n,t]) .
+dL/do[n,t] (the normaliser of g cancels in the attention softmax), and the
+main model's gradient is unchanged.
 
 ``attend`` is the one attention layer of the model: it takes the layer's
 projections and an ``attention.AttentionMode`` and returns ``(o, LayerAux)``
 for every mode (dense, dense with the warm-up KL or recall, sparse with the
-indexer's or a given selection).
+indexer's, a baseline's or a given selection).
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ import numpy as np
 from dsax import gqa, kernels, mla, rope, sharding
 from dsax.attention import AttentionMode, LayerAux, Projections
 from dsax.config import ModelConfig
+from dsax.kernels import causal_blocks
 from dsax.kernels.query_chunks import map_query_chunks
 from dsax.kernels.reference import (NEG_INF, gather_rows, indexer_logits,
                                     kl_divergence, select_topk, sparse_scores)
@@ -141,6 +153,65 @@ def select_cached(p: dict[str, Any], h_B1D: jax.Array,
   return idx_B1K, valid_B1K, index_k_BSJ
 
 
+# ------------------------------------------------------ selection baselines
+
+
+def segment_starts(segment_ids_BT: jax.Array | None, b: int,
+                   t: int) -> jax.Array:
+  """The first position of each token's segment, int32 [B, T]. Segments are
+  contiguous runs of one id (as ``dsax.data`` packs them, padding included):
+  a new run starts where the id changes."""
+  if segment_ids_BT is None:
+    return jnp.zeros((b, t), jnp.int32)
+  pos_1T = jnp.arange(t, dtype=jnp.int32)[None, :]
+  first_B1 = jnp.ones((b, 1), bool)
+  change_BT = jnp.concatenate(
+      [first_B1, segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+  return jax.lax.cummax(jnp.where(change_BT, pos_1T, 0), axis=1)
+
+
+def local_window(segment_ids_BT: jax.Array | None, b: int, t: int, topk: int,
+                 sinks: int):
+  """The "local" selection: per query t with segment start a_t and n_t =
+  t - a_t + 1 visible keys, S_t = {a_t .. a_t + sinks - 1} (attention
+  sinks) U {t - (k - sinks) + 1 .. t} when n_t > k, else every visible key
+  {a_t .. t}; K = min(topk, T) slots as ``select_topk`` lays them out
+  (invalid slots point at t). Built in O(T K): no scores, no top-k."""
+  kk = min(topk, t)
+  start_BT1 = segment_starts(segment_ids_BT, b, t)[:, :, None]
+  q_1T1 = jnp.arange(t, dtype=jnp.int32)[None, :, None]
+  slot_11K = jnp.arange(kk, dtype=jnp.int32)[None, None, :]
+  n_BT1 = q_1T1 - start_BT1 + 1
+  # Slot j holds the j-th key of the segment (the sinks, or every key when
+  # all fit), else the (k - 1 - j)-th key before the query.
+  from_start_BTK = (n_BT1 <= kk) | (slot_11K < sinks)
+  idx_BTK = jnp.where(from_start_BTK, start_BT1 + slot_11K,
+                      q_1T1 - (kk - 1 - slot_11K))
+  valid_BTK = slot_11K < n_BT1
+  idx_BTK = jnp.where(valid_BTK, idx_BTK, q_1T1)
+  return idx_BTK.astype(jnp.int32), valid_BTK
+
+
+def oracle_probe(start, prob_BNTS, mask_BTS, *, topk: int,
+                 n_keys: int) -> tuple[jax.Array, jax.Array]:
+  """The "oracle" selection of one query chunk (a ``dense_attention`` probe,
+  partial over the keywords): ``select_topk`` of the warm-up target p_t
+  (softmax per head, summed over heads, L1-normalised) on the chunk's mask.
+  A chunk that sees a key prefix shorter than ``n_keys`` gets invalid slots
+  appended, so every chunk has K = min(topk, n_keys) slots."""
+  p_BTS = normalise(jnp.sum(prob_BNTS, axis=1))
+  b, tc, s_len = p_BTS.shape
+  q_index_T = start + jnp.arange(tc, dtype=jnp.int32)
+  idx_BTK, valid_BTK = select_topk(p_BTS, mask_BTS, topk, q_index_T)
+  pad = min(topk, n_keys) - min(topk, s_len)
+  if pad:
+    idx_BTK = jnp.concatenate([idx_BTK, jnp.broadcast_to(
+        q_index_T[None, :, None], (b, tc, pad)).astype(jnp.int32)], -1)
+    valid_BTK = jnp.concatenate(
+        [valid_BTK, jnp.zeros((b, tc, pad), bool)], -1)
+  return idx_BTK, valid_BTK
+
+
 # ------------------------------------------------------- losses and recall
 
 
@@ -187,6 +258,17 @@ def dense_probe(start, prob_BNTS, mask_BTS, q_i_BTIJ, w_i_BTI, k_i_BSJ, *,
   return out
 
 
+def selected_logits(q_i_BTIJ: jax.Array, k_i_BSJ: jax.Array,
+                    w_i_BTI: jax.Array, idx_BTK: jax.Array) -> jax.Array:
+  """I[t, idx[t, k]] = sum_i w[t, i] relu(q_I[t, i] . k_I[idx[t, k]]), the
+  indexer scores of the selected keys only, f32 [B, T, K]."""
+  k_sel_BTKJ = gather_rows(k_i_BSJ, idx_BTK)
+  dots_BTIK = jnp.einsum("btij,btkj->btik", q_i_BTIJ, k_sel_BTKJ,
+                         preferred_element_type=jnp.float32)
+  return jnp.einsum("btik,bti->btk", jax.nn.relu(dots_BTIK),
+                    w_i_BTI.astype(jnp.float32))
+
+
 def sparse_kl(q_BTNA: jax.Array, row_BSA: jax.Array, idx_BTK: jax.Array,
               valid_BTK: jax.Array, scale: float, q_i_BTIJ: jax.Array,
               k_i_BSJ: jax.Array, w_i_BTI: jax.Array, q_chunk: int) -> jax.Array:
@@ -202,12 +284,54 @@ def sparse_kl(q_BTNA: jax.Array, row_BSA: jax.Array, idx_BTK: jax.Array,
     s_BTNK = sparse_scores(q_BTNA, gather_rows(row_BSA, idx_BTK), scale)
     s_BTNK = jnp.where(valid_BTK[:, :, None, :], s_BTNK, NEG_INF)
     p_BTK = normalise(jnp.sum(jax.nn.softmax(s_BTNK, axis=-1), axis=2))
-    k_sel_BTKJ = gather_rows(k_i_BSJ, idx_BTK)
-    dots_BTIK = jnp.einsum("btij,btkj->btik", q_i_BTIJ, k_sel_BTKJ,
-                           preferred_element_type=jnp.float32)
-    logits_BTK = jnp.einsum("btik,bti->btk", jax.nn.relu(dots_BTIK),
-                            w_i_BTI.astype(jnp.float32))
+    logits_BTK = selected_logits(q_i_BTIJ, k_i_BSJ, w_i_BTI, idx_BTK)
     return kl_divergence(p_BTK, logits_BTK, valid_BTK)
+
+  return map_query_chunks(chunk_fn, q_chunk, q_BTNA, idx_BTK, valid_BTK,
+                          q_i_BTIJ, w_i_BTI)
+
+
+def gate_delta(q_BTNA: jax.Array, row_BSA: jax.Array, value_BS_: jax.Array,
+               idx_BTK: jax.Array, valid_BTK: jax.Array, scale: float,
+               q_i_BTIJ: jax.Array, k_i_BSJ: jax.Array, w_i_BTI: jax.Array,
+               q_chunk: int) -> jax.Array:
+  """The router-style gate's term of the sparse attention output: exactly
+  zero in value, its gradient reaches the indexer. With
+    b[t, k]  = log g[t, k] - sg(log g[t, k]),
+    g[t, k]  = softmax_{k in S_t} I[t, idx[t, k]]     (``selected_logits``)
+  the sparse attention with logits s[n,t,k] + b[t,k] is, to first order in
+  b (and exactly in value and gradient at b = 0),
+    o[n, t] + delta[n, t],
+    delta[n, t] = sum_k p[n,t,k] (b[t,k] - sum_j p[n,t,j] b[t,j]) v[idx[t,k]]
+  with p the plain sparse probabilities. p, the rows and the values are
+  detached, so the main model's gradient is unchanged. Shapes as
+  ``sparse_kl`` (MLA: q_BTNA absorbed, rows [B,S,A], values the latents
+  kv_BSC, delta [B,T,N,C]; GQA: q_BTNH, keys k_BSGH, values v_BSGH, delta
+  [B,T,N,H])."""
+  q_BTNA, row_BSA, value_BS_ = jax.lax.stop_gradient(
+      (q_BTNA, row_BSA, value_BS_))
+
+  def chunk_fn(start, q_BTNA, idx_BTK, valid_BTK, q_i_BTIJ, w_i_BTI):
+    del start
+    s_BTNK = sparse_scores(q_BTNA, gather_rows(row_BSA, idx_BTK), scale)
+    p_BTNK = jax.nn.softmax(
+        jnp.where(valid_BTK[:, :, None, :], s_BTNK, NEG_INF), axis=-1)
+    logits_BTK = selected_logits(q_i_BTIJ, k_i_BSJ, w_i_BTI, idx_BTK)
+    log_g_BTK = jax.nn.log_softmax(
+        jnp.where(valid_BTK, logits_BTK, NEG_INF), axis=-1)
+    b_BT1K = jnp.where(valid_BTK, log_g_BTK - jax.lax.stop_gradient(
+        log_g_BTK), 0.0)[:, :, None, :]
+    # The softmax's Jacobian applied to b: p (b - <b>_p), per head.
+    dp_BTNK = p_BTNK * (b_BT1K - jnp.sum(p_BTNK * b_BT1K, -1, keepdims=True))
+    v_sel_BTK_ = gather_rows(value_BS_, idx_BTK)
+    dp_BTNK = dp_BTNK.astype(v_sel_BTK_.dtype)
+    if v_sel_BTK_.ndim == 4:  # MLA: one latent row shared by every head
+      return jnp.einsum("btnk,btkc->btnc", dp_BTNK, v_sel_BTK_)
+    b, t, n, k = dp_BTNK.shape
+    g = v_sel_BTK_.shape[3]
+    d_BTGMH = jnp.einsum("btgmk,btkgh->btgmh",
+                         dp_BTNK.reshape(b, t, g, n // g, k), v_sel_BTK_)
+    return d_BTGMH.reshape(b, t, n, -1)
 
   return map_query_chunks(chunk_fn, q_chunk, q_BTNA, idx_BTK, valid_BTK,
                           q_i_BTIJ, w_i_BTI)
@@ -246,9 +370,12 @@ def attend(p: dict[str, Any], h_BTD: jax.Array, proj: Projections,
   dense:  causal attention; with ``indexer_loss`` the warm-up KL and with
           ``recall`` the recall, from the same scores (the jnp probe), or
           with kernels the flash kernel then the warm-up KL kernel on its lse.
-  sparse: the selection (indexer top-k, or given), sparse attention (MLA:
-          absorbed form over the latent rows), the KL on the selected set.
-  The indexer's inputs are detached: it learns only from its own loss.
+  sparse: the selection (``select``: indexer top-k, local window, oracle,
+          or given), sparse attention (MLA: absorbed form over the latent
+          rows), the KL on the selected set; with ``indexer_gate`` the
+          router-style gate (``gate_delta``, zero in value).
+  The indexer's inputs are detached: it learns only from its own loss, and
+  from the LM loss through the gate when ``mode.indexer_gate``.
   """
   out: dict[str, Any] = {}
   indexer = ()
@@ -295,6 +422,17 @@ def _dense(a, proj, mode, cfg, segment_ids_BT, indexer, given):
     return o_BTNE, {"indexer_kl": jnp.mean(kl_BT)}
   if not (mode.indexer_loss or mode.recall):
     return fam.dense_attention(a, proj, cfg, segment_ids_BT)[0], {}
+  if not mode.recall:
+    # The warm-up: flash attention over the causal blocks gives (o, lse),
+    # then the KL in a second pass over the same blocks from that lse.
+    qs, ks, v = fam.score_inputs(a, proj, cfg)
+    scale = fam.softmax_scale(cfg)
+    o_BTNE, lse_BTN = causal_blocks.attention(qs, ks, v, scale, segment_ids_BT,
+                                              block=cfg.attn_q_chunk)
+    kl_BT = causal_blocks.warmup_kl(qs, ks, lse_BTN, *indexer, scale,
+                                    segment_ids_BT, block=cfg.attn_q_chunk)
+    return o_BTNE, {"indexer_kl": jnp.mean(kl_BT)}
+  # Recall takes a top-k over each query's whole row: the chunk probe.
   q_i_BTIJ, k_i_BSJ, w_i_BTI = indexer
   probe = functools.partial(dense_probe, topk=mode.topk,
                             loss=mode.indexer_loss, recall=mode.recall)
@@ -309,20 +447,63 @@ def _indexer_topk(q_i_BTIJ, k_i_BSJ, w_i_BTI, segment_ids_BT, *, topk, q_chunk,
                               q_chunk=q_chunk, impl=impl)
 
 
+def _oracle(fam, a, proj, mode, cfg, segment_ids_BT):
+  """The oracle top-k from a detached dense pass of the layer's own
+  projections: the probe sees one query chunk's [B, N, chunk, S]
+  probabilities at a time (memory O(chunk x S), never T x S). The jnp dense
+  path whatever ``mode.impl``: the kernels do not expose probabilities."""
+  probe = functools.partial(oracle_probe, topk=mode.topk,
+                            n_keys=proj.rows[0].shape[1])
+  _, (idx_BTK, valid_BTK) = fam.dense_attention(
+      *jax.lax.stop_gradient((a, proj)), cfg, segment_ids_BT, probe)
+  return idx_BTK, valid_BTK
+
+
+def select(a, proj: Projections, mode: AttentionMode, cfg: ModelConfig,
+           segment_ids_BT, indexer, given):
+  """(idx_BTK, valid_BTK) of a sparse layer by ``mode.selection``: the
+  indexer's top-k, the local window with sinks, the oracle top-k of the
+  dense attention, or the given sets."""
+  if mode.selection == "given":
+    return given
+  if mode.selection == "local":
+    b, t = proj.q.shape[:2]
+    return local_window(segment_ids_BT, b, t, mode.topk, mode.sinks)
+  if mode.selection == "oracle":
+    return _oracle(family(cfg), a, proj, mode, cfg, segment_ids_BT)
+  # Per shard of the batch rows: XLA would otherwise all-gather each
+  # chunk's scores over the batch and repeat the top-k on every device.
+  topk_fn = functools.partial(_indexer_topk, topk=mode.topk,
+                              q_chunk=cfg.indexer.q_chunk, impl=mode.impl)
+  return sharding.batch_local(topk_fn)(*indexer, segment_ids_BT)
+
+
+def _gate(fam, a, proj, cfg, q_kl, rows_kl, idx_BTK, valid_BTK, indexer):
+  """``gate_delta`` in the family's output space [B, T, N, E]: MLA's values
+  are the latents (expanded by the detached W_kvb), GQA's the v rows."""
+  q_i_BTIJ, k_i_BSJ, w_i_BTI = indexer
+  mla_family = cfg.attention_type != "gqa"
+  value_BS_ = proj.rows[0] if mla_family else proj.rows[1]
+  d_BTN_ = gate_delta(q_kl, rows_kl, value_BS_, idx_BTK, valid_BTK,
+                      fam.softmax_scale(cfg), q_i_BTIJ, k_i_BSJ, w_i_BTI,
+                      cfg.indexer.q_chunk)
+  if mla_family:
+    d_BTN_ = mla.expand_output(d_BTN_, jax.lax.stop_gradient(a["wkv_b"]),
+                               cfg)
+  return d_BTN_
+
+
 def _sparse(a, proj, mode, cfg, segment_ids_BT, indexer, given):
   fam = family(cfg)
   chunk = cfg.indexer.q_chunk
-  if mode.selection == "given":
-    idx_BTK, valid_BTK = given
-  else:
-    # Per shard of the batch rows: XLA would otherwise all-gather each
-    # chunk's scores over the batch and repeat the top-k on every device.
-    topk_fn = functools.partial(_indexer_topk, topk=mode.topk,
-                                q_chunk=chunk, impl=mode.impl)
-    idx_BTK, valid_BTK = sharding.batch_local(topk_fn)(*indexer,
-                                                       segment_ids_BT)
+  idx_BTK, valid_BTK = select(a, proj, mode, cfg, segment_ids_BT, indexer,
+                              given)
   o_BTNE, (q_kl, rows_kl) = fam.sparse_attention(
       a, proj, proj.rows, idx_BTK, valid_BTK, cfg, mode.impl)
+  if mode.indexer_gate:
+    # Zero in value: the forward is the plain sparse forward.
+    o_BTNE = o_BTNE + _gate(fam, a, proj, cfg, q_kl, rows_kl, idx_BTK,
+                            valid_BTK, indexer).astype(o_BTNE.dtype)
   out = {}
   if mode.indexer_loss:
     q_i_BTIJ, k_i_BSJ, w_i_BTI = indexer

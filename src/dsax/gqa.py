@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from dsax import rope
 from dsax.attention import Projections
 from dsax.config import ModelConfig
+from dsax.kernels import causal_blocks
 from dsax.kernels.query_chunks import causal_segment_mask, map_causal_chunks
 from dsax.kernels.reference import NEG_INF, sparse_gqa_reference
 
@@ -102,14 +103,29 @@ def flash_inputs(p: dict[str, Any], proj: Projections, cfg: ModelConfig):
           jnp.repeat(v_BSGH.astype(cdt), m, axis=2))
 
 
+def score_inputs(p: dict[str, Any], proj: Projections, cfg: ModelConfig):
+  """``kernels.causal_blocks`` score parts: ((q_BTNH,), (k_BSGH,), v_BSGH),
+  query head n reading kv head n // M (nothing repeated per head)."""
+  del p
+  cdt = jnp.dtype(cfg.compute_dtype)
+  k_BSGH, v_BSGH = (r.astype(cdt) for r in proj.rows)
+  return (proj.q.astype(cdt),), (k_BSGH,), v_BSGH
+
+
 def dense_attention(p: dict[str, Any], proj: Projections, cfg: ModelConfig,
                     segment_ids_BT: jax.Array | None = None,
                     probe: Callable[..., Any] | None = None,
                     probe_rows: tuple[jax.Array, ...] = (),
                     probe_keys: tuple[jax.Array, ...] = ()):
-  """Causal GQA over query chunks (jnp). Returns ``(o_BTNH, probe_out)``;
-  the probe arguments mean what they mean in ``mla.dense_attention`` (the
-  probe sees each chunk's probabilities [B, N, chunk, S])."""
+  """Causal GQA (jnp). Returns ``(o_BTNH, probe_out)``; without a probe
+  flash attention over the lower-triangle blocks (``causal_blocks``), with
+  one query chunks as in ``mla.dense_attention`` (the probe sees each
+  chunk's probabilities [B, N, chunk, S])."""
+  if probe is None:
+    o_BTNH, _ = causal_blocks.attention(
+        *score_inputs(p, proj, cfg), softmax_scale(cfg), segment_ids_BT,
+        block=cfg.attn_q_chunk)
+    return o_BTNH, None
   del p
   cdt = jnp.dtype(cfg.compute_dtype)
   k_BSGH, v_BSGH = (r.astype(cdt) for r in proj.rows)
@@ -128,8 +144,6 @@ def dense_attention(p: dict[str, Any], proj: Projections, cfg: ModelConfig,
                        NEG_INF)
     prob_BNTS = jax.nn.softmax(s_BNTS, axis=-1)
     o_BTNH = weighted_values(prob_BNTS, v_BSGH)
-    if probe is None:
-      return o_BTNH, None
     return o_BTNH, probe(start, prob_BNTS, mask_BTS, *prows, *pkeys)
 
   return map_causal_chunks(chunk_fn, cfg.attn_q_chunk,

@@ -14,6 +14,7 @@ For a parameter set and an attention mode, over fixed held-out batches:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -62,11 +63,22 @@ class Evaluator:
     return self._fns[mode]
 
   def evaluate(self, params, kind: str = "dense", topk: int = 0,
-               n_batches: int | None = None) -> dict[str, float]:
+               n_batches: int | None = None,
+               selection: str = "indexer") -> dict[str, float]:
     """Loss, indexer KL and recall with ``kind`` attention ("dense" or
-    "sparse") at ``topk`` (0: the model's)."""
+    "sparse") at ``topk`` (0: the model's); sparse keys by ``selection``
+    ("indexer", or the baselines "local" and "oracle": AttentionMode)."""
     mode = AttentionMode.of(self.cfg.model, kind, topk=topk,
-                            indexer_loss=True, recall=True)
+                            selection=selection)
+    return self.evaluate_mode(params, mode, n_batches)
+
+  def evaluate_mode(self, params, mode: AttentionMode,
+                    n_batches: int | None = None) -> dict[str, float]:
+    """The same for a given mode (a phase's: its k, selection, sinks); the
+    indexer KL and recall are always reported, the gate is irrelevant."""
+    mode = dataclasses.replace(mode, indexer_loss=True, recall=True,
+                               indices=False, indexer_keys=False,
+                               cache=False, indexer_gate=False)
     fn = self._fn(mode)
     batches = self.batches[:n_batches or len(self.batches)]
     outs = [jax.device_get(fn(params, b)) for b in batches]
@@ -76,8 +88,10 @@ class Evaluator:
       res[k] = float(np.mean([o[k] for o in outs]))
     return {k: float(v) for k, v in res.items()}
 
-  def quick(self, params, kind: str, topk: int = 0) -> dict[str, float]:
-    return self.evaluate(params, kind, topk, n_batches=self.cfg.eval.batches)
+  def quick(self, params, mode: AttentionMode) -> dict[str, float]:
+    """``evaluate_mode`` on the first ``eval.batches`` batches (during
+    training, with the phase's mode)."""
+    return self.evaluate_mode(params, mode, self.cfg.eval.batches)
 
 
 def write_summary(workdir: str, summary: dict[str, Any]) -> None:

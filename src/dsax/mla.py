@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from dsax import kernels, rope
 from dsax.attention import Projections
 from dsax.config import ModelConfig
+from dsax.kernels import causal_blocks
 from dsax.kernels.query_chunks import causal_segment_mask, map_causal_chunks
 from dsax.kernels.reference import NEG_INF
 
@@ -95,21 +96,42 @@ def flash_inputs(p: dict[str, Any], proj: Projections, cfg: ModelConfig):
   return q_BTNP, jnp.concatenate([k_nope_BSNH, k_rope_BSNR], -1), v_BSNE
 
 
+def score_inputs(p: dict[str, Any], proj: Projections, cfg: ModelConfig):
+  """The expanded form as ``kernels.causal_blocks`` score parts:
+  ((q_nope_BTNH, q_rope_BTNR), (k_nope_BSNH, k_rope_BSGR), v_BSNE) with
+  k_nope per head (G = N) and the shared rope key as one kv head (G = 1),
+  never repeated per head: s = (q_nope . k_nope + q_rope . k_rope) * scale."""
+  cdt = jnp.dtype(cfg.compute_dtype)
+  kv_BSC, k_rope_BSR = proj.rows
+  k_nope_BSNH, v_BSNE = expanded_keys(p, kv_BSC, cfg)
+  return ((proj.q.astype(cdt), proj.q_rope.astype(cdt)),
+          (k_nope_BSNH, k_rope_BSR.astype(cdt)[:, :, None]), v_BSNE)
+
+
 def dense_attention(p: dict[str, Any], proj: Projections, cfg: ModelConfig,
                     segment_ids_BT: jax.Array | None = None,
                     probe: Callable[..., Any] | None = None,
                     probe_rows: tuple[jax.Array, ...] = (),
                     probe_keys: tuple[jax.Array, ...] = ()):
-  """Causal expanded-form MLA over query chunks (jnp). Returns
-  ``(o_BTNE, probe_out)``; probe_out is None without a probe.
+  """Causal expanded-form MLA (jnp). Returns ``(o_BTNE, probe_out)``;
+  probe_out is None without a probe.
 
-  Query chunk [s0, s1) is scored only against keys [0, s1) (the rest are in
-  its future). ``probe(start, prob_BNTS, mask_BTS, *probe_row_chunks,
-  *probe_key_prefixes)`` sees each chunk's attention probabilities (the DSA
-  warm-up target is computed there, so the scores are formed once) and
-  returns a tree of [B, chunk, ...] arrays. ``probe_rows`` are per query
-  [B,T,...], ``probe_keys`` per key [B,S,...].
+  Without a probe: flash attention over the lower-triangle blocks of
+  ``cfg.attn_q_chunk`` rows (``causal_blocks.attention`` on
+  ``score_inputs``): only the key blocks at or below the diagonal are
+  scored, memory O(T), a custom flash-attention-2 backward.
+  With a probe (recall, which takes a top-k over each query's whole row):
+  query chunks of ``cfg.attn_q_chunk``, each scored against a causal key
+  prefix (``map_causal_chunks``); ``probe(start, prob_BNTS, mask_BTS,
+  *probe_row_chunks, *probe_key_prefixes)`` sees each chunk's attention
+  probabilities and returns a tree of [B, chunk, ...] arrays.
+  ``probe_rows`` are per query [B,T,...], ``probe_keys`` per key [B,S,...].
   """
+  if probe is None:
+    o_BTNE, _ = causal_blocks.attention(
+        *score_inputs(p, proj, cfg), softmax_scale(cfg), segment_ids_BT,
+        block=cfg.attn_q_chunk)
+    return o_BTNE, None
   cdt = jnp.dtype(cfg.compute_dtype)
   kv_BSC, k_rope_BSR = proj.rows
   k_nope_BSNH, v_BSNE = expanded_keys(p, kv_BSC, cfg)
@@ -133,8 +155,6 @@ def dense_attention(p: dict[str, Any], proj: Projections, cfg: ModelConfig,
     s_BNTS = jnp.where(mask_BTS[:, None], s_BNTS, NEG_INF)
     prob_BNTS = jax.nn.softmax(s_BNTS, axis=-1)
     o_BTNE = jnp.einsum("bnts,bsne->btne", prob_BNTS.astype(cdt), v_BSNE)
-    if probe is None:
-      return o_BTNE, None
     return o_BTNE, probe(start, prob_BNTS, mask_BTS, *prows, *pkeys)
 
   return map_causal_chunks(

@@ -6,12 +6,18 @@ only they have optimizer state. Losses per phase kind:
 
   pretrain  L = loss.lm_weight * LM                       (optim)
   warmup    L = loss.indexer_weight * sum_l KL_l(p_t || softmax(I_t))
-            dense attention; the indexer is the only group (optim)
+            dense attention; the indexer is the only group (optim); no
+            LM loss (the trunk is frozen: see make_loss_fn)
   sparse    L = loss.lm_weight * LM + loss.indexer_weight * sum_l KL_l on S_t
             The indexer's inputs are detached and the LM loss cannot reach the
             indexer, so one backward gives each group exactly its own gradient;
             the two groups have their own optimizers (optax.multi_transform:
             optim for the main group, indexer_optim for the indexer).
+            S_t by ``selection`` (indexer, local, oracle). ``indexer_grad``:
+            "kl" (the above), "both" (the LM loss also reaches the indexer
+            through the router-style gate, dsax.dsa.gate_delta; the main
+            group's gradient is unchanged), "lm" (the gate only: the KL
+            term is dropped from L and only reported).
 
 The host loop does no array maths and reads each step's metrics one step late.
 
@@ -24,6 +30,7 @@ and summaries (orbax coordinates the checkpoint writes).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -161,11 +168,18 @@ def optimizer(phase: PhaseConfig, labels: dict[str, str]):
 
 def phase_mode(cfg: ExperimentConfig, phase: PhaseConfig) -> AttentionMode:
   """How a phase's step attends: sparse (with the KL on the selected set) in
-  a sparse phase; dense with the warm-up KL in a warm-up; plain dense in
-  pretraining."""
-  kind = "sparse" if phase.kind == "sparse" else "dense"
-  return AttentionMode.of(cfg.model, kind, topk=phase.topk,
-                          indexer_loss=phase.kind != "pretrain")
+  a sparse phase, selecting by ``phase.selection`` (``phase.sinks`` for the
+  local window), with the router-style gate unless ``phase.indexer_grad``
+  is "kl"; dense with the warm-up KL in a warm-up; plain dense in
+  pretraining. The KL is computed in every sparse phase (reported even
+  when ``indexer_grad="lm"`` leaves it out of the loss)."""
+  if phase.kind != "sparse":
+    return AttentionMode.of(cfg.model, "dense", topk=phase.topk,
+                            indexer_loss=phase.kind != "pretrain")
+  return AttentionMode.of(cfg.model, "sparse", topk=phase.topk,
+                          indexer_loss=True, selection=phase.selection,
+                          sinks=phase.sinks,
+                          indexer_gate=phase.indexer_grad != "kl")
 
 
 def batch_loss(params, batch, cfg: ExperimentConfig, mode: AttentionMode):
@@ -176,14 +190,25 @@ def batch_loss(params, batch, cfg: ExperimentConfig, mode: AttentionMode):
   return model.lm_loss(logits_BTV, batch["targets"], batch["weights"]), aux
 
 
-def make_train_step(cfg: ExperimentConfig, phase: PhaseConfig, tx,
-                    sched: optax.Schedule, mesh=None) -> Callable:
-  """``step(state, frozen, batch) -> (state, metrics)`` jitted on ``mesh``
-  (default: ``cfg.mesh`` over all devices) with the state donated."""
+def make_loss_fn(cfg: ExperimentConfig, phase: PhaseConfig) -> Callable:
+  """``loss_fn(trainable, frozen, batch) -> (loss, metrics)``: what a phase's
+  step differentiates w.r.t. ``trainable`` (flat paths; ``frozen`` is not
+  differentiated, so no tangent enters the frozen trunk).
+
+  A warm-up computes no LM loss: its trunk is frozen, so the LM loss would
+  only report the base model, and with the logits unused XLA drops the
+  output head and the V-wide log-softmax (2 D V FLOPs per token: SmolLM2 at
+  T = 2048, 116 GFLOP, most of the dense attention's forward)."""
   mode = phase_mode(cfg, phase)
 
   def loss_fn(trainable, frozen, batch):
     params = unflatten({**frozen, **trainable})
+    if phase.kind == "warmup":
+      _, aux = model.forward(params, batch["inputs"], cfg.model,
+                             batch["segment_ids"], mode=mode,
+                             positions_BT=batch["positions"])
+      loss = phase.loss.indexer_weight * jnp.sum(aux.indexer_kl)
+      return loss, {"indexer_kl": jnp.mean(aux.indexer_kl), "loss": loss}
     lm, aux = batch_loss(params, batch, cfg, mode)
     out = {"lm_loss": lm}
     if phase.kind == "pretrain":
@@ -191,11 +216,23 @@ def make_train_step(cfg: ExperimentConfig, phase: PhaseConfig, tx,
     else:
       kl = aux.indexer_kl
       out["indexer_kl"] = jnp.mean(kl)
-      loss = phase.loss.indexer_weight * jnp.sum(kl)
+      # indexer_grad="lm": the indexer learns from the LM loss (the gate)
+      # alone; the KL is only reported (and not differentiated).
+      lm_only = phase.kind == "sparse" and phase.indexer_grad == "lm"
+      loss = 0.0 if lm_only else phase.loss.indexer_weight * jnp.sum(kl)
       if phase.kind == "sparse":
         loss = loss + phase.loss.lm_weight * lm
     out["loss"] = loss
     return loss, out
+
+  return loss_fn
+
+
+def make_train_step(cfg: ExperimentConfig, phase: PhaseConfig, tx,
+                    sched: optax.Schedule, mesh=None) -> Callable:
+  """``step(state, frozen, batch) -> (state, metrics)`` jitted on ``mesh``
+  (default: ``cfg.mesh`` over all devices) with the state donated."""
+  loss_fn = make_loss_fn(cfg, phase)
 
   def step(state, frozen, batch):
     grads, out = jax.grad(loss_fn, has_aux=True)(state["trainable"], frozen,
@@ -356,8 +393,7 @@ def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
         now_params = S.host_tree(
             unflatten({**frozen, **state["trainable"]}))
         if S.is_primary():
-          mode = phase_mode(cfg, phase)
-          ev = evaluate(now_params, mode.kind, mode.topk)
+          ev = evaluate(now_params, phase_mode(cfg, phase))
           writer.write(phase.name, base + s, {f"eval_{k}": v
                                               for k, v in ev.items()})
       if sigs.caught is not None:
@@ -409,10 +445,60 @@ def write_config(cfg: ExperimentConfig, workdir: str) -> None:
     f.write(dumps(cfg) + "\n")
 
 
+# Programs that compile faster than this are not written to the persistent
+# cache: eager ops (tens of ms each) would only fill the directory; a step
+# takes seconds (on 2 cores: tiny_run's 4-10 s, SmolLM2's at T = 2048 8-11 s).
+COMPILE_CACHE_MIN_S = 1.0
+
+
+def compile_cache_dir(workdir: str) -> str:
+  """Where a run keeps its compiled programs: ``<workdir>/cache/jax``."""
+  return os.path.join(workdir, "cache", "jax")
+
+
+@contextlib.contextmanager
+def compilation_cache(path: str):
+  """JAX's persistent compilation cache in ``path`` while the block runs: a
+  second launch of the same run (a resume, a rerun, the same shapes in a
+  copy of the run directory) loads each step's executable instead of
+  compiling it again. The previous setting is restored after. A cache the
+  user configured (``JAX_COMPILATION_CACHE_DIR``) is left as it is."""
+  if jax.config.jax_compilation_cache_dir:
+    yield jax.config.jax_compilation_cache_dir
+    return
+  # pylint: disable-next=import-outside-toplevel
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  saved = {k: getattr(jax.config, k) for k in (
+      "jax_persistent_cache_min_compile_time_secs",
+      "jax_persistent_cache_enable_xla_caches")}
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                    COMPILE_CACHE_MIN_S)
+  if jax.default_backend() == "cpu":
+    # XLA's GPU autotune cache, on by default, writes its directory (inside
+    # ``path``) into every key: a copied or moved run would miss.
+    jax.config.update("jax_persistent_cache_enable_xla_caches", "")
+  cc.reset_cache()  # the cache opens its directory once: reopen it here
+  try:
+    yield path
+  finally:
+    jax.config.update("jax_compilation_cache_dir", None)
+    for k, v in saved.items():
+      jax.config.update(k, v)
+    cc.reset_cache()
+
+
 def run(cfg: ExperimentConfig, workdir: str) -> dict:
   """Runs every phase (resuming from the latest checkpoint), then, with
   the held-out comparison and report (``evals.finish_run``); returns the
-  summary."""
+  summary. Compiled programs are cached in ``compile_cache_dir(workdir)``
+  (``compilation_cache``), so a relaunch does not compile its steps again."""
+  with compilation_cache(compile_cache_dir(workdir)):
+    return _run(cfg, workdir)
+
+
+def _run(cfg: ExperimentConfig, workdir: str) -> dict:
   from dsax import data, heldout, metrics  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)

@@ -40,25 +40,33 @@ def load_run(run_dir: str):
   return cfg, tok, val
 
 
-def plan(cfg, run_dir: str, ks: Sequence[int]) -> dict[str, list]:
-  """{"modes": [(label, phase, attention, topk)], "recall": [(label, phase,
-  topk)]} for the phases whose parameters exist."""
+def plan(cfg, run_dir: str, ks: Sequence[int],
+         baselines: Sequence[str] = ()) -> dict[str, list]:
+  """{"modes": [(label, phase, attention, topk, selection)], "recall":
+  [(label, phase, topk)]} for the phases whose parameters exist;
+  ``baselines`` ("local", "oracle") add sparse rows of the base model with
+  that selection at each k (the local window with sinks; the oracle top-k,
+  an upper bound for any indexer on these weights)."""
   have = lambda n: os.path.isdir(os.path.join(run_dir, "phases", n))
   kind = lambda k: [p.name for p in cfg.phases
                     if p.kind == k and p.name != cfg.control and have(p.name)]
   modes, recall = [], []
   base = kind("pretrain")
   if base:
-    modes.append((f"base ({base[0]}) dense", base[0], "dense", None))
+    modes.append((f"base ({base[0]}) dense", base[0], "dense", None,
+                  "indexer"))
     # The base's indexer is untrained: recall before the warm-up.
     recall += [(f"base ({base[0]}) k={k}", base[0], k) for k in ks]
+    for sel in baselines:
+      modes += [(f"{sel} ({base[0]}) k={k}", base[0], "sparse", k, sel)
+                for k in ks]
   if cfg.control and have(cfg.control):
     modes.append((f"control ({cfg.control}) dense", cfg.control, "dense",
-                  None))
+                  None, "indexer"))
   for w in kind("warmup")[:1]:
     recall += [(f"warm-up ({w}) k={k}", w, k) for k in ks]
   for s in kind("sparse")[:1]:
-    modes += [(f"sparse ({s}) k={k}", s, "sparse", k) for k in ks]
+    modes += [(f"sparse ({s}) k={k}", s, "sparse", k, "indexer") for k in ks]
     recall += [(f"sparse ({s}) k={k}", s, k) for k in ks]
   return {"modes": modes, "recall": recall}
 
@@ -69,12 +77,14 @@ def run_eval(run_dir: str, ks: Sequence[int] | None = None,
              tasks: Sequence[str] | None = None,
              per_cell: int | None = None, greedy_n: int | None = None,
              heldout_batches: int | None = None, prepared=None,
-             evaluator=None) -> dict[str, Any]:
+             evaluator=None,
+             baselines: Sequence[str] = ()) -> dict[str, Any]:
   """Evaluates a run's phases and writes the report to RUN_DIR/eval.
 
   ``prepared`` = (cfg, tokenizer, val_docs) and ``evaluator`` (a
   ``heldout.Evaluator``) let a finished training run pass what it has built;
-  otherwise both come from RUN_DIR.
+  otherwise both come from RUN_DIR. ``baselines``: selection baselines
+  ("local", "oracle") evaluated as sparse rows of the base model (``plan``).
   """
   from dsax import checkpoint, data, heldout  # pylint: disable=import-outside-toplevel
   from dsax import params as P  # pylint: disable=import-outside-toplevel
@@ -92,7 +102,7 @@ def run_eval(run_dir: str, ks: Sequence[int] | None = None,
   n_batches = heldout_batches or (2 if quick else cfg.eval.final_batches)
   depths = (0.0, 0.5, 1.0) if quick else retrieval.PASSKEY_DEPTHS
   out_dir = out_dir or os.path.join(run_dir, "eval")
-  todo = plan(cfg, run_dir, ks)
+  todo = plan(cfg, run_dir, ks, baselines)
   if not todo["modes"] and not todo["recall"]:
     raise FileNotFoundError(f"no phase parameters under {run_dir}/phases")
 
@@ -127,22 +137,24 @@ def run_eval(run_dir: str, ks: Sequence[int] | None = None,
   batch_size = int(max(1, min(8, 2**31 // (4 * cfg.model.vocab_size
                                            * (max(lengths) + 64)))))
   results["settings"]["batch_size"] = batch_size
-  for label, phase, attention, k in todo["modes"]:
+  for label, phase, attention, k, selection in todo["modes"]:
     _log(f"  {label}")
     params = load(phase)
-    logits_fn = retrieval.model_logits_fn(params, cfg.model, attention, k)
+    logits_fn = retrieval.model_logits_fn(params, cfg.model, attention, k,
+                                          selection)
     scored = retrieval.score_examples(logits_fn, examples, tok, batch_size)
     entry: dict[str, Any] = {
         "phase": phase, "attention": attention, "topk": k,
+        "selection": selection,
         "retrieval": retrieval.accuracy_tables(scored)}
     if greedy_set:
       g = retrieval.greedy_scores(greedy_set, tok, params=params,
                                   model_cfg=cfg.model, attention=attention,
-                                  topk=k)
+                                  topk=k, selection=selection)
       entry["greedy"] = {"method": g[0]["method"], "n": len(g),
                          "score": sum(x["score"] for x in g) / len(g),
                          "examples": g}
-    nll = position.model_nll_fn(params, cfg.model, attention, k)
+    nll = position.model_nll_fn(params, cfg.model, attention, k, selection)
     if long_len in batches:
       entry["loss_by_position"] = position.loss_by_position(
           nll, batches[long_len])

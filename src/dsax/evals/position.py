@@ -38,13 +38,16 @@ def default_edges(seq_len: int, first: int = 16) -> list[int]:
 
 
 def model_nll_fn(params, model_cfg, attention: str = "dense",
-                 topk: int | None = None) -> NllFn:
+                 topk: int | None = None,
+                 selection: str = "indexer") -> NllFn:
   """Per-token NLL of ``dsax.model.forward`` with ``attention`` ("dense" or
-  "sparse", at ``topk``; None: the config's), jitted once per mode."""
+  "sparse", at ``topk``; None: the config's; keys by ``selection``:
+  "indexer", "local" or "oracle"), jitted once per mode."""
   from dsax import model  # pylint: disable=import-outside-toplevel
   from dsax.attention import AttentionMode  # pylint: disable=import-outside-toplevel
   mode = AttentionMode.of(model_cfg, attention,
-                          topk=topk if attention == "sparse" else 0)
+                          topk=topk if attention == "sparse" else 0,
+                          selection=selection)
   key = ("nll", model_cfg, mode)
   if key not in _JITTED:
     import jax  # pylint: disable=import-outside-toplevel

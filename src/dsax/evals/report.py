@@ -2,7 +2,7 @@
 
 ``results`` (as ``dsax.evals.run_eval`` builds it):
   {"run": name, "settings": {...},
-   "modes": {label: {"phase", "attention", "topk",
+   "modes": {label: {"phase", "attention", "topk", "selection",
                      "retrieval": retrieval.accuracy_tables(...),
                      "greedy": {"method", "n", "score"},
                      "loss_by_position": position.loss_by_position(...),

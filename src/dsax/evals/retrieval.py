@@ -190,12 +190,15 @@ def accuracy_tables(results: Sequence[dict]) -> dict[str, Any]:
 
 
 def model_logits_fn(params, model_cfg, attention: str = "dense",
-                    topk: int | None = None) -> LogitsFn:
+                    topk: int | None = None,
+                    selection: str = "indexer") -> LogitsFn:
   """A jitted ``tokens_BT -> logits_BTV`` of ``dsax.model.forward``; sparse
-  attention at ``topk`` (None: the config's)."""
+  attention at ``topk`` (None: the config's), keys by ``selection``
+  ("indexer", "local" or "oracle")."""
   from dsax.attention import AttentionMode  # pylint: disable=import-outside-toplevel
   mode = AttentionMode.of(model_cfg, attention,
-                          topk=topk if attention == "sparse" else 0)
+                          topk=topk if attention == "sparse" else 0,
+                          selection=selection)
   key = (model_cfg, mode)
   if key not in _JITTED:
     import jax  # pylint: disable=import-outside-toplevel
@@ -247,11 +250,16 @@ def greedy_scores(examples: Sequence[tasks.Example], tokenizer, *,
                   logits_fn: LogitsFn | None = None, params=None,
                   model_cfg=None, attention: str = "dense",
                   topk: int | None = None,
-                  extra_tokens: int = 0) -> list[dict]:
+                  extra_tokens: int = 0,
+                  selection: str = "indexer") -> list[dict]:
   """Greedy answers (as many tokens as the reference, plus ``extra_tokens``)
   scored with ``tasks.score``. With params (and no logits_fn):
-  ``decode.generate`` (sparse at ``topk``); otherwise a full forward per
-  generated token."""
+  ``decode.generate`` (sparse at ``topk``); otherwise, and for a sparse
+  baseline ``selection`` ("local", "oracle": decoding selects with the
+  indexer), a full forward per generated token."""
+  if (params is not None and logits_fn is None and attention == "sparse"
+      and selection != "indexer"):
+    logits_fn = model_logits_fn(params, model_cfg, attention, topk, selection)
   out = []
   for ex in examples:
     e = encode(ex, tokenizer)
