@@ -145,6 +145,10 @@ def build_subparser(name: str) -> argparse.ArgumentParser:
     p.add_argument("--greedy", type=int, default=None, metavar="N",
                    help="examples in the greedy-generation check (0: none; "
                    "default 8, --quick 2)")
+    p.add_argument("--baselines", default="", metavar="B[,B...]",
+                   help="selection baselines evaluated beside the indexer on "
+                   "the base model at each k: local (recent keys + sinks), "
+                   "oracle (top-k of the dense attention)")
     p.add_argument("--seed", type=int, default=0,
                    help="eval set seed (same seed, same prompts)")
     p.add_argument("--quick", action="store_true",
@@ -304,9 +308,14 @@ def run_eval(args) -> int:
     return _error(f"{args.run_dir} has no config.json: not a run directory")
   from dsax import evals  # imports jax lazily
   tasks = args.tasks.split(",") if args.tasks else None
+  baselines = [b for b in args.baselines.split(",") if b]
+  bad = [b for b in baselines if b not in ("local", "oracle")]
+  if bad:
+    return _error(f"--baselines: {bad[0]!r} is not local or oracle")
   evals.run_eval(args.run_dir, ks=args.k, lengths=args.lengths,
                  quick=args.quick, seed=args.seed, out_dir=args.out,
-                 tasks=tasks, per_cell=args.per_cell, greedy_n=args.greedy)
+                 tasks=tasks, per_cell=args.per_cell, greedy_n=args.greedy,
+                 baselines=baselines)
   out = args.out or os.path.join(args.run_dir, "eval")
   with open(os.path.join(out, "report.md"), encoding="utf-8") as f:
     print(f.read())

@@ -88,6 +88,13 @@ def test_eval_rejects_bad_k(tmp_path):
   assert out.returncode == 2 and "comma-separated integers" in out.stderr
 
 
+def test_eval_rejects_a_bad_baseline(tmp_path):
+  from test_evals import fake_run
+  d = fake_run(tmp_path, name="tiny_run")
+  out = cli("eval", d, "--baselines", "window")
+  assert out.returncode == 2 and "'window' is not local or oracle" in out.stderr
+
+
 def test_eval_then_compare(tmp_path, capsys):
   """launch.py eval on a run directory with random-init phases, then compare
   (in process: one jax start-up)."""
@@ -95,9 +102,10 @@ def test_eval_then_compare(tmp_path, capsys):
   d = fake_run(tmp_path, name="tiny_run")
   assert launch.main(["eval", d, "--k", "16", "--lengths", "300", "--quick",
                       "--tasks", "passkey", "--per-cell", "1",
-                      "--greedy", "0"]) == 0
+                      "--greedy", "0", "--baselines", "local"]) == 0
   out = capsys.readouterr().out
   assert "| sparse (sparse) k=16 |" in out
+  assert "| local (pretrain) k=16 |" in out
   with open(os.path.join(d, "eval", "results.json")) as f:
     res = json.load(f)
   assert res["settings"]["ks"] == [16] and res["settings"]["lengths"] == [300]
