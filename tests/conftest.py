@@ -1,6 +1,7 @@
 """Shared test setup: CPU, f32, the tiny model."""
 
 import dataclasses
+import math
 import os
 import sys
 
@@ -41,3 +42,9 @@ def all_avals(jaxpr):
       yield v.aval
     for sub in jax.extend.core.jaxprs_in_params(eqn.params):
       yield from all_avals(sub)
+
+
+def largest_size(jaxpr) -> int:
+  """Elements of the largest array a jaxpr (and its sub-jaxprs) forms."""
+  return max(int(math.prod(a.shape)) for a in all_avals(jaxpr)
+             if hasattr(a, "shape"))

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import all_avals, init, tiny
+from conftest import init, largest_size, tiny
 from dsax import dsa, mla, model, train
 from dsax import sharding as S
 from dsax.attention import AttentionMode
@@ -240,8 +240,7 @@ def test_oracle_and_gate_never_hold_t_by_s():
     return logits.mean() + aux.indexer_kl.sum()
 
   jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
-  biggest = max(int(np.prod(a.shape)) for a in all_avals(jaxpr)
-                if hasattr(a, "shape"))
+  biggest = largest_size(jaxpr)
   # The oracle's chunk probabilities are [1, N, 64, 512] = 131K; a T x S
   # tensor would be 262K.
   assert biggest < t * t, biggest
