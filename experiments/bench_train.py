@@ -58,7 +58,7 @@ into forward and backward + update, and the warm-up's forward into the
 trunk's and the probe's (warm-up fwd - (pretrain fwd - head fwd)).
 
 ``--compile-cache DIR`` runs under JAX's persistent compilation cache in
-DIR (``train.compilation_cache``, as a run does in <workdir>/cache/jax): a
+DIR (``checkpoint.compilation_cache``, as a run does in <workdir>/cache/jax): a
 second invocation with the same DIR and shapes shows the cached compile.
 
 Ends with one line:
@@ -86,7 +86,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from dsax import config as C  # noqa: E402
 from dsax import model  # noqa: E402
 from dsax import params as P  # noqa: E402
-from dsax import sweep, train  # noqa: E402
+from dsax import checkpoint, sweep, train  # noqa: E402
 
 KINDS = ("pretrain", "warmup", "sparse")
 CACHE_HITS = [0]  # persistent compilation cache hits so far
@@ -264,7 +264,7 @@ def fmt(x: float, digits: int = 3) -> str:
 def main(argv=None):
   args = parse_args(argv)
   cfg = load(args)
-  cache = (train.compilation_cache(args.compile_cache) if args.compile_cache
+  cache = (checkpoint.compilation_cache(args.compile_cache) if args.compile_cache
            else contextlib.nullcontext())
   with cache:
     bench(args, cfg)

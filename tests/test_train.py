@@ -247,14 +247,14 @@ def test_run_caches_compiled_programs_in_the_workdir(tmp_path, monkeypatch):
   (here a copy, in another run directory: the keys hold no path) loads its
   programs instead of compiling them, so it writes no new entry."""
   import shutil
-  monkeypatch.setattr(train, "COMPILE_CACHE_MIN_S", 0.0)  # tiny programs too
+  monkeypatch.setattr(checkpoint, "COMPILE_CACHE_MIN_S", 0.0)  # tiny programs too
   cfg = small_cfg(["phases.warmup.steps=0", "phases.sparse.steps=0",
                    "phases.dense.steps=0", "phases.pretrain.steps=2"])
   train.run(cfg, str(tmp_path / "a"))
-  cache = train.compile_cache_dir(str(tmp_path / "a"))
+  cache = checkpoint.compile_cache_dir(str(tmp_path / "a"))
   assert os.listdir(cache)
   assert jax.config.jax_compilation_cache_dir is None
-  shutil.copytree(cache, train.compile_cache_dir(str(tmp_path / "b")))
+  shutil.copytree(cache, checkpoint.compile_cache_dir(str(tmp_path / "b")))
   hits = []
 
   def listen(event, **kwargs):
@@ -267,14 +267,14 @@ def test_run_caches_compiled_programs_in_the_workdir(tmp_path, monkeypatch):
   finally:
     jax.monitoring.unregister_event_listener(listen)
   assert hits
-  assert sorted(os.listdir(train.compile_cache_dir(str(tmp_path / "b")))) == (
+  assert sorted(os.listdir(checkpoint.compile_cache_dir(str(tmp_path / "b")))) == (
       sorted(os.listdir(cache)))
 
 
 def test_a_user_compilation_cache_is_kept(tmp_path):
   jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
   try:
-    with train.compilation_cache(str(tmp_path / "run")) as path:
+    with checkpoint.compilation_cache(str(tmp_path / "run")) as path:
       assert path == str(tmp_path / "mine")
       assert jax.config.jax_compilation_cache_dir == path
   finally:

@@ -30,7 +30,6 @@ and summaries (orbax coordinates the checkpoint writes).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -445,56 +444,12 @@ def write_config(cfg: ExperimentConfig, workdir: str) -> None:
     f.write(dumps(cfg) + "\n")
 
 
-# Programs that compile faster than this are not written to the persistent
-# cache: eager ops (tens of ms each) would only fill the directory; a step
-# takes seconds (on 2 cores: tiny_run's 4-10 s, SmolLM2's at T = 2048 8-11 s).
-COMPILE_CACHE_MIN_S = 1.0
-
-
-def compile_cache_dir(workdir: str) -> str:
-  """Where a run keeps its compiled programs: ``<workdir>/cache/jax``."""
-  return os.path.join(workdir, "cache", "jax")
-
-
-@contextlib.contextmanager
-def compilation_cache(path: str):
-  """JAX's persistent compilation cache in ``path`` while the block runs: a
-  second launch of the same run (a resume, a rerun, the same shapes in a
-  copy of the run directory) loads each step's executable instead of
-  compiling it again. The previous setting is restored after. A cache the
-  user configured (``JAX_COMPILATION_CACHE_DIR``) is left as it is."""
-  if jax.config.jax_compilation_cache_dir:
-    yield jax.config.jax_compilation_cache_dir
-    return
-  # pylint: disable-next=import-outside-toplevel
-  from jax.experimental.compilation_cache import compilation_cache as cc
-  saved = {k: getattr(jax.config, k) for k in (
-      "jax_persistent_cache_min_compile_time_secs",
-      "jax_persistent_cache_enable_xla_caches")}
-  os.makedirs(path, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                    COMPILE_CACHE_MIN_S)
-  if jax.default_backend() == "cpu":
-    # XLA's GPU autotune cache, on by default, writes its directory (inside
-    # ``path``) into every key: a copied or moved run would miss.
-    jax.config.update("jax_persistent_cache_enable_xla_caches", "")
-  cc.reset_cache()  # the cache opens its directory once: reopen it here
-  try:
-    yield path
-  finally:
-    jax.config.update("jax_compilation_cache_dir", None)
-    for k, v in saved.items():
-      jax.config.update(k, v)
-    cc.reset_cache()
-
-
 def run(cfg: ExperimentConfig, workdir: str) -> dict:
   """Runs every phase (resuming from the latest checkpoint), then, with
   the held-out comparison and report (``evals.finish_run``); returns the
   summary. Compiled programs are cached in ``compile_cache_dir(workdir)``
-  (``compilation_cache``), so a relaunch does not compile its steps again."""
-  with compilation_cache(compile_cache_dir(workdir)):
+  (``checkpoint.compilation_cache``), so a relaunch does not compile its steps again."""
+  with checkpoint.compilation_cache(checkpoint.compile_cache_dir(workdir)):
     return _run(cfg, workdir)
 
 
