@@ -135,6 +135,12 @@ def main(argv=None) -> int:
                   help="also compare dsax logits with transformers' on T "
                   "tokens (0: skip)")
   args = ap.parse_args(argv)
+  if args.backend == "dsax" and not os.path.isfile(
+      os.path.join(args.model_dir, "model_config.json")):
+    print(f"error: {args.model_dir} is not a dsax model directory (no "
+          "model_config.json): run `python launch.py prepare smollm2` first, "
+          "or pass --model-dir", file=sys.stderr)
+    return 2
 
   from dsax.evals import retrieval as R
   from dsax.tokenizer import Tokenizer

@@ -99,3 +99,25 @@ def test_collectives_script_counts_ops():
                        cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600, check=True).stdout
   assert "all-gather" in out
+
+
+def test_bench_kernels_runs_every_op_at_tiny_sizes(capsys):
+  """Every op, Pallas (interpret mode) and reference, forward and backward."""
+  import bench_kernels
+  bench_kernels.main(["--t", "64", "--k", "16", "--n", "2", "--c", "32",
+                      "--r", "16", "--h", "16", "--e", "16", "--i", "2",
+                      "--j", "16", "--batch", "1", "--reps", "1",
+                      "--q-chunk", "32", "--logits_rows", "32"])
+  out = capsys.readouterr().out
+  for op in bench_kernels.OPS:
+    assert f"{op:8s} pallas" in out and f"{op:8s} reference" in out, op
+
+
+def test_smollm2_check_parses_and_names_a_missing_model(tmp_path):
+  """The real check needs the imported model (launch.py prepare smollm2);
+  without it the script must stop with a message, not a traceback."""
+  out = subprocess.run([sys.executable, "experiments/smollm2_check.py",
+                        "--model-dir", str(tmp_path / "none")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  assert "Traceback" not in out.stderr, out.stderr[-2000:]
