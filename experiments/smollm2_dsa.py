@@ -107,8 +107,8 @@ def get_config(arg=None) -> ExperimentConfig:
 
 # The CPU experiment (``main``): its step counts fit 90 minutes on 2 cores
 # with the page's evaluation (measured: see docs/results/smollm2_dsa_cpu.md).
-CPU_WARMUP_STEPS = 30
-CPU_SPARSE_STEPS = 6
+CPU_WARMUP_STEPS = 40
+CPU_SPARSE_STEPS = 4
 
 
 def _cpu_config() -> ExperimentConfig:

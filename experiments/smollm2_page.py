@@ -26,7 +26,7 @@ from dsax.evals import retrieval
 from dsax.evals import rows as R
 
 PASSKEY_SEEDS = 4      # examples per (length, depth) cell
-NEEDLE_SEEDS = 2       # natural-text needles per depth at T
+NEEDLE_SEEDS = 1       # natural-text needles per depth at T
 
 
 def page_rows(cfg) -> list[R.Row]:
