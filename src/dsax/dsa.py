@@ -493,13 +493,45 @@ def _gate(fam, a, proj, cfg, q_kl, rows_kl, idx_BTK, valid_BTK, indexer):
   return d_BTN_
 
 
+# Short contexts: sparse attention as dense attention under the selection's
+# key mask (the layer MaxText writes), which is cheaper on a CPU than
+# gathering k rows per query when S <= MASKED_RATIO * k (measured by
+# experiments/bench_attention.py: the "masked" variant against "sparse");
+# MASKED_MAX_KEYS bounds its [B, N, T, S] f32 scores. The jnp reference
+# only: the kernels always gather.
+MASKED_RATIO = 4
+MASKED_MAX_KEYS = 2048
+
+
+def use_masked(mode: AttentionMode, n_keys: int) -> bool:
+  """Whether a sparse forward over ``n_keys`` keys runs masked."""
+  return (mode.impl == "reference" and n_keys <= MASKED_MAX_KEYS
+          and n_keys <= MASKED_RATIO * mode.topk)
+
+
+def selection_mask(idx_BTK: jax.Array, valid_BTK: jax.Array,
+                   n_keys: int) -> jax.Array:
+  """The selected sets as a [B, T, S] key mask (invalid slots set nothing)."""
+  b, t, _ = idx_BTK.shape
+  bi_B11 = jnp.arange(b)[:, None, None]
+  ti_1T1 = jnp.arange(t)[None, :, None]
+  return jnp.zeros((b, t, n_keys), bool).at[bi_B11, ti_1T1, idx_BTK].max(
+      valid_BTK)
+
+
 def _sparse(a, proj, mode, cfg, segment_ids_BT, indexer, given):
   fam = family(cfg)
   chunk = cfg.indexer.q_chunk
   idx_BTK, valid_BTK = select(a, proj, mode, cfg, segment_ids_BT, indexer,
                               given)
-  o_BTNE, (q_kl, rows_kl) = fam.sparse_attention(
-      a, proj, proj.rows, idx_BTK, valid_BTK, cfg, mode.impl)
+  n_keys = proj.rows[0].shape[1]
+  if use_masked(mode, n_keys):
+    o_BTNE = fam.masked_attention(
+        a, proj, proj.rows, selection_mask(idx_BTK, valid_BTK, n_keys), cfg)
+    q_kl, rows_kl = fam.absorbed_inputs(a, proj, proj.rows, cfg)
+  else:
+    o_BTNE, (q_kl, rows_kl) = fam.sparse_attention(
+        a, proj, proj.rows, idx_BTK, valid_BTK, cfg, mode.impl)
   if mode.indexer_gate:
     # Zero in value: the forward is the plain sparse forward.
     o_BTNE = o_BTNE + _gate(fam, a, proj, cfg, q_kl, rows_kl, idx_BTK,

@@ -151,6 +151,14 @@ def dense_attention(p: dict[str, Any], proj: Projections, cfg: ModelConfig,
                            (k_BSGH, v_BSGH, seg_BT) + tuple(probe_keys))
 
 
+def absorbed_inputs(p: dict[str, Any], proj: Projections,
+                    rows: tuple[jax.Array, jax.Array], cfg: ModelConfig):
+  """(q_BTNH, k_BSGH): the main-model side of the sparse indexer KL (the
+  name matches ``mla.absorbed_inputs``; GQA absorbs nothing)."""
+  del p, cfg
+  return proj.q, rows[0]
+
+
 def sparse_attention(p: dict[str, Any], proj: Projections,
                      rows: tuple[jax.Array, jax.Array], idx_BTK: jax.Array,
                      valid_BTK: jax.Array, cfg: ModelConfig, impl: str):
