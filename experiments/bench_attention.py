@@ -26,7 +26,13 @@ sum(out * ct) w.r.t. x and the layer's parameters (attention and indexer).
           w.r.t. the indexer parameters only (the trunk is frozen).
   sparse  core = dsa.attend with a sparse AttentionMode (no indexer loss):
           indexer projection + causal top-k (reference,
-          chunked by indexer.q_chunk), then sparse MLA in absorbed (MQA) form.
+          chunked by indexer.q_chunk), then sparse MLA in absorbed (MQA) form,
+          by gathering the k selected rows per query, or, when T <=
+          dsa.MASKED_RATIO * k (and <= dsa.MASKED_MAX_KEYS), as dense
+          attention under the selection's [T, T] key mask (dsa.use_masked).
+  gather  the sparse layer always gathering (dsa.MASKED_RATIO = 0).
+  masked  the sparse layer always masked: the layer MaxText writes (a dense
+          T x T score matrix under the top-k mask), the peer to beat at 1K.
   core    kernels.sparse_mla alone (fwd + bwd w.r.t. q and kv) given the
           indices the indexer chose: its time should grow ~linearly in T.
   indexer indexer_project + kernels.indexer_topk, forward only (with
@@ -74,7 +80,8 @@ from dsax.config import IndexerConfig, ModelConfig  # noqa: E402
 from dsax.kernels import query_chunks  # noqa: E402
 
 
-VARIANTS = ("dense", "full", "warmup", "sparse", "core", "indexer")
+VARIANTS = ("dense", "full", "warmup", "sparse", "gather", "masked", "core",
+            "indexer")
 SLOW = ("dense", "full", "warmup")   # reps cut by --dense-budget-s
 
 
@@ -204,6 +211,17 @@ def build(args, t: int, key):
   def sparse_loss(p, x, ct):
     return jnp.sum(layer_out(p, x, "sparse").astype(jnp.float32) * ct)
 
+  def forced(masked: bool):
+    """sparse_loss with dsa.use_masked forced (patched while it traces)."""
+    def loss(p, x, ct):
+      saved = dsa.MASKED_RATIO, dsa.MASKED_MAX_KEYS
+      dsa.MASKED_RATIO, dsa.MASKED_MAX_KEYS = ((t, t) if masked else (0, 0))
+      try:
+        return sparse_loss(p, x, ct)
+      finally:
+        dsa.MASKED_RATIO, dsa.MASKED_MAX_KEYS = saved
+    return loss
+
   def warmup_step(p, x, ct):
     def kl(p_indexer):
       mode = AttentionMode.of(cfg, "dense", indexer_loss=True,
@@ -254,6 +272,8 @@ def build(args, t: int, key):
       "full": (jax.jit(jax.grad(full_loss, (0, 1))), (p, x, ct)),
       "warmup": (jax.jit(warmup_step), (p, x, ct)),
       "sparse": (jax.jit(jax.grad(sparse_loss, (0, 1))), (p, x, ct)),
+      "gather": (jax.jit(jax.grad(forced(False), (0, 1))), (p, x, ct)),
+      "masked": (jax.jit(jax.grad(forced(True), (0, 1))), (p, x, ct)),
       "core": (jax.jit(jax.grad(core_loss, (0, 1))),
                (q_full, kv_full, idx, valid, ct_o)),
   }
@@ -383,6 +403,11 @@ def main(argv=None):
           f"{r['core_all_ms']} indexer {r['indexer_all_ms']}; sparse - core "
           f"- indexer (projections, absorb/expand) "
           f"{r['sparse_ms'] - r['core_ms'] - r['indexer_ms']:.0f} ms")
+    print(f"T={r['t']} sparse layer ({'masked' if dsa.use_masked(
+        AttentionMode(kind='sparse', topk=args.k), r['t']) else 'gather'}) "
+          f"{r['sparse_ms']:.0f} ms, gather {r['gather_ms']:.0f} ms, masked "
+          f"(dense-mask layer) {r['masked_ms']:.0f} ms ({r['masked_mb']:.0f}"
+          f" MB): sparse/masked {r['sparse_ms'] / r['masked_ms']:.3f}")
     print(f"T={r['t']} compile s: " + " ".join(
         f"{n} {r[f'{n}_compile_s']:.1f}" for n in VARIANTS
         if r[f"{n}_compile_s"] == r[f"{n}_compile_s"])

@@ -181,6 +181,13 @@ def main(argv=None) -> int:
                     "--workdir", workdir] + sets)
   if rc:
     return rc
+  cfg = get_config(args.variant)
+  missing = [p.name for p in cfg.phases
+             if not os.path.isdir(os.path.join(workdir, "phases", p.name))]
+  if missing:  # a clean interrupt (exit 0) before the last phase ended
+    print(f"stopped before phases {missing} ended; rerun the same command "
+          "to resume", file=sys.stderr)
+    return 0
   command = "python launch.py prepare smollm2 && python " \
             "experiments/smollm2_dsa.py" + "".join(
                 f" --set {kv}" for kv in args.overrides)
