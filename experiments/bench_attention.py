@@ -403,9 +403,10 @@ def main(argv=None):
           f"{r['core_all_ms']} indexer {r['indexer_all_ms']}; sparse - core "
           f"- indexer (projections, absorb/expand) "
           f"{r['sparse_ms'] - r['core_ms'] - r['indexer_ms']:.0f} ms")
-    print(f"T={r['t']} sparse layer ({'masked' if dsa.use_masked(
-        AttentionMode(kind='sparse', topk=args.k), r['t']) else 'gather'}) "
-          f"{r['sparse_ms']:.0f} ms, gather {r['gather_ms']:.0f} ms, masked "
+    way = ("masked" if dsa.use_masked(AttentionMode(kind="sparse",
+                                                    topk=args.k), r["t"])
+           else "gather")
+    print(f"T={r['t']} sparse layer ({way}) {r['sparse_ms']:.0f} ms, gather {r['gather_ms']:.0f} ms, masked "
           f"(dense-mask layer) {r['masked_ms']:.0f} ms ({r['masked_mb']:.0f}"
           f" MB): sparse/masked {r['sparse_ms'] / r['masked_ms']:.3f}")
     print(f"T={r['t']} compile s: " + " ".join(
