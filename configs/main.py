@@ -9,12 +9,15 @@ Sized to finish in about 10 minutes on a 2-core CPU; ARG "full" gives a larger
 model and longer phases for an accelerator.
 """
 
-from dsax.config import (DataConfig, EvalConfig, ExperimentConfig,
-                         IndexerConfig, ModelConfig, OptimConfig,
-                         PhaseConfig)
+from dsax.config import (ConfigError, DataConfig, EvalConfig,
+                         ExperimentConfig, IndexerConfig, ModelConfig,
+                         OptimConfig, PhaseConfig)
 
 
 def get_config(arg=None) -> ExperimentConfig:
+  if arg not in (None, "full"):
+    raise ConfigError(f"main: ARG must be empty or 'full' (main:full), "
+                      f"got {arg!r}")
   full = arg == "full"
   seq_len = 4096 if full else 1024
   topk = 256 if full else 128

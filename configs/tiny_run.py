@@ -12,12 +12,13 @@ the same pretrained weights and replays the sparse phase's data.
 import dataclasses
 
 from configs.tiny import model_config
-from dsax.config import (DataConfig, EvalConfig, ExperimentConfig, OptimConfig,
-                         PhaseConfig)
+from dsax.config import (ConfigError, DataConfig, EvalConfig,
+                         ExperimentConfig, OptimConfig, PhaseConfig)
 
 
 def get_config(arg=None) -> ExperimentConfig:
-  del arg  # no variants
+  if arg is not None:
+    raise ConfigError(f"tiny_run takes no ARG (tiny_run:ARG), got {arg!r}")
   model = model_config()
   model = dataclasses.replace(
       model, indexer=dataclasses.replace(model.indexer, topk=16))

@@ -37,8 +37,11 @@ TEXTS = [
 
 # ------------------------------------------------------------ no download
 
+# Every type the gguf package can also quantise (its own round trip).
+QUANTISABLE = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "BF16", "F16", "F32"]
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "F16", "F32"])
+
+@pytest.mark.parametrize("qtype", QUANTISABLE)
 def test_dequantize_matches_gguf_package_on_synthetic_blocks(qtype):
   rng = np.random.default_rng(0)
   x = (rng.standard_normal((6, 96)) * rng.uniform(0.01, 3, (6, 1))).astype(
@@ -50,7 +53,8 @@ def test_dequantize_matches_gguf_package_on_synthetic_blocks(qtype):
   np.testing.assert_array_equal(ours, ref)
   assert ours.dtype == np.float32 and ours.shape == x.shape
   # Quantisation error within half a step of the block's scale.
-  tol = {"Q8_0": 1 / 127, "Q4_0": 1 / 8, "Q4_1": 1 / 15}.get(qtype, 1e-3)
+  tol = {"Q8_0": 1 / 127, "Q4_0": 1 / 8, "Q4_1": 1 / 15, "Q5_0": 1 / 16,
+         "Q5_1": 1 / 31, "BF16": 1 / 128}.get(qtype, 1e-3)
   scale = np.abs(x).reshape(6, -1, 32).max(-1, keepdims=True) * 2
   err = np.abs(ours - x).reshape(6, -1, 32)
   assert np.all(err <= scale * tol * 0.51 + 1e-6)
@@ -68,9 +72,131 @@ def test_q4_1_block_layout_closed_form():
                                 0.5 * q - 1.0)
 
 
-def test_unknown_quant_type_is_refused():
-  with pytest.raises(NotImplementedError, match="Q6_K"):
-    G.dequantize(np.zeros(210, np.uint8), "Q6_K", (1, 256))
+def test_unreadable_types_and_sizes_are_refused():
+  # Q8_K is an intermediate type of llama.cpp's dot products: never stored,
+  # and the gguf package does not dequantise it.
+  with pytest.raises(G.ModelFileError, match="Q8_K"):
+    G.dequantize(np.zeros(292, np.uint8), "Q8_K", (1, 256))
+  with pytest.raises(G.ModelFileError, match="Q6_K.*209 bytes.*210"):
+    G.dequantize(np.zeros(209, np.uint8), "Q6_K", (1, 256))
+  with pytest.raises(G.ModelFileError, match="Q4_K.*multiple of 256"):
+    G.dequantize(np.zeros(144, np.uint8), "Q4_K", (2, 128))
+
+
+# --------------------------------------------- K-quants (written from C)
+#
+# The gguf package dequantises every K-quant but quantises none. These
+# encoders follow llama.cpp's block structs and dequantize_row_q{6,4}_K
+# (ggml-quants.c), not the package's vectorised decoders, so the round trip
+# x -> bytes -> dsax reader checks the reader against the format itself.
+# They are simple (no error search), with a known worst-case error.
+
+
+def _f16_up(x):
+  """The smallest float16 >= x (x >= 0): scales that never clip."""
+  h = np.asarray(x, np.float32).astype(np.float16)
+  return np.where(h.astype(np.float32) < x,
+                  np.nextafter(h, np.float16(np.inf)), h)
+
+
+def quantize_q6_k(x):
+  """[rows, 256 m] -> (Q6_K bytes [rows, 210 m], error bound like x).
+  block_q6_K: ql[128] (low 4 bits), qh[64] (high 2 bits), int8 scales[16]
+  (one per 16 values), f16 d; x = d * scales[v // 16] * (q - 32)."""
+  rows = x.shape[0]
+  blocks = x.reshape(-1, 16, 16).astype(np.float32)
+  scale = np.abs(blocks).max(-1) / 31  # [nb, 16], q in [-31, 31]
+  d = _f16_up(scale.max(-1) / 126)     # [nb]
+  dd = np.where(d > 0, d.astype(np.float32), 1)[:, None]
+  sc = np.ceil(scale / dd).astype(np.int8)  # <= 127
+  step = dd * sc  # [nb, 16]
+  q = np.clip(np.round(blocks / np.where(step > 0, step, 1)[..., None]),
+              -32, 31).astype(np.int16)
+  slack = 1e-6 * np.abs(blocks).max(-1) + 1e-7  # f32 rounding
+  bound = np.broadcast_to((0.5 * step + slack)[..., None], blocks.shape)
+  u = (q + 32).astype(np.uint8).reshape(-1, 2, 4, 32)  # [nb, half, k, l]
+  ql = np.concatenate([(u[:, :, 0] & 15) | ((u[:, :, 2] & 15) << 4),
+                       (u[:, :, 1] & 15) | ((u[:, :, 3] & 15) << 4)],
+                      axis=2).reshape(-1, 128)
+  qh = ((u[:, :, 0] >> 4) | ((u[:, :, 1] >> 4) << 2) | ((u[:, :, 2] >> 4) << 4)
+        | ((u[:, :, 3] >> 4) << 6)).reshape(-1, 64)
+  raw = np.concatenate([ql, qh, sc.view(np.uint8),
+                        d.astype("<f2")[:, None].view(np.uint8)], axis=1)
+  return raw.reshape(rows, -1), bound.reshape(x.shape)
+
+
+def quantize_q4_k(x):
+  """[rows, 256 m] -> (Q4_K bytes [rows, 144 m], error bound like x).
+  block_q4_K: f16 d, f16 dmin, scales[12] (6-bit sc and m of 8 sub-blocks
+  of 32, packed as get_scale_min_k4 reads them), qs[128] (32 bytes per 64
+  values: low nibbles the first 32, high nibbles the next);
+  x = d * sc[j] * q - dmin * m[j]."""
+  rows = x.shape[0]
+  blocks = x.reshape(-1, 8, 32).astype(np.float32)
+  offset = -np.minimum(blocks.min(-1), 0)           # >= 0
+  scale = (blocks.max(-1) + offset) / 15
+  d, dmin = _f16_up(scale.max(-1) / 62), _f16_up(offset.max(-1) / 62)
+  dd = np.where(d > 0, d.astype(np.float32), 1)[:, None]
+  dm = np.where(dmin > 0, dmin.astype(np.float32), 1)[:, None]
+  sc = np.ceil(scale / dd).astype(np.uint8)   # <= 63
+  m = np.floor(offset / dm).astype(np.uint8)  # <= 62
+  step, shift = dd * sc, dm * m
+  q = np.clip(np.round((blocks + shift[..., None])
+                       / np.where(step > 0, step, 1)[..., None]), 0, 15)
+  slack = 1e-6 * np.abs(blocks).max(-1) + 1e-7  # f32 rounding
+  bound = np.broadcast_to((0.5 * step + dm + slack)[..., None],
+                          blocks.shape)
+  packed = np.empty((len(blocks), 12), np.uint8)
+  packed[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+  packed[:, 4:8] = m[:, :4] | ((m[:, 4:] >> 4) << 6)
+  packed[:, 8:12] = (sc[:, 4:] & 15) | ((m[:, 4:] & 15) << 4)
+  q = q.astype(np.uint8).reshape(-1, 4, 2, 32)  # [nb, chunk, nibble, l]
+  qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+  raw = np.concatenate([d.astype("<f2")[:, None].view(np.uint8),
+                        dmin.astype("<f2")[:, None].view(np.uint8), packed, qs],
+                       axis=1)
+  return raw.reshape(rows, -1), bound.reshape(x.shape)
+
+
+K_QUANTS = {"Q6_K": quantize_q6_k, "Q4_K": quantize_q4_k}
+
+
+def quantize(x, qtype):
+  """(bytes, worst-case error or None) of x in qtype: the gguf package's
+  quantiser where it has one, else the K-quant encoders above."""
+  if qtype in K_QUANTS:
+    return K_QUANTS[qtype](x)
+  return gguf.quants.quantize(x, gguf.GGMLQuantizationType[qtype]), None
+
+
+@pytest.mark.parametrize("qtype", list(K_QUANTS))
+def test_k_quant_round_trip(qtype, tmp_path):
+  """A K-quant tensor written to a GGUF file reads back through the gguf
+  package's dequantiser within the format's quantisation error."""
+  rng = np.random.default_rng(7)
+  x = (rng.standard_normal((3, 512)) * rng.uniform(0.01, 3, (3, 1))
+       + rng.uniform(-1, 1, (3, 1))).astype(np.float32)
+  x[1, :256] = np.abs(x[1, :256])  # a block without negative values
+  x[2, 256:] = 0.0                 # and one of zeros
+  raw, bound = quantize(x, qtype)
+  assert raw.shape == (3, 2 * gguf.GGML_QUANT_SIZES[
+      gguf.GGMLQuantizationType[qtype]][1])
+  path = str(tmp_path / "k.gguf")
+  w = gguf.GGUFWriter(path, "llama")
+  w.add_tensor("t.weight", raw, raw_dtype=gguf.GGMLQuantizationType[qtype])
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  model = G.read(path)
+  assert model.tensors["t.weight"].tensor_type.name == qtype
+  got = model.array("t.weight")
+  assert got.shape == x.shape and got.dtype == np.float32
+  err = np.abs(got - x)
+  assert np.all(err <= bound), float((err - bound).max())
+  assert 0 < err.max() and np.all(got[2, 256:] == 0)
+  # The scale is what it should be: the error is not far below the bound.
+  assert err.mean() > 0.1 * bound.mean()
 
 
 def _llama_cpp_permute(w, n_heads):
@@ -111,13 +237,30 @@ def test_file_tokenizer_in_the_data_pipeline(tmp_path):
     data_lib.check_config(DataConfig(tokenizer="file:"))
 
 
-def _write_tiny_gguf(path: str) -> None:
+# The tiny Llama's types: the embedding Q8_0, attention and MLP Q4_1, the
+# down projection F16, norms F32 (SmolLM2's file mixes Q8_0, Q4_1 and F32).
+SMALL = dict(d=64, f=128, n=4, g=2, h=16)
+TYPES = {"token_embd": "Q8_0", "attn_q": "Q4_1", "attn_k": "Q4_1",
+         "attn_v": "Q8_0", "attn_output": "Q4_1", "ffn_gate": "Q4_1",
+         "ffn_up": "Q4_1", "ffn_down": "F16"}
+# K-quants need rows of 256 values: a wider model.
+K_DIMS = dict(d=256, f=256, n=4, g=2, h=64)
+K_TYPES = {"token_embd": "Q6_K", "attn_q": "Q4_K", "attn_k": "Q6_K",
+           "attn_v": "Q4_K", "attn_output": "Q6_K", "ffn_gate": "Q4_K",
+           "ffn_up": "Q6_K", "ffn_down": "Q4_K"}
+
+
+def _write_tiny_gguf(path: str, dims=None, types=None, nan=None) -> dict:
   """A 2-block Llama GGUF written like convert_hf_to_gguf does: q/k rows
-  permuted, the embedding Q8_0, attention and MLP Q4_1, norms F32, a
-  byte-level BPE trained here, one control token."""
+  permuted, matrices in ``types`` (default TYPES), norms F32, a byte-level
+  BPE trained here, one control token. ``nan``: a tensor name whose first
+  three values become NaN. Returns GGUF name -> (the HF-layout weights
+  before quantisation, their worst-case quantisation error or None)."""
   import json
   rng = np.random.default_rng(3)
-  d, f, n, g, h, layers = 64, 128, 4, 2, 16, 2
+  dims, types = dims or SMALL, types or TYPES
+  d, f, n, g, h = (dims[k] for k in "dfngh")
+  layers = 2
   docs = ["alpha beta gamma delta 12 34\n", "def f(x):\n  return x\n"] * 30
   trained = json.loads(tokenizer_lib._train_bpe(docs, 320).to_str())  # pylint: disable=protected-access
   vocab = trained["model"]["vocab"]
@@ -142,31 +285,63 @@ def _write_tiny_gguf(path: str) -> None:
   w.add_token_merges(merges)
   w.add_bos_token_id(len(tokens) - 1)
   w.add_eos_token_id(len(tokens) - 1)
+  written = {}
 
-  def add(name, shape, qtype, heads=0):
+  def add(name, shape, heads=0):
     x = rng.standard_normal(shape).astype(np.float32) * (
         0.1 if len(shape) > 1 else 1.0) + (1.0 if len(shape) == 1 else 0.0)
-    if heads:
-      x = _llama_cpp_permute(x, heads)
-    t = gguf.GGMLQuantizationType[qtype]
-    w.add_tensor(name, gguf.quants.quantize(x, t), raw_dtype=t)
+    if name == nan:
+      x.reshape(-1)[:3] = np.nan
+    y = _llama_cpp_permute(x, heads) if heads else x
+    qtype = "F32" if len(shape) == 1 else types[name.split(".")[-2]]
+    with np.errstate(invalid="ignore"):  # NaN -> int in a block
+      raw, bound = quantize(y, qtype)
+    w.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType[qtype])
+    written[name] = (x, bound)
 
-  add("token_embd.weight", (len(tokens), d), "Q8_0")
-  add("output_norm.weight", (d,), "F32")
+  add("token_embd.weight", (len(tokens), d))
+  add("output_norm.weight", (d,))
   for i in range(layers):
-    add(f"blk.{i}.attn_norm.weight", (d,), "F32")
-    add(f"blk.{i}.ffn_norm.weight", (d,), "F32")
-    add(f"blk.{i}.attn_q.weight", (n * h, d), "Q4_1", heads=n)
-    add(f"blk.{i}.attn_k.weight", (g * h, d), "Q4_1", heads=g)
-    add(f"blk.{i}.attn_v.weight", (g * h, d), "Q8_0")
-    add(f"blk.{i}.attn_output.weight", (d, n * h), "Q4_1")
-    add(f"blk.{i}.ffn_gate.weight", (f, d), "Q4_1")
-    add(f"blk.{i}.ffn_up.weight", (f, d), "Q4_1")
-    add(f"blk.{i}.ffn_down.weight", (d, f), "F16")
+    add(f"blk.{i}.attn_norm.weight", (d,))
+    add(f"blk.{i}.ffn_norm.weight", (d,))
+    add(f"blk.{i}.attn_q.weight", (n * h, d), heads=n)
+    add(f"blk.{i}.attn_k.weight", (g * h, d), heads=g)
+    add(f"blk.{i}.attn_v.weight", (g * h, d))
+    add(f"blk.{i}.attn_output.weight", (d, n * h))
+    add(f"blk.{i}.ffn_gate.weight", (f, d))
+    add(f"blk.{i}.ffn_up.weight", (f, d))
+    add(f"blk.{i}.ffn_down.weight", (d, f))
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
   w.close()
+  return written
+
+
+def test_k_quant_llama_matches_transformers_loader(tmp_path):
+  """A tiny Llama in Q4_K and Q6_K: the state dict (q/k rows un-permuted)
+  is transformers' GGUF loader's, and within the quantisation error of the
+  weights that were written."""
+  pytest.importorskip("transformers")
+  import transformers
+  from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+  path = str(tmp_path / "k.gguf")
+  written = _write_tiny_gguf(path, K_DIMS, K_TYPES)
+  kinds = {t.tensor_type.name for t in G.read(path).tensors.values()}
+  assert kinds == {"Q4_K", "Q6_K", "F32"}
+  meta = load_gguf_checkpoint(path)
+  net = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      **meta["config"]))
+  ref = load_gguf_checkpoint(path, return_tensors=True,
+                             model_to_load=net)["tensors"]
+  ours, config = G.load(path)
+  assert config["hidden_size"] == 256 and set(ours) == set(ref)
+  for name, (x, bound) in written.items():
+    got = ours[G.hf_name(name)]
+    np.testing.assert_array_equal(got, ref[G.hf_name(name)].float().numpy(),
+                                  err_msg=name)
+    if bound is not None:
+      assert np.abs(got - x).max() <= bound.max(), name
 
 
 def test_prepare_a_tiny_gguf_end_to_end(tmp_path):
@@ -213,6 +388,89 @@ def test_prepare_a_tiny_gguf_end_to_end(tmp_path):
   np.testing.assert_allclose(np.asarray(logits), expect, atol=1e-4, rtol=1e-4)
   with open(os.path.join(out, "natural.jsonl"), encoding="utf-8") as f:
     assert len(json.loads(f.readline())["text"]) > 1000
+
+
+def _one_line(e, *parts):
+  """The error's message is one line holding every one of ``parts``."""
+  msg = str(e.value)
+  assert "\n" not in msg, msg
+  for part in parts:
+    assert part in msg, (part, msg)
+  return msg
+
+
+def test_damaged_gguf_names_the_file_and_tensor(tmp_path):
+  """Truncated at any point, empty, garbage or absent: one ModelFileError
+  line naming the file; cut inside the tensor data, also the tensor whose
+  data is missing. (Before: "cannot reshape array of size 66784 into shape
+  (576,360)" from inside the gguf package.)"""
+  path = str(tmp_path / "tiny.gguf")
+  _write_tiny_gguf(path)
+  raw = open(path, "rb").read()
+  reader = gguf.GGUFReader(path)
+  t = reader.tensors[5]
+  cut = str(tmp_path / "cut.gguf")
+  # Inside the data of tensor 5: it is named (and is not the last one).
+  with open(cut, "wb") as f:
+    f.write(raw[:t.data_offset + t.n_bytes // 2])
+  with pytest.raises(G.ModelFileError) as e:
+    G.read(cut)
+  _one_line(e, cut, repr(t.name), "truncated")
+  assert isinstance(e.value, ValueError)
+  # Anywhere else, including the header and the last byte.
+  for n in (0, 3, 10, 100, reader.data_offset - 5, len(raw) - 1):
+    with open(cut, "wb") as f:
+      f.write(raw[:n])
+    with pytest.raises(G.ModelFileError) as e:
+      G.read(cut)
+    _one_line(e, cut)
+  garbage = str(tmp_path / "garbage.gguf")
+  with open(garbage, "wb") as f:
+    f.write(np.random.default_rng(0).bytes(4096))
+  with pytest.raises(G.ModelFileError) as e:
+    G.read(garbage)
+  _one_line(e, garbage, "GGUF")
+  with pytest.raises(G.ModelFileError) as e:
+    G.load(str(tmp_path / "absent.gguf"))
+  _one_line(e, "absent.gguf")
+
+
+def test_nonfinite_gguf_weights_are_refused(tmp_path):
+  """A NaN weight stops the import, naming file, tensor and count, before
+  anything is written; allow_nonfinite=True imports it."""
+  path, out = str(tmp_path / "nan.gguf"), str(tmp_path / "model")
+  _write_tiny_gguf(path, nan="blk.1.ffn_norm.weight")
+  with pytest.raises(G.ModelFileError) as e:
+    G.load(path)
+  _one_line(e, path, "'blk.1.ffn_norm.weight'", "3 of 64", "allow_nonfinite")
+  with pytest.raises(G.ModelFileError, match="blk.1.ffn_norm.weight"):
+    G.write_model_dir(path, out)
+  assert not os.path.exists(out)
+  state, _ = G.load(path, allow_nonfinite=True)
+  w = state["model.layers.1.post_attention_layernorm.weight"]
+  assert np.isnan(w).sum() == 3
+  # A NaN in a quantised block: the block's scale is NaN, all 32 values are.
+  _write_tiny_gguf(path, nan="blk.0.attn_v.weight")
+  with pytest.raises(G.ModelFileError) as e:
+    G.load(path)
+  _one_line(e, "'blk.0.attn_v.weight'", "32 of 2048")
+
+
+def test_gguf_tensors_that_do_not_fit_are_named(tmp_path):
+  """An unknown tensor, a tensor of the wrong shape: file and tensor."""
+  path = str(tmp_path / "tiny.gguf")
+  _write_tiny_gguf(path)
+  model = G.read(path)
+  model.tensors["blk.0.ssm_in.weight"] = model.tensors.pop(
+      "blk.0.ffn_up.weight")
+  with pytest.raises(G.ModelFileError) as e:
+    G.state_dict(model)
+  _one_line(e, path, "'blk.0.ssm_in.weight'")
+  model = G.read(path)
+  model.tensors["blk.1.attn_v.weight"] = model.tensors["blk.1.attn_q.weight"]
+  with pytest.raises(G.ModelFileError) as e:
+    G.llama_params(model)
+  _one_line(e, path, "'blk.1.attn_v.weight'", "(64, 64)", "(32, 64)")
 
 
 # ---------------------------------------------------------- the real model

@@ -227,3 +227,50 @@ def test_launch_convert_writes_an_init_from_checkpoint(saved, tmp_path):
   assert ref_cfg == cfg
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(ref)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_damaged_deepseek_files_are_named(saved, tmp_path):
+  """config.json without a field, an FP8 weight whose scale_inv has the
+  wrong shape or is missing, a non-finite scale, an MoE expert missing: one
+  ModelFileError line naming the file and the tensor."""
+  from safetensors.numpy import save_file
+  src, _ = saved["v3"]
+  tensors = hf.read_safetensors(hf.safetensors_files(src))
+  config = hf.read_config(src)
+
+  def write(name, tensors, **conf):
+    path = tmp_path / name
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({**config, **conf}))
+    save_file(tensors, str(path / "model.safetensors"))
+    return str(path), str(path / "model.safetensors")
+
+  def fails(path, *parts):
+    with pytest.raises(hf.ModelFileError) as e:
+      hf.load(path)
+    msg = str(e.value)
+    assert "\n" not in msg and all(p in msg for p in parts), (parts, msg)
+
+  path, _ = write("noconf", tensors)
+  conf = dict(config)
+  del conf["kv_lora_rank"]
+  (tmp_path / "noconf" / "config.json").write_text(json.dumps(conf))
+  fails(path, os.path.join(path, "config.json"), "lacks 'kv_lora_rank'")
+  name = "model.layers.1.self_attn.q_a_proj.weight"
+  q, s = _quantise(tensors[name], 16)
+  fp8 = {"quantization_config": {"quant_method": "fp8", "fmt": "e4m3",
+                                 "weight_block_size": [16, 16]}}
+  path, file = write("scale", dict(tensors, **{
+      name: q, name + "_scale_inv": s[:, :1].copy()}), **fp8)
+  fails(path, file, repr(name + "_scale_inv"), str(s[:, :1].shape),
+        str(s.shape))
+  path, file = write("noscale", dict(tensors, **{name: q}), **fp8)
+  fails(path, file, repr(name), "float8_e4m3fn without")
+  bad = s.copy()
+  bad[0, 0] = np.inf
+  path, file = write("inf", dict(tensors, **{
+      name: q, name + "_scale_inv": bad}), **fp8)
+  fails(path, file, repr(name + "_scale_inv"), "1 of", "not finite")
+  gone = "model.layers.2.mlp.experts.5.up_proj.weight"
+  path, _ = write("gone", {k: v for k, v in tensors.items() if k != gone})
+  fails(path, path, "missing 1 tensors", gone)

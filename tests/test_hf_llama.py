@@ -4,6 +4,7 @@ import; export round-trips the tensors exactly and loads into transformers;
 the imported model's sparse attention at k >= T is its dense attention."""
 
 import dataclasses
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -197,3 +198,141 @@ def test_unsupported_configs_and_tensors_are_named():
   del sd["model.norm.weight"]
   with pytest.raises(ValueError, match="missing.*model.norm.weight"):
     L.params_from_hf(sd, cfg)
+
+
+# ----------------------------------------------------- damaged model files
+
+
+@pytest.fixture(scope="module")
+def saved_llama(tmp_path_factory):
+  """A tiny Llama saved by transformers (config.json, model.safetensors)."""
+  path = tmp_path_factory.mktemp("llama") / "hf"
+  hf_model("llama", tied=False, seed=2).save_pretrained(path)
+  return str(path)
+
+
+def _copy(src, dst, config=None, tensors=None):
+  """A copy of the checkpoint folder ``src`` with config.json entries
+  replaced (None deletes) and tensors replaced (None deletes)."""
+  import json
+  from safetensors.numpy import save_file
+  os.makedirs(dst, exist_ok=True)
+  with open(os.path.join(src, "config.json")) as f:
+    conf = json.load(f)
+  for k, v in (config or {}).items():
+    if v is None:
+      conf.pop(k, None)
+    else:
+      conf[k] = v
+  with open(os.path.join(dst, "config.json"), "w") as f:
+    json.dump(conf, f)
+  sd = hf.read_safetensors([os.path.join(src, "model.safetensors")])
+  for k, v in (tensors or {}).items():
+    if v is None:
+      sd.pop(k)
+    else:
+      sd[k] = v
+  save_file(sd, os.path.join(dst, "model.safetensors"))
+  return dst
+
+
+def _one_line(e, *parts):
+  msg = str(e.value)
+  assert "\n" not in msg and isinstance(e.value, ValueError), msg
+  for part in parts:
+    assert part in msg, (part, msg)
+  return msg
+
+
+def test_damaged_safetensors_name_the_file_and_tensor(saved_llama, tmp_path):
+  """Truncated (in the data: the first tensor cut is named; in the
+  header), garbage, empty: one ModelFileError line naming the file."""
+  import json
+  import shutil
+  import struct
+  dst = str(tmp_path / "cut")
+  shutil.copytree(saved_llama, dst)
+  file = os.path.join(dst, "model.safetensors")
+  raw = open(file, "rb").read()
+  n = struct.unpack("<Q", raw[:8])[0]
+  header = json.loads(raw[8:8 + n])
+  starts = sorted((v["data_offsets"][0], k) for k, v in header.items()
+                  if k != "__metadata__")
+  start, name = starts[len(starts) // 2]
+  with open(file, "wb") as f:
+    f.write(raw[:8 + n + start + 10])
+  with pytest.raises(hf.ModelFileError) as e:
+    hf.load(dst)
+  _one_line(e, file, repr(name), "truncated")
+  for cut, what in ((8 + n - 3, "header"), (5, ""), (0, "")):
+    with open(file, "wb") as f:
+      f.write(raw[:cut])
+    with pytest.raises(hf.ModelFileError) as e:
+      hf.load(dst)
+    _one_line(e, file, what)
+  with open(file, "wb") as f:
+    f.write(np.random.default_rng(0).bytes(len(raw)))
+  with pytest.raises(hf.ModelFileError) as e:
+    hf.load(dst)
+  _one_line(e, file, "safetensors")
+
+
+def test_config_json_without_a_field_is_named(saved_llama, tmp_path):
+  cfg_file = os.path.join(str(tmp_path / "a"), "config.json")
+  _copy(saved_llama, str(tmp_path / "a"), config={"hidden_size": None})
+  with pytest.raises(hf.ModelFileError) as e:
+    hf.load(str(tmp_path / "a"))
+  _one_line(e, cfg_file, "lacks 'hidden_size'")
+  _copy(saved_llama, str(tmp_path / "a"), config={"num_hidden_layers": "two"})
+  with pytest.raises(hf.ModelFileError) as e:
+    hf.load(str(tmp_path / "a"))
+  _one_line(e, cfg_file, "num_hidden_layers='two'")
+  with open(cfg_file, "w") as f:
+    f.write("{not json")
+  with pytest.raises(hf.ModelFileError) as e:
+    hf.load(str(tmp_path / "a"))
+  _one_line(e, cfg_file)
+  with pytest.raises(hf.ModelFileError) as e:
+    hf.load(str(tmp_path / "absent"))
+  _one_line(e, "absent", "config.json")
+
+
+def test_missing_and_misshapen_tensors_name_the_file(saved_llama, tmp_path):
+  dst = _copy(saved_llama, str(tmp_path / "a"),
+              tensors={"model.norm.weight": None})
+  with pytest.raises(hf.ModelFileError) as e:
+    hf.load(dst)
+  _one_line(e, dst, "missing", "model.norm.weight")
+  # A shard index naming a file that is not there.
+  index = os.path.join(dst, "model.safetensors.index.json")
+  with open(index, "w") as f:
+    f.write('{"weight_map": {"model.norm.weight": "model-2.safetensors"}}')
+  with pytest.raises(hf.ModelFileError) as e:
+    hf.load(dst)
+  _one_line(e, index, "model-2.safetensors", "missing")
+  name = "model.layers.1.self_attn.k_proj.weight"
+  dst = _copy(saved_llama, str(tmp_path / "b"),
+              tensors={name: np.zeros((64, 64), np.float32)})
+  with pytest.raises(hf.ModelFileError) as e:
+    hf.load(dst)
+  _one_line(e, os.path.join(dst, "model.safetensors"), repr(name),
+            "(64, 64)", "(32, 64)")
+
+
+def test_nonfinite_weights_are_refused_unless_allowed(saved_llama, tmp_path):
+  name = "model.layers.0.mlp.up_proj.weight"
+  sd = hf.read_safetensors([os.path.join(saved_llama, "model.safetensors")])
+  w = sd[name].copy()
+  w[0, :2], w[3, 5] = np.nan, np.inf
+  dst = _copy(saved_llama, str(tmp_path / "a"), tensors={name: w})
+  with pytest.raises(hf.ModelFileError) as e:
+    hf.load(dst)
+  _one_line(e, os.path.join(dst, "model.safetensors"), repr(name),
+            f"3 of {w.size}", "allow_nonfinite")
+  out = str(tmp_path / "out")
+  with pytest.raises(hf.ModelFileError, match="not finite"):
+    hf.convert(dst, out)
+  assert not os.path.exists(out)
+  cfg, params = hf.load(dst, allow_nonfinite=True)
+  assert int(np.isnan(params["layers"]["mlp"]["w_up"]).sum()) == 2
+  assert hf.convert(dst, out, allow_nonfinite=True) == cfg

@@ -4,7 +4,7 @@ Configs are frozen dataclasses grouped by concern: ``ModelConfig`` (with
 ``RopeScaling``, ``IndexerConfig``, ``MoEConfig``), ``DataConfig``,
 ``PhaseConfig`` (with ``OptimConfig``, ``LossConfig``), ``EvalConfig``,
 ``MeshConfig``, all in one ``ExperimentConfig``. ``validate`` checks values
-that types cannot express (``_check_model``, ``ExperimentConfig.check``).
+that types cannot express (``dsax.config_checks``, ``ExperimentConfig.check``).
 
 ``override(cfg, {"a.b": "3"})`` returns a new, validated config; an unknown
 key, a value of the wrong type, or an impossible value raises ``ConfigError``
@@ -24,13 +24,21 @@ config.json alike.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
+from dsax import config_checks as checks
 from dsax import overrides as dotted
 from dsax.overrides import ConfigError, dumps, leaves, to_dict
 
+
+class DataError(ValueError):
+  """A data source is missing, empty, unreadable or malformed (not a bad
+  value of a ``data.*`` key, which is a ConfigError); the message names the
+  file (and line) or the key. launch.py exits 4 on it."""
+
 __all__ = [
-    "ConfigError", "DataConfig", "EvalConfig", "ExperimentConfig",
+    "ConfigError", "DataConfig", "DataError", "EvalConfig", "ExperimentConfig",
     "INDEXER_GRADS", "IndexerConfig", "LossConfig", "MeshConfig",
     "MoEConfig", "ModelConfig", "OptimConfig", "PHASE_COMMON",
     "PHASE_FIELDS", "PHASE_KINDS", "PHASE_SELECTIONS", "PhaseConfig",
@@ -145,106 +153,12 @@ def resolve_topk(cfg: ModelConfig, topk: int | None = 0) -> int:
   return int(topk or cfg.indexer.topk)
 
 
-def _check_model(cfg: ModelConfig) -> None:
-  positive = ["vocab_size", "d_model", "n_layers", "n_heads", "kv_lora_rank",
-              "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "d_ff",
-              "attn_q_chunk", "n_kv_heads", "head_dim", "scan_unroll"]
-  for name in positive:
-    if getattr(cfg, name) <= 0:
-      raise ConfigError(f"model.{name} must be > 0, got {getattr(cfg, name)}")
-  if cfg.attention_type not in ("mla", "gqa"):
-    raise ConfigError(f"model.attention_type must be mla or gqa, "
-                      f"got {cfg.attention_type!r}")
-  if cfg.attention_type == "gqa" and cfg.n_heads % cfg.n_kv_heads:
-    raise ConfigError(f"model.n_kv_heads={cfg.n_kv_heads} must divide "
-                      f"model.n_heads={cfg.n_heads}")
-  if cfg.head_dim % 2:
-    raise ConfigError(f"model.head_dim must be even (RoPE), got {cfg.head_dim}")
-  if cfg.q_lora_rank < 0:
-    raise ConfigError(f"model.q_lora_rank must be >= 0, got {cfg.q_lora_rank}")
-  if cfg.qk_rope_head_dim % 2:
-    raise ConfigError(
-        f"model.qk_rope_head_dim must be even, got {cfg.qk_rope_head_dim}")
-  for name in ("param_dtype", "compute_dtype"):
-    if getattr(cfg, name) not in ("float32", "bfloat16"):
-      raise ConfigError(f"model.{name} must be float32 or bfloat16, "
-                        f"got {getattr(cfg, name)!r}")
-  if cfg.kernel_impl not in ("reference", "pallas", "auto"):
-    raise ConfigError(f"model.kernel_impl must be reference, pallas or auto, "
-                      f"got {cfg.kernel_impl!r}")
-  ix = cfg.indexer
-  for name in ("n_heads", "head_dim", "topk", "q_chunk"):
-    if getattr(ix, name) <= 0:
-      raise ConfigError(
-          f"model.indexer.{name} must be > 0, got {getattr(ix, name)}")
-  if ix.rope_dim % 2 or not 0 <= ix.rope_dim <= ix.head_dim:
-    raise ConfigError(f"model.indexer.rope_dim must be even and <= head_dim "
-                      f"({ix.head_dim}), got {ix.rope_dim}")
-  if ix.hadamard and ix.head_dim & (ix.head_dim - 1):
-    raise ConfigError(f"model.indexer.hadamard needs a power-of-two head_dim, "
-                      f"got {ix.head_dim}")
-  if ix.fp8 and ix.head_dim > 128 and ix.head_dim % 128:
-    raise ConfigError(f"model.indexer.fp8 scales 128-vectors: head_dim must be "
-                      f"<= 128 or a multiple of 128, got {ix.head_dim}")
-  _check_moe(cfg)
-  rs = cfg.rope_scaling
-  if rs.kind not in ("yarn", "llama3"):
-    raise ConfigError(
-        f"model.rope_scaling.kind must be yarn or llama3, got {rs.kind!r}")
-  if rs.kind == "llama3" and not 0 < rs.low_freq_factor < rs.high_freq_factor:
-    raise ConfigError(
-        "model.rope_scaling needs 0 < low_freq_factor < high_freq_factor, got "
-        f"{rs.low_freq_factor} and {rs.high_freq_factor}")
-  if rs.enabled and rs.factor <= 1.0:
-    raise ConfigError(
-        f"model.rope_scaling.factor must be > 1 when enabled, got {rs.factor}")
-
-
-def _check_moe(cfg: ModelConfig) -> None:
-  m = cfg.moe
-  if m.n_routed_experts < 0:
-    raise ConfigError(
-        f"model.moe.n_routed_experts must be >= 0, got {m.n_routed_experts}")
-  if not m.n_routed_experts:
-    return
-  if not 1 <= m.n_activated <= m.n_routed_experts:
-    raise ConfigError(f"model.moe.n_activated must be in [1, n_routed_experts="
-                      f"{m.n_routed_experts}], got {m.n_activated}")
-  if m.d_expert <= 0 or m.n_shared_experts < 0:
-    raise ConfigError(f"model.moe.d_expert must be > 0 and n_shared_experts "
-                      f">= 0, got {m.d_expert} and {m.n_shared_experts}")
-  if not 0 <= m.first_k_dense < cfg.n_layers:
-    raise ConfigError(f"model.moe.first_k_dense must be in [0, n_layers="
-                      f"{cfg.n_layers}), got {m.first_k_dense}")
-  if m.score_func not in ("softmax", "sigmoid"):
-    raise ConfigError(f"model.moe.score_func must be softmax or sigmoid, "
-                      f"got {m.score_func!r}")
-  methods = ("greedy", "group_limited_greedy", "noaux_tc")
-  if m.topk_method not in methods:
-    raise ConfigError(f"model.moe.topk_method must be one of {methods}, "
-                      f"got {m.topk_method!r}")
-  if m.n_group <= 0 or m.n_routed_experts % m.n_group:
-    raise ConfigError(f"model.moe.n_group must divide n_routed_experts="
-                      f"{m.n_routed_experts}, got {m.n_group}")
-  if not 1 <= m.topk_group <= m.n_group:
-    raise ConfigError(f"model.moe.topk_group must be in [1, n_group="
-                      f"{m.n_group}], got {m.topk_group}")
-  per_group = m.n_routed_experts // m.n_group
-  if m.topk_method != "greedy" and m.topk_group * per_group < m.n_activated:
-    raise ConfigError(f"model.moe.topk_group={m.topk_group} groups of "
-                      f"{per_group} experts hold fewer than n_activated="
-                      f"{m.n_activated}")
-  if m.topk_method == "noaux_tc" and per_group < 2:
-    raise ConfigError(f"model.moe.topk_method=noaux_tc ranks groups by their "
-                      f"top-2 scores: n_routed_experts / n_group must be >= 2, "
-                      f"got {per_group}")
-
-
 def validate(cfg: Any) -> Any:
   """Checks values that types cannot express; returns cfg unchanged."""
   model = cfg if isinstance(cfg, ModelConfig) else getattr(cfg, "model", None)
   if isinstance(model, ModelConfig):
-    _check_model(model)
+    checks.finite(model, "model.")
+    checks.model(model)
   check = getattr(cfg, "check", None)
   if callable(check):
     check()
@@ -405,20 +319,35 @@ def _check_phase_fields(p: PhaseConfig, key: str) -> None:
       raise ConfigError(meaningless(f"{key}.{field}", p.kind, repr(value)))
 
 
-def _check_optim(o: OptimConfig, key: str) -> None:
-  if o.lr <= 0:
-    raise ConfigError(f"{key}.lr must be > 0, got {o.lr}")
-  if o.lr_warmup_steps < 0:
-    raise ConfigError(f"{key}.lr_warmup_steps must be >= 0, "
-                      f"got {o.lr_warmup_steps}")
-  if o.schedule not in ("cosine", "constant"):
-    raise ConfigError(f"{key}.schedule must be cosine or constant, "
-                      f"got {o.schedule!r}")
-  if not 0 <= o.min_lr_ratio <= 1:
-    raise ConfigError(f"{key}.min_lr_ratio must be in [0, 1], "
-                      f"got {o.min_lr_ratio}")
-  if o.grad_clip <= 0:
-    raise ConfigError(f"{key}.grad_clip must be > 0, got {o.grad_clip}")
+def _check_phase_values(p: PhaseConfig, key: str) -> None:
+  """The values of one phase that need no other part of the config."""
+  if p.steps < 0:
+    raise ConfigError(f"{key}.steps must be >= 0, got {p.steps}")
+  if p.topk < 0:
+    raise ConfigError(f"{key}.topk must be >= 0 (0: model.indexer.topk), "
+                      f"got {p.topk}")
+  for group in ("optim", "indexer_optim"):
+    checks.optim(getattr(p, group), f"{key}.{group}")
+  for name in ("lm_weight", "indexer_weight"):
+    if getattr(p.loss, name) < 0:
+      raise ConfigError(f"{key}.loss.{name} must be >= 0, "
+                        f"got {getattr(p.loss, name)}")
+  for field in ("trainable", "indexer_trainable"):
+    rx = getattr(p, field)
+    if not rx and means_something(p.kind, field):
+      raise ConfigError(f"{key}.{field} is empty: an empty regex matches "
+                        "every parameter; name the ones to train (default "
+                        f"{getattr(PhaseConfig(), field)!r})")
+    try:
+      re.compile(rx)
+    except re.error as e:
+      raise ConfigError(f"{key}.{field}: bad regex ({e})") from None
+  if p.selection not in PHASE_SELECTIONS:
+    raise ConfigError(f"{key}.selection={p.selection!r} must be one of "
+                      f"{PHASE_SELECTIONS}")
+  if p.indexer_grad not in INDEXER_GRADS:
+    raise ConfigError(f"{key}.indexer_grad={p.indexer_grad!r} must be "
+                      f"one of {INDEXER_GRADS}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -460,27 +389,20 @@ class ExperimentConfig:
 
   def check(self) -> None:
     names = [p.name for p in self.phases]
+    if not names:
+      raise ConfigError("phases is empty: a run needs at least one phase")
     if len(set(names)) != len(names):
       raise ConfigError(f"phases: names must be unique, got {names}")
+    checks.finite(self)
+    checks.run(self)
     import os
-    import re
     for i, p in enumerate(self.phases):
       key = f"phases.{p.name}"
       if p.kind not in PHASE_KINDS:
         raise ConfigError(f"{key}.kind must be one of {PHASE_KINDS}, "
                           f"got {p.kind!r}")
       _check_phase_fields(p, key)
-      if p.steps < 0:
-        raise ConfigError(f"{key}.steps must be >= 0, got {p.steps}")
-      if p.topk < 0:
-        raise ConfigError(f"{key}.topk must be >= 0, got {p.topk}")
-      for group in ("optim", "indexer_optim"):
-        _check_optim(getattr(p, group), f"{key}.{group}")
-      for field in ("trainable", "indexer_trainable"):
-        try:
-          re.compile(getattr(p, field))
-        except re.error as e:
-          raise ConfigError(f"{key}.{field}: bad regex ({e})") from None
+      _check_phase_values(p, key)
       if p.init_from and p.init_from not in names[:i] and not os.path.isdir(
           p.init_from):
         raise ConfigError(f"{key}.init_from={p.init_from!r} is neither an "
@@ -489,22 +411,18 @@ class ExperimentConfig:
       if p.data_from and p.data_from not in names:
         raise ConfigError(f"{key}.data_from={p.data_from!r} is not a phase "
                           f"of this run {names}")
-      if p.selection not in PHASE_SELECTIONS:
-        raise ConfigError(f"{key}.selection={p.selection!r} must be one of "
-                          f"{PHASE_SELECTIONS}")
-      if p.indexer_grad not in INDEXER_GRADS:
-        raise ConfigError(f"{key}.indexer_grad={p.indexer_grad!r} must be "
-                          f"one of {INDEXER_GRADS}")
       k = resolve_topk(self.model, p.topk)
       if p.sinks < 0 or (p.selection == "local" and p.sinks >= k):
         raise ConfigError(f"{key}.sinks={p.sinks} must be >= 0 and, with "
                           f"selection='local', < topk={k} (the sinks are "
                           "counted inside k)")
       if p.kind == "sparse" and k >= self.data.seq_len:
+        what = (f"{key}.topk={k}" if p.topk else
+                f"model.indexer.topk={k} (the top-k of {key}, whose topk "
+                "is 0)")
         raise ConfigError(
-            f"{key}.topk (model.indexer.topk={k}) must be smaller than "
-            f"data.seq_len={self.data.seq_len} in a sparse phase, else "
-            "nothing is sparse")
+            f"{what} must be smaller than data.seq_len={self.data.seq_len} "
+            "in a sparse phase, else nothing is sparse")
     if self.control and self.control not in names:
       raise ConfigError(f"control={self.control!r} is not a phase {names}")
     if self.data.seq_len <= 0 or self.data.batch_size <= 0:

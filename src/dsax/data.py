@@ -58,7 +58,7 @@ import numpy as np
 import tqdm
 
 from dsax import tasks
-from dsax.config import ConfigError, DataConfig
+from dsax.config import ConfigError, DataConfig, DataError
 from dsax.tokenizer import Tokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -114,8 +114,11 @@ def stdlib_paths() -> list[str]:
 
 
 def _read_text(path: str) -> str:
-  with open(path, encoding="utf-8", errors="replace") as f:
-    return f.read()
+  try:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      return f.read()
+  except OSError as e:
+    raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
 def _stdlib_texts() -> Iterator[str]:
@@ -148,7 +151,9 @@ def _file_texts(cfg: DataConfig) -> Iterator[str]:
         try:
           record = json.loads(line)
         except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
+          raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg} at "
+                          f"column {e.colno}); fix or remove that line"
+                          ) from None
         text = record.get(cfg.text_field) if isinstance(record, dict) else None
         if not isinstance(text, str):
           raise ConfigError(f"data.text_field={cfg.text_field!r}: no such string "
@@ -221,7 +226,12 @@ def prepare(cfg: DataConfig, cache_dir: str | os.PathLike | None
   """
   docs = load_documents(cfg)
   if not docs:
-    raise ConfigError(f"data.source={cfg.source!r} gave no non-empty documents")
+    raise DataError(f"data.source={cfg.source!r} gave no non-empty documents")
+  if len(docs) < 2:
+    more = " or raise data.max_docs" if cfg.max_docs == 1 else ""
+    raise DataError(f"data.source={cfg.source!r} gave 1 document, but a run "
+                    "needs at least 2 (one is held out for validation): add "
+                    f"documents{more}")
   train, val = split_documents(docs, cfg.val_fraction, cfg.seed)
   log.info("data %s: %d documents, %d characters; train %d docs / %d chars, "
            "val %d docs / %d chars", cfg.source, len(docs),
@@ -431,7 +441,7 @@ def train_dataset(cfg: DataConfig, tokenizer: Tokenizer,
   """
   check_config(cfg)
   if not any(train_docs):
-    raise ValueError("train_dataset: the train documents hold no text")
+    raise DataError("train_dataset: the train documents hold no text")
   docs = _token_docs(train_docs, tokenizer, _stream_seed(cfg.seed, "shuffle"),
                      repeat=True)
   synthetic = _TaskRows(cfg, tokenizer) if cfg.retrieval_rate > 0 else None

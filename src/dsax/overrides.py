@@ -192,12 +192,18 @@ def dumps(cfg: Any) -> str:
 
 
 def leaves(obj: Any, prefix: str = "") -> dict[str, Any]:
-  """A dataclass's leaf values by dotted field name."""
+  """A dataclass's leaf values by dotted field name; a tuple of dataclasses
+  (the phases of a run) is entered by each entry's name, else its index:
+  ``phases.sparse.optim.lr``."""
   out = {}
   for f in dataclasses.fields(obj):
     value = getattr(obj, f.name)
     if dataclasses.is_dataclass(value):
       out.update(leaves(value, f"{prefix}{f.name}."))
+    elif (isinstance(value, tuple) and value
+          and all(dataclasses.is_dataclass(v) for v in value)):
+      for i, v in enumerate(value):
+        out.update(leaves(v, f"{prefix}{f.name}.{getattr(v, 'name', i)}."))
     else:
       out[prefix + f.name] = value
   return out

@@ -30,6 +30,7 @@ and summaries (orbax coordinates the checkpoint writes).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -45,6 +46,7 @@ import optax
 import tqdm
 
 from dsax import checkpoint, model
+from dsax.checkpoint import CheckpointError, UnwritablePath  # noqa: F401
 from dsax.attention import AttentionMode
 from dsax import params as P
 from dsax import sharding as S
@@ -55,11 +57,12 @@ log = logging.getLogger("dsax")
 
 
 class NonFiniteLoss(RuntimeError):
-  """A step produced a non-finite loss; the run stops without saving."""
+  """A step's loss, or a phase's final parameters, are not finite; the run
+  stops and nothing non-finite is saved (the message says what is kept)."""
 
 
 class Interrupted(RuntimeError):
-  """SIGTERM or Ctrl-C: the state was saved and the run stopped."""
+  """SIGTERM or Ctrl-C: the state was saved and the run stopped cleanly."""
 
 
 # ------------------------------------------------------------ partitioning
@@ -97,6 +100,15 @@ def groups(phase: PhaseConfig) -> dict[str, tuple[str, OptimConfig]]:
   if phase.kind == "sparse":
     return {**main, "indexer": (phase.indexer_trainable, phase.indexer_optim)}
   return main
+
+
+def lr_keys(phase: PhaseConfig, group_names=None) -> str:
+  """The learning-rate keys of ``group_names`` (default: every group of the
+  phase), for a message: "phases.sparse.optim.lr or ...indexer_optim.lr"."""
+  names = groups(phase) if group_names is None else group_names
+  fields = sorted({"indexer_optim" if g == "indexer" and phase.kind == "sparse"
+                   else "optim" for g in names}, key=len)
+  return " or ".join(f"phases.{phase.name}.{f}.lr" for f in fields)
 
 
 def labels_for(phase: PhaseConfig, paths: list[str]) -> dict[str, str]:
@@ -311,7 +323,8 @@ def init_state(cfg: ExperimentConfig, phase: PhaseConfig, params: Any, mesh,
 
 
 class _Signals:
-  """Turns SIGTERM and SIGINT into a flag the loop checks between steps."""
+  """Turns SIGTERM and SIGINT into a flag the loop checks between steps; a
+  second signal acts as if none were caught (stops at once)."""
 
   def __init__(self):
     self.caught: int | None = None
@@ -324,45 +337,57 @@ class _Signals:
 
   def _handle(self, signum, frame):
     del frame
+    if self.caught is not None:
+      self.__exit__()
+      os.kill(os.getpid(), signum)
+      return
     self.caught = signum
+    log.warning("%s: saving at the end of this step (again to stop at once)",
+                self.name)
+
+  @property
+  def name(self) -> str:
+    return signal.Signals(self.caught).name
 
   def __exit__(self, *exc):
     for sig, old in self._old.items():
       signal.signal(sig, old)
+    self._old = {}
 
 
-def _check_finite(phase: str, step: int, out: dict[str, Any],
-                  last_saved: int | None) -> dict[str, float]:
+def _check_finite(phase: PhaseConfig, step: int, out: dict[str, Any],
+                  kept: Callable[[], str]) -> dict[str, float]:
   vals = {k: float(v) for k, v in out.items()}
   if not np.isfinite(vals["loss"]):
     raise NonFiniteLoss(
-        f"phase {phase!r} step {step}: loss is {vals['loss']}; stopping. "
-        f"The last good checkpoint (global step {last_saved}) is kept; "
-        "lower the learning rate or check the data.")
+        f"phase {phase.name!r} step {step}: loss is {vals['loss']}; stopped, "
+        f"keeping {kept()}; lower {lr_keys(phase)} or check the data")
   return vals
 
 
 def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
               data_iter, ckpts: checkpoint.RunCheckpoints, meta: dict,
               writer, evaluate: Callable[[Any, str], dict] | None,
-              start_step: int = 0, state: Any = None, mesh=None) -> Any:
+              start_step: int = 0, state: Any = None, mesh=None,
+              sigs: _Signals | None = None) -> Any:
   """Trains one phase from ``params`` (or a restored ``state``); returns the
   phase's final parameters. ``meta["global_base"]`` is the global step of
-  the phase's step 0."""
+  the phase's step 0. A signal (``sigs``, else caught here) saves the step
+  and raises Interrupted."""
   mesh = S.make_mesh(cfg.mesh) if mesh is None else mesh
   state, frozen, tx, sched = init_state(cfg, phase, params, mesh, state)
   step_fn = make_train_step(cfg, phase, tx, sched, mesh)
   batch_sh = data_sharding(cfg, mesh)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   base = meta["global_base"]
-  last_saved = ckpts.latest_step()
+  kept = functools.partial(ckpts.kept, meta["done"])  # for messages
   pending = None
   t_last = time.perf_counter()
   bar = tqdm.tqdm(total=phase.steps, initial=start_step, desc=phase.name,
                   dynamic_ncols=True, leave=True, disable=not S.is_primary())
 
   def emit(s, out, dt):
-    vals = _check_finite(phase.name, s, out, last_saved)
+    vals = _check_finite(phase, s, out, kept)
     vals["tokens_per_s"] = tokens_per_step / max(dt, 1e-9)
     if s % cfg.log_every == 0 or s == phase.steps:
       writer.write(phase.name, base + s, vals)
@@ -371,13 +396,11 @@ def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
     return vals
 
   def save(s):
-    nonlocal last_saved
     meta.update(phase_step=s)
-    if ckpts.save(base + s, state, data_iter.get_state(), meta):
-      last_saved = base + s
+    return ckpts.save(base + s, state, data_iter.get_state(), meta)
 
   last_vals: dict[str, float] = {}
-  with _Signals() as sigs:
+  with contextlib.nullcontext(sigs) if sigs else _Signals() as sigs:
     for s in range(start_step + 1, phase.steps + 1):
       batch = S.global_batch(next(data_iter), batch_sh)
       state, out = step_fn(state, frozen, batch)
@@ -397,10 +420,16 @@ def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
                                               for k, v in ev.items()})
       if sigs.caught is not None:
         last_vals = emit(*pending, time.perf_counter() - t_last)
-        save(s)
+        saved = save(s)
         bar.close()
-        raise Interrupted(f"signal {sigs.caught}: saved phase {phase.name!r} "
-                          f"step {s} (global {base + s}); rerun to resume")
+        if not saved:
+          raise NonFiniteLoss(
+              f"{sigs.name} at phase {phase.name!r} step {s}, whose state is "
+              f"not finite: not saved, keeping {kept()}; lower "
+              f"{lr_keys(phase)}")
+        raise Interrupted(f"{sigs.name}: saved phase {phase.name!r} step {s} "
+                          f"(checkpoint step {base + s}); rerun the same "
+                          "command to resume")
       if cfg.save_every and s % cfg.save_every == 0 and s < phase.steps:
         last_vals = emit(*pending, time.perf_counter() - t_last)
         pending = None
@@ -448,7 +477,11 @@ def run(cfg: ExperimentConfig, workdir: str) -> dict:
   """Runs every phase (resuming from the latest checkpoint), then, with
   the held-out comparison and report (``evals.finish_run``); returns the
   summary. Compiled programs are cached in ``compile_cache_dir(workdir)``
-  (``checkpoint.compilation_cache``), so a relaunch does not compile its steps again."""
+  (``checkpoint.compilation_cache``), so a relaunch does not compile its steps again.
+  An expected stop raises, with a one-line message naming the cause and the
+  remedy: NonFiniteLoss, Interrupted, CheckpointError, UnwritablePath (an
+  OSError), dsax.config.DataError, ConfigError."""
+  checkpoint.check_writable(workdir)
   with checkpoint.compilation_cache(checkpoint.compile_cache_dir(workdir)):
     return _run(cfg, workdir)
 
@@ -462,7 +495,7 @@ def _run(cfg: ExperimentConfig, workdir: str) -> dict:
     metrics.setup_logging(workdir)
     write_config(cfg, workdir)
   else:
-    _secondary_logging()
+    metrics.setup_secondary_logging(jax.process_index())
   preflight(cfg)
   mesh = S.make_mesh(cfg.mesh)
   data_sharding(cfg, mesh)  # batch divisibility, before any data work
@@ -488,38 +521,34 @@ def _run(cfg: ExperimentConfig, workdir: str) -> dict:
              meta["phase"], meta["phase_step"])
   params = None
   try:
-    for phase in cfg.phases:
-      if phase.name in meta["done"]:
-        continue
-      resuming = meta["phase"] == phase.name and latest is not None
-      if resuming:
-        resume_state = ckpts.restore_state(latest,
-                                           abstract_state(cfg, phase, mesh))
-        params = unflatten({**flatten(_phase_init(cfg, phase, meta, ckpts,
-                                                  abstract, mesh=mesh)),
-                            **resume_state["trainable"]})
-      else:
-        params = _phase_init(cfg, phase, meta, ckpts, abstract, params, mesh)
-        if phase.data_from:
-          data_iter.set_state(meta["data_start"][phase.data_from])
-        meta["data_start"][phase.name] = data_iter.get_state()
-        meta.update(phase=phase.name, phase_step=0)
-      params, _ = run_phase(
-          cfg, phase, params, data_iter, ckpts, meta, writer,
-          evaluator.quick if cfg.eval.every else None,
-          start_step=meta["phase_step"] if resuming else 0,
-          state=resume_state if resuming else None, mesh=mesh)
-      resume_state = None
-      ckpts.save_phase_params(phase.name, params)
-      meta["done"].append(phase.name)
-      meta["global_base"] += phase.steps
-      meta.update(phase=None, phase_step=0)
-      if phase.steps and not ckpts.save(meta["global_base"],
-                                        {"params": params},
-                                        data_iter.get_state(), meta):
-        raise NonFiniteLoss(f"phase {phase.name!r} ended with non-finite "
-                            "parameters; nothing was saved")
-      latest = None
+    with _Signals() as sigs:
+      for phase in cfg.phases:
+        if phase.name in meta["done"]:
+          continue
+        resuming = meta["phase"] == phase.name and latest is not None
+        if resuming:
+          resume_state = ckpts.restore_state(latest,
+                                             abstract_state(cfg, phase, mesh))
+          params = unflatten({**flatten(_phase_init(cfg, phase, meta, ckpts,
+                                                    abstract, mesh=mesh)),
+                              **resume_state["trainable"]})
+        else:
+          params = _phase_init(cfg, phase, meta, ckpts, abstract, params, mesh)
+          if phase.data_from:
+            data_iter.set_state(meta["data_start"][phase.data_from])
+          meta["data_start"][phase.name] = data_iter.get_state()
+          meta.update(phase=phase.name, phase_step=0)
+        params, _ = run_phase(
+            cfg, phase, params, data_iter, ckpts, meta, writer,
+            evaluator.quick if cfg.eval.every else None,
+            start_step=meta["phase_step"] if resuming else 0,
+            state=resume_state if resuming else None, mesh=mesh, sigs=sigs)
+        resume_state, latest = None, None
+        _end_phase(phase, params, ckpts, meta, data_iter.get_state())
+        if sigs.caught is not None:
+          raise Interrupted(f"{sigs.name}: phase {phase.name!r} finished and "
+                            f"saved (checkpoint step {ckpts.latest_step()}); "
+                            "rerun the same command to resume")
   finally:
     writer.close()
     ckpts.close()
@@ -532,17 +561,23 @@ def _run(cfg: ExperimentConfig, workdir: str) -> dict:
   return summary
 
 
-def _secondary_logging() -> None:
-  """Processes other than 0 log to stderr only, tagged with their index."""
-  logger = logging.getLogger("dsax")
-  logger.setLevel(logging.INFO)
-  logger.propagate = False
-  for h in list(logger.handlers):
-    logger.removeHandler(h)
-  handler = logging.StreamHandler()
-  handler.setFormatter(logging.Formatter(
-      f"[process {jax.process_index()}] %(asctime)s %(message)s", "%H:%M:%S"))
-  logger.addHandler(handler)
+def _end_phase(phase: PhaseConfig, params: Any,
+               ckpts: checkpoint.RunCheckpoints, meta: dict,
+               data_state: dict) -> None:
+  """Writes phases/<name> and the checkpoint of the phase's end, unless a
+  parameter is not finite: then nothing is written (NonFiniteLoss)."""
+  bad, total = checkpoint.non_finite(params)
+  if bad:
+    raise NonFiniteLoss(
+        f"phase {phase.name!r} ended with non-finite parameters ({len(bad)} "
+        f"of {total} leaves); kept {ckpts.kept(meta['done'])}; lower "
+        f"{lr_keys(phase, set(labels_for(phase, bad).values()) or None)}")
+  ckpts.save_phase_params(phase.name, params)
+  meta["done"].append(phase.name)
+  meta["global_base"] += phase.steps
+  meta.update(phase=None, phase_step=0)
+  if phase.steps:
+    ckpts.save(meta["global_base"], {"params": params}, data_state, meta)
 
 
 def _phase_init(cfg: ExperimentConfig, phase: PhaseConfig, meta: dict,

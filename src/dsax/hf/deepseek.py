@@ -69,8 +69,10 @@ import numpy as np
 from dsax import params as P
 from dsax.config import (IndexerConfig, ModelConfig, MoEConfig, RopeScaling,
                          validate)
-# The same [in..., out...] <-> [out, in] reshapes as the Llama family.
-from dsax.hf.llama import _check_names, _get, _hf_shape
+from dsax.hf import ModelFileError
+# The same [in..., out...] <-> [out, in] reshapes and config.json reads as
+# the Llama family.
+from dsax.hf.llama import _check_names, _get, _hf_shape, field
 
 log = logging.getLogger("dsax")
 
@@ -118,9 +120,11 @@ def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling]:
   if kind == "default":
     return theta, RopeScaling()
   if kind != "yarn":
-    raise ValueError(f"rope_type={kind!r} is not supported (default or yarn)")
-  orig = int(rp["original_max_position_embeddings"])
-  factor = float(rp.get("factor") or hf["max_position_embeddings"] / orig)
+    raise ModelFileError(f"rope_type={kind!r} is not supported (default or "
+                         "yarn)")
+  orig = field(rp, "original_max_position_embeddings")
+  factor = field(rp, "factor", float, 0.0) or field(
+      hf, "max_position_embeddings") / orig
   ms, ms_all = rp.get("mscale"), rp.get("mscale_all_dim")
   # transformers scales cos and sin by attention_factor (q_rope . k_rope by
   # its square, q_nope . k_nope not); dsax has no such term.
@@ -129,14 +133,15 @@ def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling]:
     af = (_mscale(factor, ms) / _mscale(factor, ms_all) if ms and ms_all
           else _mscale(factor, 1.0))
   if abs(af - 1.0) > 1e-9:
-    raise ValueError(f"YaRN attention_factor={af:.6g} (mscale={ms}, "
-                     f"mscale_all_dim={ms_all}, factor={factor}) scales only "
-                     "the rope part of the logits; dsax needs it to be 1 "
-                     "(mscale == mscale_all_dim, as every DeepSeek release)")
+    raise ModelFileError(f"YaRN attention_factor={af:.6g} (mscale={ms}, "
+                         f"mscale_all_dim={ms_all}, factor={factor}) scales "
+                         "only the rope part of the logits; dsax needs it to "
+                         "be 1 (mscale == mscale_all_dim, as every DeepSeek "
+                         "release)")
   if not rp.get("truncate", True):
-    raise ValueError("YaRN truncate=False is not supported")
+    raise ModelFileError("YaRN truncate=False is not supported")
   if factor <= 1.0:
-    raise ValueError(f"YaRN factor={factor} must be > 1")
+    raise ModelFileError(f"YaRN factor={factor} must be > 1")
   return theta, RopeScaling(
       enabled=True, factor=factor, original_max_position=orig,
       beta_fast=float(rp.get("beta_fast") or 32),
@@ -149,8 +154,8 @@ def _first_k_dense(hf: dict[str, Any], kind: str, n_layers: int) -> int:
   if types:
     k = types.count("dense")
     if list(types) != ["dense"] * k + ["sparse"] * (n_layers - k):
-      raise ValueError(f"mlp_layer_types={types}: only k dense layers "
-                       "followed by MoE layers are supported")
+      raise ModelFileError(f"mlp_layer_types={types}: only k dense layers "
+                           "followed by MoE layers are supported")
     return k
   default = 0 if kind == "deepseek_v2" else 3
   return int(hf.get("first_k_dense_replace", default) or 0)
@@ -165,14 +170,14 @@ def _moe(hf: dict[str, Any], kind: str, n_layers: int) -> MoEConfig:
   score = hf.get("scoring_func", "softmax" if v2 else "sigmoid")
   method = hf.get("topk_method", "greedy" if v2 else "noaux_tc")
   if not v2 and (score, method) != ("sigmoid", "noaux_tc"):
-    raise ValueError(f"{kind}: scoring_func={score!r}, topk_method="
-                     f"{method!r}; transformers' V3 router is sigmoid + "
-                     "noaux_tc only")
+    raise ModelFileError(f"{kind}: scoring_func={score!r}, topk_method="
+                         f"{method!r}; transformers' V3 router is sigmoid + "
+                         "noaux_tc only")
   if v2 and (score != "softmax" or method not in ("greedy",
                                                   "group_limited_greedy")):
-    raise ValueError(f"deepseek_v2: scoring_func={score!r}, topk_method="
-                     f"{method!r} are not V2's (softmax, greedy or "
-                     "group_limited_greedy)")
+    raise ModelFileError(f"deepseek_v2: scoring_func={score!r}, topk_method="
+                         f"{method!r} are not V2's (softmax, greedy or "
+                         "group_limited_greedy)")
   norm = bool(hf.get("norm_topk_prob", not v2))
   if v2 and norm:
     log.warning("deepseek_v2 norm_topk_prob=True: dsax normalises the top-k "
@@ -180,8 +185,8 @@ def _moe(hf: dict[str, Any], kind: str, n_layers: int) -> MoEConfig:
   return MoEConfig(
       n_routed_experts=int(x), n_shared_experts=int(hf.get(
           "n_shared_experts", 2 if v2 else 1) or 0),
-      n_activated=int(hf["num_experts_per_tok"]),
-      d_expert=int(hf["moe_intermediate_size"]), first_k_dense=k,
+      n_activated=field(hf, "num_experts_per_tok"),
+      d_expert=field(hf, "moe_intermediate_size"), first_k_dense=k,
       score_func=score, topk_method=method,
       n_group=int(hf.get("n_group") or 1),
       topk_group=int(hf.get("topk_group") or 1), norm_topk_prob=norm,
@@ -194,38 +199,41 @@ def config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> ModelConfig:
   hf = hf_config
   kind = hf.get("model_type")
   if kind not in MODEL_TYPES:
-    raise ValueError(f"model_type={kind!r}: dsax.hf.deepseek reads "
-                     f"{MODEL_TYPES}")
+    raise ModelFileError(f"model_type={kind!r}: dsax.hf.deepseek reads "
+                         f"{MODEL_TYPES}")
   if hf.get("hidden_act", "silu") != "silu":
-    raise ValueError(f"hidden_act={hf['hidden_act']!r}: only silu (SwiGLU)")
+    raise ModelFileError(f"hidden_act={hf['hidden_act']!r}: only silu "
+                         "(SwiGLU)")
   for flag in ("attention_bias", "mlp_bias"):
     if hf.get(flag):
-      raise ValueError(f"{flag}=True is not supported (dsax has no biases)")
-  n_layers = int(hf["num_hidden_layers"])
-  q_rank = int(hf.get("q_lora_rank") or 0)
-  r = int(hf["qk_rope_head_dim"])
+      raise ModelFileError(f"{flag}=True is not supported (dsax has no "
+                           "biases)")
+  n_layers = field(hf, "num_hidden_layers")
+  q_rank = field(hf, "q_lora_rank", int, 0)
+  r = field(hf, "qk_rope_head_dim")
   if kind == "deepseek_v32":
     if not q_rank:
-      raise ValueError("deepseek_v32 needs q_lora_rank > 0 (its indexer "
-                       "reads the q-latent)")
+      raise ModelFileError("deepseek_v32 needs q_lora_rank > 0 (its indexer "
+                           "reads the q-latent)")
     indexer = IndexerConfig(n_heads=int(hf.get("index_n_heads", 64)),
                             head_dim=int(hf.get("index_head_dim", 128)),
                             rope_dim=r, topk=int(hf.get("index_topk", 2048)))
   else:  # a fresh indexer of V3.2's shape
     indexer = IndexerConfig(n_heads=64, head_dim=128, rope_dim=min(r, 128),
                             topk=2048)
-  eps = float(hf.get("rms_norm_eps", 1e-6))
+  eps = field(hf, "rms_norm_eps", float, 1e-6)
   if eps != 1e-6:
     log.warning(f"rms_norm_eps={eps}: transformers uses 1e-6 in the q/kv "
                 "latent and indexer norms, dsax uses norm_eps in all of them")
   theta, scaling = _rope(hf)
   cfg = ModelConfig(
-      attention_type="mla", vocab_size=int(hf["vocab_size"]),
-      d_model=int(hf["hidden_size"]), n_layers=n_layers,
-      n_heads=int(hf["num_attention_heads"]), q_lora_rank=q_rank,
-      kv_lora_rank=int(hf["kv_lora_rank"]),
-      qk_nope_head_dim=int(hf["qk_nope_head_dim"]), qk_rope_head_dim=r,
-      v_head_dim=int(hf["v_head_dim"]), d_ff=int(hf["intermediate_size"]),
+      attention_type="mla", vocab_size=field(hf, "vocab_size"),
+      d_model=field(hf, "hidden_size"), n_layers=n_layers,
+      n_heads=field(hf, "num_attention_heads"), q_lora_rank=q_rank,
+      kv_lora_rank=field(hf, "kv_lora_rank"),
+      qk_nope_head_dim=field(hf, "qk_nope_head_dim"), qk_rope_head_dim=r,
+      v_head_dim=field(hf, "v_head_dim"),
+      d_ff=field(hf, "intermediate_size"),
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
       rope_theta=theta, rope_scaling=scaling, norm_eps=eps,
       init_std=float(hf.get("initializer_range", 0.02)), indexer=indexer,
@@ -375,14 +383,19 @@ def dequantize_fp8(tensors: dict[str, np.ndarray],
     s = tensors.get(name + "_scale_inv")
     if s is None:
       if "float8" in str(w.dtype):
-        raise ValueError(f"{name} is {w.dtype} without {name}_scale_inv")
+        raise ModelFileError(f"{w.dtype} without {name}_scale_inv",
+                             tensor=name)
       out[name] = w
       continue
+    if w.ndim != 2:
+      raise ModelFileError(f"shape {w.shape}: a weight with a "
+                           "weight_scale_inv must be a matrix", tensor=name)
     rows, cols = w.shape
     expect = (-(-rows // block[0]), -(-cols // block[1]))
     if s.shape != expect:
-      raise ValueError(f"{name}_scale_inv: shape {s.shape}, blocks of "
-                       f"{block} over {w.shape} need {expect}")
+      raise ModelFileError(f"shape {s.shape}, blocks of {block} over "
+                           f"{name} {w.shape} need {expect}",
+                           tensor=name + "_scale_inv")
     scale = np.repeat(np.repeat(np.asarray(s, np.float32), block[0], 0),
                       block[1], 1)[:rows, :cols]
     out[name] = w.astype(np.float32) * scale
@@ -424,8 +437,8 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, *,
     shape = arr.shape[len(idx):]
     w = np.asarray(tensors[name])
     if w.shape != _hf_shape(shape, in_axes):
-      raise ValueError(f"{name}: shape {w.shape}, the config implies "
-                       f"{_hf_shape(shape, in_axes)}")
+      raise ModelFileError(f"shape {w.shape}, the config implies "
+                           f"{_hf_shape(shape, in_axes)}", tensor=name)
     arr[idx] = (w.T if in_axes else w).reshape(shape)
   if not rope_interleave:
     _permute_rope(out["layers"]["attn"], cfg,

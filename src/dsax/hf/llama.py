@@ -39,6 +39,7 @@ import numpy as np
 
 from dsax import params as P
 from dsax.config import ModelConfig, RopeScaling, validate
+from dsax.hf import ModelFileError
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 
@@ -74,6 +75,24 @@ _TOP = (
 
 # ------------------------------------------------------------------- config
 
+_REQUIRED = object()
+
+
+def field(hf: dict[str, Any], key: str, typ: Any = int,
+          default: Any = _REQUIRED) -> Any:
+  """``typ(hf[key])``, ``default`` when the key is absent or null; a
+  missing required key or a value ``typ`` refuses is a ModelFileError
+  naming the key (``dsax.hf.load`` adds the file)."""
+  value = hf.get(key)
+  if value is None:
+    if default is _REQUIRED:
+      raise ModelFileError(f"lacks {key!r}")
+    return default
+  try:
+    return typ(value)
+  except (TypeError, ValueError):
+    raise ModelFileError(f"{key}={value!r} is not {typ.__name__}") from None
+
 
 def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling]:
   """(rope_theta, scaling), refusing RoPE variants dsax's GQA does not
@@ -81,21 +100,23 @@ def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling]:
   rp = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
   kind = rp.get("rope_type", rp.get("type", "default"))
   if kind not in ("default", "llama3"):
-    raise ValueError(f"rope_type={kind!r} is not supported (only 'default' "
-                     "and 'llama3' RoPE; yarn/linear/dynamic are not)")
+    raise ModelFileError(f"rope_type={kind!r} is not supported (only "
+                         "'default' and 'llama3' RoPE; yarn/linear/dynamic "
+                         "are not)")
   if hf.get("partial_rotary_factor", 1.0) != 1.0:
-    raise ValueError("partial_rotary_factor="
-                     f"{hf['partial_rotary_factor']} is not supported")
-  theta = float(rp.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    raise ModelFileError("partial_rotary_factor="
+                         f"{hf['partial_rotary_factor']} is not supported")
+  theta = field(rp, "rope_theta", float,
+                field(hf, "rope_theta", float, 10000.0))
   if kind == "default":
     return theta, RopeScaling()
   return theta, RopeScaling(
-      enabled=True, kind="llama3", factor=float(rp["factor"]),
-      original_max_position=int(rp.get(
-          "original_max_position_embeddings",
-          hf.get("max_position_embeddings", 8192))),
-      low_freq_factor=float(rp["low_freq_factor"]),
-      high_freq_factor=float(rp["high_freq_factor"]))
+      enabled=True, kind="llama3", factor=field(rp, "factor", float),
+      original_max_position=field(
+          rp, "original_max_position_embeddings", int,
+          field(hf, "max_position_embeddings", int, 8192)),
+      low_freq_factor=field(rp, "low_freq_factor", float),
+      high_freq_factor=field(rp, "high_freq_factor", float))
 
 
 def config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> ModelConfig:
@@ -104,31 +125,35 @@ def config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> ModelConfig:
   hf = hf_config
   kind = hf.get("model_type")
   if kind not in MODEL_TYPES:
-    raise ValueError(f"model_type={kind!r}: dsax.hf.llama reads {MODEL_TYPES}")
+    raise ModelFileError(f"model_type={kind!r}: dsax.hf.llama reads "
+                         f"{MODEL_TYPES}")
   if hf.get("hidden_act", "silu") != "silu":
-    raise ValueError(f"hidden_act={hf['hidden_act']!r}: only silu (SwiGLU)")
+    raise ModelFileError(f"hidden_act={hf['hidden_act']!r}: only silu "
+                         "(SwiGLU)")
   if hf.get("mlp_bias"):
-    raise ValueError("mlp_bias=True is not supported")
+    raise ModelFileError("mlp_bias=True is not supported")
   if kind != "qwen2" and hf.get("attention_bias"):
-    raise ValueError("attention_bias=True (biases on q/k/v/o) is not "
-                     "supported; Qwen2's q/k/v biases are")
+    raise ModelFileError("attention_bias=True (biases on q/k/v/o) is not "
+                         "supported; Qwen2's q/k/v biases are")
   if kind == "qwen2" and hf.get("use_sliding_window"):
-    raise ValueError("use_sliding_window=True is not supported")
+    raise ModelFileError("use_sliding_window=True is not supported")
   if kind == "mistral" and hf.get("sliding_window") is not None:
-    raise ValueError(f"sliding_window={hf['sliding_window']} is not supported "
-                     "(dsax attends to the whole causal prefix); set it to "
-                     "None when your sequences fit inside the window")
-  d, n = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    raise ModelFileError(f"sliding_window={hf['sliding_window']} is not "
+                         "supported (dsax attends to the whole causal "
+                         "prefix); set it to None when your sequences fit "
+                         "inside the window")
+  d, n = field(hf, "hidden_size"), field(hf, "num_attention_heads")
   theta, scaling = _rope(hf)
   cfg = ModelConfig(
-      attention_type="gqa", vocab_size=int(hf["vocab_size"]), d_model=d,
-      n_layers=int(hf["num_hidden_layers"]), n_heads=n,
-      n_kv_heads=int(hf.get("num_key_value_heads") or n),
-      head_dim=int(hf.get("head_dim") or d // n), qkv_bias=kind == "qwen2",
-      d_ff=int(hf["intermediate_size"]),
+      attention_type="gqa", vocab_size=field(hf, "vocab_size"), d_model=d,
+      n_layers=field(hf, "num_hidden_layers"), n_heads=n,
+      n_kv_heads=field(hf, "num_key_value_heads", int, 0) or n,
+      head_dim=field(hf, "head_dim", int, 0) or d // max(n, 1),
+      qkv_bias=kind == "qwen2", d_ff=field(hf, "intermediate_size"),
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      rope_theta=theta, rope_scaling=scaling, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      init_std=float(hf.get("initializer_range", 0.02)))
+      rope_theta=theta, rope_scaling=scaling,
+      norm_eps=field(hf, "rms_norm_eps", float, 1e-6),
+      init_std=field(hf, "initializer_range", float, 0.02))
   return validate(dataclasses.replace(cfg, **overrides))
 
 
@@ -197,9 +222,14 @@ def _check_names(tensors: dict[str, Any], known: set[str],
                  and not n.endswith("rotary_emb.inv_freq")
                  and not (cfg.tie_embeddings and n == "lm_head.weight"))
   missing = sorted(known - set(tensors))
-  if extra or missing:
-    raise ValueError(f"state dict does not match the config: missing "
-                     f"{missing[:6]}, unexpected {extra[:6]}")
+  if missing:
+    raise ModelFileError(
+        f"missing {len(missing)} tensors that the config implies: "
+        f"{missing[:6]}" + (f"; and {len(extra)} unexpected: {extra[:6]}"
+                            if extra else ""))
+  if extra:
+    raise ModelFileError(f"not a tensor of this config ({len(extra)} "
+                         f"unexpected: {extra[:6]})", tensor=extra[0])
 
 
 def _get(tree: Any, path: tuple[str, ...]) -> Any:
@@ -230,8 +260,8 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig,
     shape = spec.shape[1:] if layer is not None else spec.shape
     w = np.asarray(tensors[name])
     if w.shape != _hf_shape(shape, in_axes):
-      raise ValueError(f"{name}: shape {w.shape}, the config implies "
-                       f"{_hf_shape(shape, in_axes)}")
+      raise ModelFileError(f"shape {w.shape}, the config implies "
+                           f"{_hf_shape(shape, in_axes)}", tensor=name)
     stacks.setdefault(path, []).append((w.T if in_axes else w).reshape(shape))
   out: dict[str, Any] = {}
   for path, ws in stacks.items():
