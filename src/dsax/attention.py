@@ -37,7 +37,8 @@ for are None.
              set when sparse), recall (dense attention mass kept by the
              selection, the oracle top-k and the local window), indices
              (the selected sets), indexer_keys and cache (the rows a decode
-             cache holds).
+             cache holds), experts (the MoE experts each token chose, for
+             keep routing; the MoE load and balance loss come always).
   impl       "reference" | "pallas" | "auto" (dsax.kernels).
 """
 
@@ -68,6 +69,7 @@ class AttentionMode:
   indices: bool = False         # LayerAux.idx, valid (the selected sets)
   indexer_keys: bool = False    # LayerAux.index_k (a sparse decode cache)
   cache: bool = False           # LayerAux.cache (model.CACHE_NAMES rows)
+  experts: bool = False         # LayerAux.experts (MoE layers' choices)
   impl: str = "reference"
 
   def __post_init__(self):
@@ -112,7 +114,7 @@ class AttentionMode:
     """The mode for ``cfg``: ``topk`` 0/None means ``cfg.indexer.topk``,
     ``impl`` ""/None means ``cfg.kernel_impl``; ``flags`` are the other
     fields (selection, sinks, indexer_gate, indexer_loss, recall, indices,
-    indexer_keys, cache)."""
+    indexer_keys, cache, experts)."""
     return cls(kind=kind, topk=resolve_topk(cfg, topk),
                impl=impl or cfg.kernel_impl, **flags)
 
@@ -141,7 +143,10 @@ class LayerAux:
   """What a layer reports besides its output; None unless the mode asks.
   Per layer: scalars (means over the query positions; recall over queries
   that see more than k keys) and per-token arrays; ``model.forward`` stacks
-  them on a leading L axis."""
+  them on a leading L axis. The MoE fields (``dsax.moe.MoEAux``) are
+  stacked over the MoE layers only (L_moe = L - first_k_dense), and are
+  None without MoE; the load and the balance loss come whenever the model
+  has MoE layers (cheap; unused, jit drops them)."""
   indexer_kl: jax.Array | None = None      # []
   recall: jax.Array | None = None          # [] mass on the selected keys
   recall_oracle: jax.Array | None = None   # [] on the k largest
@@ -150,6 +155,9 @@ class LayerAux:
   valid: jax.Array | None = None           # [B,T,K] bool
   index_k: jax.Array | None = None         # [B,S,J] indexer keys
   cache: tuple[jax.Array, jax.Array] | None = None  # Projections.rows
+  expert_load: jax.Array | None = None     # [X] assignments per expert
+  balance_loss: jax.Array | None = None    # [] sequence-wise, unweighted
+  experts: jax.Array | None = None         # [B,T,K] int32, K = n_activated
 
   SCALARS = ("indexer_kl", "recall", "recall_oracle", "recall_local")
 

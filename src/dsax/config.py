@@ -42,7 +42,7 @@ __all__ = [
     "INDEXER_GRADS", "IndexerConfig", "LossConfig", "MeshConfig",
     "MoEConfig", "ModelConfig", "OptimConfig", "PHASE_COMMON",
     "PHASE_FIELDS", "PHASE_KINDS", "PHASE_SELECTIONS", "PhaseConfig",
-    "RENAMED", "RopeScaling", "dumps", "from_dict",
+    "RENAMED", "RLConfig", "RopeScaling", "dumps", "from_dict",
     "meaningless", "means_something", "override", "resolve_topk", "to_dict",
     "validate",
 ]
@@ -103,6 +103,9 @@ class MoEConfig:
   topk_group: int = 1
   norm_topk_prob: bool = False
   routed_scaling_factor: float = 1.0
+  # "grouped": tokens sorted by expert, one grouped matmul per projection;
+  # "dense": every expert on every token (the reference). dsax.moe.
+  dispatch: str = "grouped"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +188,7 @@ class DataConfig:
   cache_dir: str = ""             # tokenizer cache; "" = <workdir>/cache
 
 
-PHASE_KINDS = ("pretrain", "warmup", "sparse")
+PHASE_KINDS = ("pretrain", "warmup", "sparse", "grpo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,9 +210,51 @@ class OptimConfig:
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
   """Weights of the loss terms (see dsax.train): the LM loss and the sum over
-  layers of the indexer KL."""
+  layers of the indexer KL; MoE load balance as DeepSeek-V3 does it: the
+  sequence-wise balance loss (summed over MoE layers, weight alpha; V3 1e-4)
+  and the rate gamma of the selection-only router bias update from each
+  step's expert load (V3 1e-3; needs model.moe.topk_method=noaux_tc)."""
   lm_weight: float = 1.0
   indexer_weight: float = 1.0
+  moe_balance_weight: float = 0.0
+  moe_bias_rate: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  """A grpo phase (dsax.rl.trainer; the maths: shared/RL.md). Each step
+  draws ``prompts`` problems of ``task``, samples ``group_size``
+  completions of at most ``max_new_tokens`` tokens for each with the
+  current parameters (``temperature``, ``top_k``, ``top_p``), scores them
+  and takes ``epochs`` updates of the GRPO loss on that batch. The
+  reference policy is the phase's starting parameters (``init_from``, else
+  the previous phase's), frozen. The five stabilisers are switches
+  (dsax.rl.grpo.GRPOConfig). ``eval_prompts`` held-out problems are
+  answered greedily at the phase's start, every ``eval.every`` steps and at
+  its end (``eval_reward``)."""
+  task: str = "arithmetic"     # "arithmetic" | a dsax.tasks.TASKS name
+  digits: int = 2              # arithmetic: d-digit operands
+  ops: str = "+"               # arithmetic: operators drawn from "+-*"
+  length: int = 256            # retrieval: tokens per example
+  prompts: int = 4             # prompts per step
+  group_size: int = 4          # G samples per prompt
+  max_new_tokens: int = 8      # length cap (EOS: the newline token)
+  temperature: float = 1.0     # 0: greedy
+  top_k: int = 0               # 0: off
+  top_p: float = 1.0           # >= 1: off
+  epochs: int = 1              # updates per rollout batch
+  attention: str = "dense"     # "dense" | "sparse" (DSA at the phase's topk)
+  clip_eps: float = 0.2
+  kl_coef: float = 0.01
+  std_normalise: bool = True
+  adv_eps: float = 1e-6
+  unbiased_kl: bool = True
+  seq_mask: bool = True
+  seq_mask_delta: float = 0.5
+  keep_routing: bool = True
+  keep_sampling_mask: bool = True
+  index_replay: bool = True
+  eval_prompts: int = 0        # held-out problems (0: no eval_reward)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,7 +283,13 @@ class PhaseConfig:
               baseline the KL still trains the indexer on the selected
               set. ``indexer_grad``: "kl" (the KL only), "lm" (the LM loss
               through the router-style gate only, dsax.dsa.gate_delta; the
-              KL is reported, not trained on) or "both". Fields: all.
+              KL is reported, not trained on) or "both". Fields: all but
+              rl.
+    grpo      RL post-training (``rl``, RLConfig; dsax.rl.trainer): the
+              ``trainable`` parameters learn the GRPO loss on sampled
+              completions with ``optim``; ``rl.attention="sparse"`` samples
+              and trains with top-``topk`` DSA. Fields: trainable, optim,
+              topk, rl. No data stream is read.
   A field that means nothing for the kind is refused: a dotted override of it
   (whatever the value; judged against the phase's kind after every override of
   the command, so ``phases.x.kind=sparse`` may come before or after
@@ -261,6 +312,7 @@ class PhaseConfig:
   selection: str = "indexer"      # sparse: "indexer" | "local" | "oracle"
   sinks: int = 4                  # sparse, selection="local": sinks in k
   indexer_grad: str = "kl"        # sparse: "kl" | "lm" | "both"
+  rl: RLConfig = RLConfig()       # grpo
   init_from: str = ""
   data_from: str = ""
 
@@ -268,11 +320,14 @@ class PhaseConfig:
 # The PhaseConfig fields (dotted below the phase) each kind gives a meaning.
 PHASE_COMMON = ("name", "kind", "steps", "init_from", "data_from")
 PHASE_FIELDS = {
-    "pretrain": ("trainable", "optim", "loss.lm_weight"),
+    "pretrain": ("trainable", "optim", "loss.lm_weight",
+                 "loss.moe_balance_weight", "loss.moe_bias_rate"),
     "warmup": ("indexer_trainable", "optim", "loss.indexer_weight", "topk"),
     "sparse": ("trainable", "indexer_trainable", "optim", "indexer_optim",
                "loss.lm_weight", "loss.indexer_weight", "topk", "selection",
-               "sinks", "indexer_grad"),
+               "sinks", "indexer_grad", "loss.moe_balance_weight",
+               "loss.moe_bias_rate"),
+    "grpo": ("trainable", "optim", "topk", "rl"),
 }
 # Values of the sparse phase's selection and indexer-gradient fields
 # (dsax.attention.AttentionMode: selection, indexer_gate).
@@ -328,7 +383,8 @@ def _check_phase_values(p: PhaseConfig, key: str) -> None:
                       f"got {p.topk}")
   for group in ("optim", "indexer_optim"):
     checks.optim(getattr(p, group), f"{key}.{group}")
-  for name in ("lm_weight", "indexer_weight"):
+  for name in ("lm_weight", "indexer_weight", "moe_balance_weight",
+               "moe_bias_rate"):
     if getattr(p.loss, name) < 0:
       raise ConfigError(f"{key}.loss.{name} must be >= 0, "
                         f"got {getattr(p.loss, name)}")
@@ -348,6 +404,8 @@ def _check_phase_values(p: PhaseConfig, key: str) -> None:
   if p.indexer_grad not in INDEXER_GRADS:
     raise ConfigError(f"{key}.indexer_grad={p.indexer_grad!r} must be "
                       f"one of {INDEXER_GRADS}")
+  if p.kind == "grpo":
+    checks.rl(p.rl, f"{key}.rl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -411,6 +469,11 @@ class ExperimentConfig:
       if p.data_from and p.data_from not in names:
         raise ConfigError(f"{key}.data_from={p.data_from!r} is not a phase "
                           f"of this run {names}")
+      if p.loss.moe_bias_rate and self.model.moe.topk_method != "noaux_tc":
+        raise ConfigError(
+            f"{key}.loss.moe_bias_rate={p.loss.moe_bias_rate} updates the "
+            "selection-only router bias, which only model.moe.topk_method="
+            f"noaux_tc has (got {self.model.moe.topk_method!r}); set it to 0")
       k = resolve_topk(self.model, p.topk)
       if p.sinks < 0 or (p.selection == "local" and p.sinks >= k):
         raise ConfigError(f"{key}.sinks={p.sinks} must be >= 0 and, with "

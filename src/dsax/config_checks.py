@@ -19,7 +19,8 @@ def model(cfg: Any) -> None:
   """The model group (``model.*``, indexer, MoE and RoPE scaling included)."""
   positive = ["vocab_size", "d_model", "n_layers", "n_heads", "kv_lora_rank",
               "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "d_ff",
-              "attn_q_chunk", "n_kv_heads", "head_dim", "scan_unroll"]
+              "attn_q_chunk", "n_kv_heads", "head_dim",
+              "scan_unroll"]
   for name in positive:
     if getattr(cfg, name) <= 0:
       raise ConfigError(f"model.{name} must be > 0, got {getattr(cfg, name)}")
@@ -108,6 +109,9 @@ def moe(cfg: Any) -> None:
     raise ConfigError(f"model.moe.topk_group={m.topk_group} groups of "
                       f"{per_group} experts hold fewer than n_activated="
                       f"{m.n_activated}")
+  if m.dispatch not in ("grouped", "dense"):
+    raise ConfigError(f"model.moe.dispatch must be grouped or dense, got "
+                      f"{m.dispatch!r}")
   if m.topk_method == "noaux_tc" and per_group < 2:
     raise ConfigError(f"model.moe.topk_method=noaux_tc ranks groups by their "
                       f"top-2 scores: n_routed_experts / n_group must be >= 2, "
@@ -174,3 +178,36 @@ def run(cfg: Any) -> None:
     raise ConfigError(
         f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}: "
         "a run holds documents out for its held-out evaluation")
+
+
+def rl(r: Any, key: str) -> None:
+  """Values of a grpo phase's ``rl`` group (config.RLConfig)."""
+  from dsax import tasks  # pylint: disable=import-outside-toplevel
+  names = ("arithmetic",) + tuple(tasks.TASKS)
+  if r.task not in names:
+    raise ConfigError(f"{key}.task={r.task!r} must be one of {names}")
+  if not r.ops or set(r.ops) - set("+-*"):
+    raise ConfigError(f"{key}.ops={r.ops!r} must be drawn from '+-*'")
+  for name, low in (("digits", 1), ("length", 1), ("prompts", 1),
+                    ("max_new_tokens", 1), ("epochs", 1), ("top_k", 0),
+                    ("eval_prompts", 0)):
+    if getattr(r, name) < low:
+      raise ConfigError(f"{key}.{name} must be >= {low}, "
+                        f"got {getattr(r, name)}")
+  if r.group_size < 2:
+    raise ConfigError(f"{key}.group_size must be >= 2 (a group of one has "
+                      f"no advantage), got {r.group_size}")
+  if r.temperature < 0:
+    raise ConfigError(f"{key}.temperature must be >= 0 (0: greedy), "
+                      f"got {r.temperature}")
+  if not r.top_p > 0:
+    raise ConfigError(f"{key}.top_p must be > 0 (>= 1: off), got {r.top_p}")
+  if r.attention not in ("dense", "sparse"):
+    raise ConfigError(f"{key}.attention must be dense or sparse, "
+                      f"got {r.attention!r}")
+  if not 0 <= r.clip_eps < 1:
+    raise ConfigError(f"{key}.clip_eps must be in [0, 1), got {r.clip_eps}")
+  if r.kl_coef < 0:
+    raise ConfigError(f"{key}.kl_coef must be >= 0, got {r.kl_coef}")
+  if not r.adv_eps > 0:
+    raise ConfigError(f"{key}.adv_eps must be > 0, got {r.adv_eps}")

@@ -15,6 +15,11 @@ forward's at position t.
 
 GQA models (``cfg.attention_type="gqa"``) cache k and v per kv head instead
 (2 G H numbers per token and layer, ``model.CACHE_NAMES``).
+
+``prefill_recorded`` and ``decode_step_recorded`` also return a ``Record``
+of what each layer chose (the DSA key sets), which a training forward
+replays with ``AttentionMode(selection="given")`` (RL index replay,
+dsax.rl).
 """
 
 from __future__ import annotations
@@ -38,16 +43,47 @@ def _mode(cfg: ModelConfig, mode: AttentionMode | None) -> AttentionMode:
   return mode
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """What a prefill (T = the prompt) or a decode step (T = 1) chose in every
+  layer, for replay in a training forward: the DSA key sets
+  (``model.forward(selection=(idx, valid))`` with ``mode.selection ==
+  "given"``; None when dense; K = min(topk, keys the call saw): the prompt
+  length for a prefill, the cache's max_len for a step) and the experts of
+  the MoE layers (``model.forward(experts_LBTK=)``, keep routing; None
+  without MoE)."""
+  idx: jax.Array | None = None    # [L, B, T, K] int32
+  valid: jax.Array | None = None  # [L, B, T, K] bool
+  experts: jax.Array | None = None  # [L_moe, B, T, n_activated] int32
+
+
 def prefill(params: dict[str, Any], tokens_BT: jax.Array, cfg: ModelConfig,
             max_len: int, mode: AttentionMode | None = None):
   """Runs the expanded forward on a prompt; returns (logits_BTV, cache).
   A sparse ``mode``: the DSA forward at ``mode.topk``, and the cache holds
   the indexer keys too."""
+  logits_BTV, cache, _ = _prefill(params, tokens_BT, cfg, max_len, mode,
+                                  record=False)
+  return logits_BTV, cache
+
+
+def prefill_recorded(params: dict[str, Any], tokens_BT: jax.Array,
+                     cfg: ModelConfig, max_len: int,
+                     mode: AttentionMode | None = None):
+  """``prefill`` that also returns the ``Record`` of the prompt's key sets:
+  (logits_BTV, cache, Record)."""
+  return _prefill(params, tokens_BT, cfg, max_len, mode, record=True)
+
+
+def _prefill(params, tokens_BT, cfg, max_len, mode, record):
   b, t = tokens_BT.shape
   if t > max_len:
     raise ValueError(f"prompt length {t} exceeds max_len {max_len}")
   mode = dataclasses.replace(_mode(cfg, mode), indexer_loss=False,
                              recall=False, indices=False, cache=True)
+  mode = dataclasses.replace(mode, indices=record and mode.sparse,
+                             experts=record)
   mode = dataclasses.replace(mode, indexer_keys=mode.sparse)
   logits_BTV, aux = model.forward(params, tokens_BT, cfg, mode=mode)
   rows = dict(zip(model.CACHE_NAMES[cfg.attention_type], aux.cache))
@@ -61,7 +97,8 @@ def prefill(params: dict[str, Any], tokens_BT: jax.Array, cfg: ModelConfig,
   cache = {n: pad(r.astype(jnp.dtype(cfg.compute_dtype)))
            for n, r in rows.items()}
   cache["length"] = jnp.int32(t)
-  return logits_BTV, cache
+  rec = Record(aux.idx, aux.valid, aux.experts) if record else Record()
+  return logits_BTV, cache, rec
 
 
 def decode_step(params: dict[str, Any], cache: dict[str, Any],
@@ -70,6 +107,15 @@ def decode_step(params: dict[str, Any], cache: dict[str, Any],
   """Appends one token per row at position ``cache['length']``; returns
   (logits_BV, new cache). MLA attention is the absorbed (MQA) form; with a
   sparse ``mode`` over the indexer's top-k rows only."""
+  logits_BV, new, _ = decode_step_recorded(params, cache, tokens_B, cfg, mode)
+  return logits_BV, new
+
+
+def decode_step_recorded(params: dict[str, Any], cache: dict[str, Any],
+                         tokens_B: jax.Array, cfg: ModelConfig,
+                         mode: AttentionMode | None = None):
+  """``decode_step`` that also returns the ``Record`` of the step's key sets
+  (T = 1): (logits_BV, new cache, Record)."""
   mode = _mode(cfg, mode)
   fam = dsa.family(cfg)
   pos = cache["length"]
@@ -91,30 +137,37 @@ def decode_step(params: dict[str, Any], cache: dict[str, Any],
     h_B1D = model.attention_input(p, x_B1D, cfg)
     proj = fam.project(p["attn"], h_B1D, ang_B1R, cfg)
     rows = tuple(write(r, new) for r, new in zip(rows, proj.rows))
+    chosen = ()
     if mode.sparse:
       idx_B1K, valid_B1K, index_k_BSJ = dsa.select_cached(
           p["indexer"], h_B1D, proj.cq, index_k_BSJ, pos, mode.topk, cfg)
       o_B1NE, _ = fam.sparse_attention(p["attn"], proj, rows, idx_B1K,
                                        valid_B1K, cfg, mode.impl)
+      chosen = (idx_B1K, valid_B1K)
     else:
       o_B1NE = fam.masked_attention(p["attn"], proj, rows, mask_B1S, cfg)
-    return model.finish_layer(p, x_B1D, o_B1NE, cfg), (rows, index_k_BSJ)
+    x_B1D, moe_aux = model.finish_layer(p, x_B1D, o_B1NE, cfg)
+    experts_B1K = None if moe_aux is None else moe_aux.experts
+    return x_B1D, ((rows, index_k_BSJ, chosen), experts_B1K)
 
   index_k = cache["index_k"] if mode.sparse else jnp.zeros((cfg.n_layers, 0))
   rows = tuple(cache[n] for n in names)
-  outs, start = [], 0
+  outs, experts_LB1K, start = [], None, 0
   for segment in model.layer_segments(params, cfg):  # dense-MLP, MoE layers
     n = jax.tree.leaves(segment)[0].shape[0]
     part = jax.tree.map(lambda a: a[start:start + n], (rows, index_k))
-    x_B1D, ys = jax.lax.scan(layer, x_B1D, (segment,) + part)
+    x_B1D, (ys, seg_experts) = jax.lax.scan(layer, x_B1D, (segment,) + part)
     outs.append(ys)
+    if seg_experts is not None:  # the one MoE segment: the last L_moe layers
+      experts_LB1K = seg_experts
     start += n
-  rows, index_k = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *outs)
+  rows, index_k, chosen = jax.tree.map(
+      lambda *a: jnp.concatenate(a, axis=0), *outs)
   logits_BV = model.unembed(params, x_B1D, cfg)[:, 0]
   new = dict(zip(names, rows), length=pos + 1)
   if mode.sparse:
     new["index_k"] = index_k
-  return logits_BV, new
+  return logits_BV, new, Record(*chosen, experts=experts_LB1K)
 
 
 def sample(logits_BV: jax.Array, key: jax.Array,

@@ -13,6 +13,7 @@ first k dense-MLP layers, then the MoE layers; see ``layer_segments``).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -70,14 +71,19 @@ def attention_input(p: dict[str, Any], x_BTD: jax.Array,
 
 
 def finish_layer(p: dict[str, Any], x_BTD: jax.Array, o_BTNE: jax.Array,
-                 cfg: ModelConfig) -> jax.Array:
+                 cfg: ModelConfig, experts_BTK: jax.Array | None = None,
+                 mask_BT: jax.Array | None = None
+                 ) -> tuple[jax.Array, moe.MoEAux | None]:
   """The rest of a layer after the core attention: output projection,
   residual, RMSNorm, feed-forward (SwiGLU or MoE), residual. Shared by the
-  forward and the decode step."""
+  forward and the decode step. Returns (x_BTD, the MoE layer's MoEAux or
+  None); ``experts_BTK`` forces an MoE layer's experts, ``mask_BT`` marks
+  the tokens its load statistics count (dsax.moe.ffn)."""
   x_BTD = x_BTD + mla.output_projection(o_BTNE, p["attn"]["wo"]).astype(
       x_BTD.dtype)
   h_BTD = mla.rms_norm(x_BTD, p["mlp_norm"], cfg.norm_eps)
-  return x_BTD + moe.ffn(p["mlp"], h_BTD, cfg).astype(x_BTD.dtype)
+  y_BTD, moe_aux = moe.ffn(p["mlp"], h_BTD, cfg, experts_BTK, mask_BT)
+  return x_BTD + y_BTD.astype(x_BTD.dtype), moe_aux
 
 
 def forward(params: dict[str, Any], tokens_BT: jax.Array, cfg: ModelConfig,
@@ -85,7 +91,8 @@ def forward(params: dict[str, Any], tokens_BT: jax.Array, cfg: ModelConfig,
             mode: AttentionMode | None = None,
             positions_BT: jax.Array | None = None,
             embeddings_BTD: jax.Array | None = None,
-            selection: tuple[jax.Array, jax.Array] | None = None):
+            selection: tuple[jax.Array, jax.Array] | None = None,
+            experts_LBTK: jax.Array | None = None):
   """Logits and aux: ``(logits_BTV, LayerAux)``.
 
   ``mode`` (default ``AttentionMode.of(cfg)``: dense, nothing extra) says
@@ -95,6 +102,12 @@ def forward(params: dict[str, Any], tokens_BT: jax.Array, cfg: ModelConfig,
   cache keeps (``CACHE_NAMES``). ``selection = (idx_LBTK, valid_LBTK)``
   gives every layer's key sets when ``mode.selection == "given"`` (replay).
   ``embeddings_BTD`` replaces the token embedding (for gradient tests).
+  With MoE, ``LayerAux.expert_load`` [L_moe, X] and ``balance_loss``
+  [L_moe] (and ``experts`` [L_moe, B, T, K] with ``mode.experts``) cover
+  the L_moe = L - first_k_dense MoE layers, counting the tokens of segment
+  id > 0 when ``segment_ids_BT`` is given (dsax.data: 0 is padding);
+  ``experts_LBTK`` forces those layers' experts (keep routing: the ones a
+  sampler recorded), their weights still from the current router.
   """
   mode = AttentionMode.of(cfg) if mode is None else mode
   if (selection is None) != (mode.selection != "given"):
@@ -102,8 +115,16 @@ def forward(params: dict[str, Any], tokens_BT: jax.Array, cfg: ModelConfig,
                      "exactly when mode.selection == 'given', got "
                      f"selection={'set' if selection is not None else None} "
                      f"with mode.selection={mode.selection!r}")
+  n_moe = (cfg.n_layers - cfg.moe.first_k_dense if cfg.moe.n_routed_experts
+           else 0)
+  if experts_LBTK is not None and experts_LBTK.shape[:2] != (
+      n_moe, tokens_BT.shape[0]):
+    raise ValueError(f"forward: experts_LBTK has shape {experts_LBTK.shape}; "
+                     f"want [L_moe={n_moe}, B={tokens_BT.shape[0]}, T, K] "
+                     "(the MoE layers only)")
   if positions_BT is None:
     positions_BT = default_positions(tokens_BT)
+  mask_BT = None if segment_ids_BT is None else segment_ids_BT > 0
   fam = dsa.family(cfg)
   x_BTD = (embed(params, tokens_BT, cfg) if embeddings_BTD is None
            else embeddings_BTD)
@@ -112,25 +133,34 @@ def forward(params: dict[str, Any], tokens_BT: jax.Array, cfg: ModelConfig,
                else None)
 
   def layer(x_BTD, xs):
-    p, given = xs
+    p, given, experts_BTK = xs
     h_BTD = attention_input(p, x_BTD, cfg)
     proj = fam.project(p["attn"], h_BTD, ang_BTR, cfg)
     o_BTNE, aux = dsa.attend(p, h_BTD, proj, mode, cfg, segment_ids_BT,
                              ang_i_BTR, given)
-    return finish_layer(p, x_BTD, o_BTNE, cfg), aux
+    x_BTD, moe_aux = finish_layer(p, x_BTD, o_BTNE, cfg, experts_BTK,
+                                  mask_BT)
+    return x_BTD, (aux, moe_aux)
 
   if cfg.remat:
     layer = jax.checkpoint(layer)
-  auxes, start = [], 0
+  auxes, moe_aux, start = [], None, 0
   for segment in layer_segments(params, cfg):
     n = jax.tree.leaves(segment)[0].shape[0]
     given = (None if selection is None
              else jax.tree.map(lambda a: a[start:start + n], selection))
-    x_BTD, aux = jax.lax.scan(layer, x_BTD, (segment, given),
-                              unroll=min(cfg.scan_unroll, n))
+    forced = experts_LBTK if "router" in segment["mlp"] else None
+    x_BTD, (aux, seg_moe) = jax.lax.scan(
+        layer, x_BTD, (segment, given, forced),
+        unroll=min(cfg.scan_unroll, n))
     auxes.append(aux)
+    moe_aux = seg_moe if seg_moe is not None else moe_aux
     start += n
   aux = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *auxes)
+  if moe_aux is not None:  # one MoE segment: the last L_moe layers
+    aux = dataclasses.replace(
+        aux, expert_load=moe_aux.load, balance_loss=moe_aux.balance,
+        experts=moe_aux.experts if mode.experts else None)
   return unembed(params, x_BTD, cfg), aux
 
 

@@ -18,14 +18,15 @@ only they have optimizer state. Losses per phase kind:
             through the router-style gate, dsax.dsa.gate_delta; the main
             group's gradient is unchanged), "lm" (the gate only: the KL
             term is dropped from L and only reported).
+  MoE: + loss.moe_balance_weight * balance loss; the router bias moves by
+  loss.moe_bias_rate from each step's load (moe.train_terms, bias_update).
 
 The host loop does no array maths and reads each step's metrics one step late.
 
 Sharding (dsax.sharding): the step is jitted with the shardings of the state,
-the frozen parameters and the batch, state donated; one device is the mesh
-(1, 1, 1, 1). Several processes (``jax.distributed``) run the same loop; each
-feeds the batch rows its devices hold, and only process 0 writes logs, metrics
-and summaries (orbax coordinates the checkpoint writes).
+the frozen parameters and the batch, state donated. Several processes
+(``jax.distributed``) run the same loop, each feeding its devices' batch rows;
+only process 0 writes logs, metrics and summaries.
 """
 
 from __future__ import annotations
@@ -45,11 +46,9 @@ import numpy as np
 import optax
 import tqdm
 
-from dsax import checkpoint, model
+from dsax import checkpoint, model, moe, params as P, sharding as S
 from dsax.checkpoint import CheckpointError, UnwritablePath  # noqa: F401
 from dsax.attention import AttentionMode
-from dsax import params as P
-from dsax import sharding as S
 from dsax.config import (ConfigError, ExperimentConfig, OptimConfig,
                          PhaseConfig, dumps)
 
@@ -63,7 +62,6 @@ class NonFiniteLoss(RuntimeError):
 
 class Interrupted(RuntimeError):
   """SIGTERM or Ctrl-C: the state was saved and the run stopped cleanly."""
-
 
 # ------------------------------------------------------------ partitioning
 
@@ -150,8 +148,7 @@ def schedule(optim: OptimConfig, steps: int) -> optax.Schedule:
 
 def decayed(tree: Any) -> Any:
   """Weight-decay mask of a {path: array} tree: matrices decay; norms and
-  biases do not (nor MoE's router bias, which only steers expert choice and
-  gets no gradient, so decay alone would shrink it)."""
+  biases do not (MoE's router bias gets no gradient: decay would shrink it)."""
   return jax.tree_util.tree_map_with_path(
       lambda path, _: not re.search(r"norm|bias", jax.tree_util.keystr(path)),
       tree)
@@ -178,12 +175,11 @@ def optimizer(phase: PhaseConfig, labels: dict[str, str]):
 
 
 def phase_mode(cfg: ExperimentConfig, phase: PhaseConfig) -> AttentionMode:
-  """How a phase's step attends: sparse (with the KL on the selected set) in
-  a sparse phase, selecting by ``phase.selection`` (``phase.sinks`` for the
-  local window), with the router-style gate unless ``phase.indexer_grad``
-  is "kl"; dense with the warm-up KL in a warm-up; plain dense in
-  pretraining. The KL is computed in every sparse phase (reported even
-  when ``indexer_grad="lm"`` leaves it out of the loss)."""
+  """How a phase's step attends: sparse (with the KL on the selected set,
+  computed even when ``indexer_grad="lm"`` leaves it out of the loss) in a
+  sparse phase, selecting by ``phase.selection`` (``phase.sinks``: local),
+  with the router-style gate unless ``phase.indexer_grad`` is "kl"; dense
+  with the warm-up KL in a warm-up; plain dense in pretraining."""
   if phase.kind != "sparse":
     return AttentionMode.of(cfg.model, "dense", topk=phase.topk,
                             indexer_loss=phase.kind != "pretrain")
@@ -206,10 +202,9 @@ def make_loss_fn(cfg: ExperimentConfig, phase: PhaseConfig) -> Callable:
   step differentiates w.r.t. ``trainable`` (flat paths; ``frozen`` is not
   differentiated, so no tangent enters the frozen trunk).
 
-  A warm-up computes no LM loss: its trunk is frozen, so the LM loss would
-  only report the base model, and with the logits unused XLA drops the
-  output head and the V-wide log-softmax (2 D V FLOPs per token: SmolLM2 at
-  T = 2048, 116 GFLOP, most of the dense attention's forward)."""
+  A warm-up computes no LM loss (with the trunk frozen it only reports the
+  base model); XLA drops the unused head and V-wide log-softmax (2 D V FLOPs
+  per token: SmolLM2 at T = 2048, 116 GFLOP, most of dense attention's fwd)."""
   mode = phase_mode(cfg, phase)
 
   def loss_fn(trainable, frozen, batch):
@@ -233,8 +228,11 @@ def make_loss_fn(cfg: ExperimentConfig, phase: PhaseConfig) -> Callable:
       loss = 0.0 if lm_only else phase.loss.indexer_weight * jnp.sum(kl)
       if phase.kind == "sparse":
         loss = loss + phase.loss.lm_weight * lm
-    out["loss"] = loss
-    return loss, out
+    extra, stats, out["expert_load"] = moe.train_terms(
+        aux, phase.loss.moe_balance_weight)
+    out.update(stats)
+    out["loss"] = loss + extra
+    return out["loss"], out
 
   return loss_fn
 
@@ -249,7 +247,9 @@ def make_train_step(cfg: ExperimentConfig, phase: PhaseConfig, tx,
     grads, out = jax.grad(loss_fn, has_aux=True)(state["trainable"], frozen,
                                                  batch)
     updates, opt = tx.update(grads, state["opt"], state["trainable"])
-    trainable = optax.apply_updates(state["trainable"], updates)
+    trainable = moe.bias_update(
+        optax.apply_updates(state["trainable"], updates),
+        out.pop("expert_load", None), phase.loss.moe_bias_rate)
     out["grad_norm"] = optax.global_norm(grads)
     out["lr"] = sched(state["step"])
     return {"trainable": trainable, "opt": opt,
@@ -294,9 +294,8 @@ def phase_shardings(cfg: ExperimentConfig, phase: PhaseConfig, mesh):
 
 
 def init_params(cfg: ExperimentConfig, mesh) -> Any:
-  """Fresh parameters on their shardings. Initialised eagerly, as on one
-  device (a jitted init fuses differently and changes the last bits), then
-  each process hands over its devices' shards."""
+  """Fresh parameters on their shardings, initialised eagerly as on one
+  device (a jitted init fuses differently), then each process's shards."""
   params = P.init_params(cfg.model, jax.random.PRNGKey(cfg.seed))
   return S.put_global(params, S.param_shardings(cfg.model, mesh))
 
@@ -474,10 +473,9 @@ def write_config(cfg: ExperimentConfig, workdir: str) -> None:
 
 
 def run(cfg: ExperimentConfig, workdir: str) -> dict:
-  """Runs every phase (resuming from the latest checkpoint), then, with
-  the held-out comparison and report (``evals.finish_run``); returns the
-  summary. Compiled programs are cached in ``compile_cache_dir(workdir)``
-  (``checkpoint.compilation_cache``), so a relaunch does not compile its steps again.
+  """Runs every phase (resuming from the latest checkpoint), then the held-out
+  comparison and report (``evals.finish_run``); returns the summary. Compiled
+  programs are cached in ``compile_cache_dir(workdir)`` (no recompiles).
   An expected stop raises, with a one-line message naming the cause and the
   remedy: NonFiniteLoss, Interrupted, CheckpointError, UnwritablePath (an
   OSError), dsax.config.DataError, ConfigError."""
@@ -538,7 +536,11 @@ def _run(cfg: ExperimentConfig, workdir: str) -> dict:
             data_iter.set_state(meta["data_start"][phase.data_from])
           meta["data_start"][phase.name] = data_iter.get_state()
           meta.update(phase=phase.name, phase_step=0)
-        params, _ = run_phase(
+        runner = run_phase  # a grpo phase: dsax.rl.trainer's loop
+        if phase.kind == "grpo":
+          from dsax.rl import trainer  # pylint: disable=import-outside-toplevel
+          runner = functools.partial(trainer.run_phase, tok=tok)
+        params, _ = runner(
             cfg, phase, params, data_iter, ckpts, meta, writer,
             evaluator.quick if cfg.eval.every else None,
             start_step=meta["phase_step"] if resuming else 0,
