@@ -287,7 +287,7 @@ def write(ev: dict, metrics: list[dict], out_dir: str, stem: str,
            + f"; passkey {s['passkey_seeds']} seeds x "
            f"{len(s['depths'])} depths per length; needle "
            f"{s['needle_seeds']} x {len(s['depths'])}. Intervals: Wilson "
-           f"95%. Evaluation took {s['eval_seconds'] / 60:.1f} min.", ""]
+           "95%.", ""]
   if kl:
     lines += [f"Warm-up KL: {kl[0]:.3f} at step 1, {kl[-1]:.3f} at step "
               f"{len(kl)} (mean of the last 5: {np.mean(kl[-5:]):.3f}).", ""]
