@@ -237,7 +237,8 @@ def exit_code(e: BaseException) -> int | None:
   from dsax.run_lock import LockHeld
   for module, name, code in (("train", "Interrupted", 0),
                              ("train", "NonFiniteLoss", 3),
-                             ("checkpoint", "CheckpointError", 6)):
+                             ("checkpoint", "CheckpointError", 6),
+                             ("hf", "ModelFileError", 2)):
     cls = getattr(sys.modules.get(f"dsax.{module}"), name, None)
     if isinstance(cls, type) and isinstance(e, cls):
       return code
@@ -529,13 +530,15 @@ def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv and argv[0] in SUBCOMMANDS:
     sub = build_subparser(argv[0]).parse_args(argv[1:])
-    if argv[0] == "eval":
-      return run_eval(sub)
-    if argv[0] == "compare":
-      return run_compare(sub)
-    if argv[0] == "prepare":
-      return run_prepare(sub)
-    return run_convert(sub)
+    run = {"eval": run_eval, "compare": run_compare,
+           "prepare": run_prepare}.get(argv[0], run_convert)
+    try:
+      return run(sub)
+    except Exception as e:  # pylint: disable=broad-except
+      code = exit_code(e)
+      if code is None:
+        raise
+      return _stop(e, code)
   parser = build_parser()
   args = parser.parse_args(argv)
   if args.config in SUBCOMMANDS:

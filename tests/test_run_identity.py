@@ -471,3 +471,20 @@ def test_sigterm_saves_and_exits_0_then_a_changed_lr_is_refused(tmp_path):
                                         "phases.pretrain.optim.lr=1e-2"),
                       "--workdir", d, "--dry-run"])
   assert code == 2
+
+
+def test_prepare_with_a_damaged_gguf_stops_in_one_line_naming_the_file(
+    tmp_path, capsys):
+  """Issue 17 item 9 through the command line: a file that is not GGUF
+  gives exit 2 and one `error:` line naming it, no traceback."""
+  import launch  # pylint: disable=import-outside-toplevel
+  bad = tmp_path / "cut.gguf"
+  bad.write_bytes(b"GGUF" + b"\x00" * 11)
+  code = launch.main(["prepare", "smollm2", "--gguf", str(bad), "--out",
+                      str(tmp_path / "model")])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2, err
+  errors = [line for line in err if line.startswith("error:")]
+  assert len(errors) == 1 and str(bad) in errors[0], err
+  assert not any("Traceback" in line for line in err)
+  assert not (tmp_path / "model" / "params").exists()
