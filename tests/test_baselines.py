@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import init, largest_size, tiny
+from conftest import forward, init, largest_size, tiny
 from dsax import dsa, mla, model, train
 from dsax import sharding as S
 from dsax.attention import AttentionMode
@@ -98,10 +98,9 @@ def test_the_forward_selects_the_local_window_in_every_layer():
   k, sinks = 8, 3
   cfg = mla_cfg(topk=k)
   params = init(cfg)
-  _, aux = model.forward(params, tokens(), cfg, jnp.asarray(SEG),
-                         mode=AttentionMode.of(cfg, "sparse",
-                                               selection="local", sinks=sinks,
-                                               indices=True))
+  _, aux = forward(params, tokens(), cfg, jnp.asarray(SEG),
+                   mode=AttentionMode.of(cfg, "sparse", selection="local",
+                                         sinks=sinks, indices=True))
   for layer in range(cfg.n_layers):
     got = selected_sets(aux.idx[layer], aux.valid[layer])
     for b in range(2):
@@ -115,11 +114,19 @@ def test_the_forward_selects_the_local_window_in_every_layer():
 def _dense_target_np(cfg, params, toks, seg):
   """Layer 0's p_t over the full T x T in numpy (f64): softmax per head over
   the visible keys, summed over heads, L1-normalised; and the mask."""
-  p0 = jax.tree.map(lambda x: x[0], params["layers"])
   fam = dsa.family(cfg)
-  h = model.attention_input(p0, model.embed(params, toks, cfg), cfg)
-  proj = fam.project(p0["attn"], h, fam.angles(
-      model.default_positions(toks), cfg), cfg)
+
+  @jax.jit
+  def project(params, toks):  # one program, not an eager op at a time
+    p0 = jax.tree.map(lambda x: x[0], params["layers"])
+    h = model.attention_input(p0, model.embed(params, toks, cfg), cfg)
+    proj = fam.project(p0["attn"], h, fam.angles(
+        model.default_positions(toks), cfg), cfg)
+    k_nope = (None if cfg.attention_type == "gqa" else
+              mla.expanded_keys(p0["attn"], proj.rows[0], cfg)[0])
+    return proj, k_nope
+
+  proj, k_nope = project(params, toks)
   f64 = lambda x: np.asarray(x, np.float64)
   if cfg.attention_type == "gqa":
     k = f64(proj.rows[0])                                  # B,S,G,H
@@ -127,7 +134,6 @@ def _dense_target_np(cfg, params, toks, seg):
     m = q.shape[2] // k.shape[2]
     s = np.einsum("btnh,bsnh->bnts", q, np.repeat(k, m, axis=2))
   else:
-    k_nope, _ = mla.expanded_keys(p0["attn"], proj.rows[0], cfg)
     s = (np.einsum("btnh,bsnh->bnts", f64(proj.q), f64(k_nope))
          + np.einsum("btnr,bsr->bnts", f64(proj.q_rope), f64(proj.rows[1])))
   s = s * fam.softmax_scale(cfg)
@@ -148,10 +154,9 @@ def test_oracle_is_the_top_k_of_the_dense_probabilities(family):
   cfg = CFGS[family](topk=k)
   params = init(cfg)
   toks = tokens()
-  _, aux = model.forward(params, toks, cfg, jnp.asarray(SEG),
-                         mode=AttentionMode.of(cfg, "sparse",
-                                               selection="oracle",
-                                               indices=True))
+  _, aux = forward(params, toks, cfg, jnp.asarray(SEG),
+                   mode=AttentionMode.of(cfg, "sparse", selection="oracle",
+                                         indices=True))
   assert aux.idx.shape == (cfg.n_layers, 2, T, k)
   assert_invalid_slots_point_at_the_query(aux.idx[0], aux.valid[0])
   got = selected_sets(aux.idx[0], aux.valid[0])
@@ -185,16 +190,16 @@ def test_baseline_forward_is_finite_and_dense_when_k_covers_the_sequence(
   seg = jnp.asarray(SEG)
   cfg = CFGS[family](topk=T)
   params = init(cfg)
-  dense, _ = model.forward(params, tokens(), cfg, seg)
-  full, _ = model.forward(params, tokens(), cfg, seg, mode=AttentionMode.of(
+  dense, _ = forward(params, tokens(), cfg, seg)
+  full, _ = forward(params, tokens(), cfg, seg, mode=AttentionMode.of(
       cfg, "sparse", selection=selection))
   np.testing.assert_allclose(full, dense, atol=2e-5, rtol=0)
   small = dataclasses.replace(cfg, indexer=dataclasses.replace(cfg.indexer,
                                                                topk=6))
-  sparse, aux = model.forward(params, tokens(), small, seg,
-                              mode=AttentionMode.of(small, "sparse",
-                                                    selection=selection,
-                                                    indexer_loss=True))
+  sparse, aux = forward(params, tokens(), small, seg,
+                        mode=AttentionMode.of(small, "sparse",
+                                              selection=selection,
+                                              indexer_loss=True))
   assert np.all(np.isfinite(np.asarray(sparse)))
   assert np.all(np.isfinite(np.asarray(aux.indexer_kl)))
   assert float(jnp.abs(sparse - dense).max()) > 1e-4  # k < T: sparse
@@ -354,9 +359,9 @@ def test_gate_gradient_is_the_straight_through_logit_bias_gradient(family):
     return jnp.sum(d_BTNE * cot_BTNE), d_BTNE
 
   args = (q_i_BTIJ, k_i_BSJ, w_i_BTI)
-  (_, d_BTNE), g_gate = jax.value_and_grad(gated, (0, 1, 2),
-                                           has_aux=True)(*args)
-  g_direct = jax.grad(direct, (0, 1, 2))(*args)
+  (_, d_BTNE), g_gate = jax.jit(jax.value_and_grad(gated, (0, 1, 2),
+                                                   has_aux=True))(*args)
+  g_direct = jax.jit(jax.grad(direct, (0, 1, 2)))(*args)
   np.testing.assert_array_equal(d_BTNE, 0.0)
   for a, want in zip(g_gate, g_direct):
     assert float(jnp.abs(want).max()) > 0

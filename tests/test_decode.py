@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import init, tiny
+from conftest import forward, init, tiny
 from dsax import decode, dsa, model
 from dsax.attention import AttentionMode
 from dsax.config import MoEConfig, RopeScaling
@@ -17,8 +17,10 @@ from dsax.kernels import reference
 from test_model import _MOE
 
 
-@pytest.mark.parametrize("q_lora_rank", [32, 0])
-@pytest.mark.parametrize("yarn", [False, True])
+# Each branch once: the q-latent and its absence, YaRN off and on (they
+# touch different parts of the step: the query projection; the angles and
+# the softmax scale).
+@pytest.mark.parametrize("q_lora_rank,yarn", [(32, False), (0, True)])
 def test_absorbed_decode_matches_expanded_forward(q_lora_rank, yarn):
   # YaRN with original length 8 < sequence length 24 so the frequency
   # correction and mscale are both active.
@@ -27,7 +29,7 @@ def test_absorbed_decode_matches_expanded_forward(q_lora_rank, yarn):
                                       original_max_position=8))
   params = init(cfg)
   toks = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, cfg.vocab_size)
-  logits, _ = model.forward(params, toks, cfg)
+  logits, _ = forward(params, toks, cfg)
   assert float(jnp.std(logits)) > 0.1  # a non-trivial model
   prompt = 5
   first, cache = decode.prefill(params, toks[:, :prompt], cfg, 24)
@@ -50,7 +52,7 @@ def test_decode_with_moe_matches_forward(first_k_dense):
       **_MOE, first_k_dense=first_k_dense))
   params = init(cfg)
   toks = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, cfg.vocab_size)
-  logits, _ = model.forward(params, toks, cfg)
+  logits, _ = forward(params, toks, cfg)
   first, cache = decode.prefill(params, toks[:, :5], cfg, 12)
   step = jax.jit(decode.decode_step, static_argnums=3)
   outs = [first]
@@ -98,17 +100,27 @@ def test_decode_selection_is_the_forward_selection():
   t_len = 20
   toks = jax.random.randint(jax.random.PRNGKey(5), (2, t_len), 0, 256)
   mode = AttentionMode.of(cfg, "sparse", indices=True, indexer_keys=True)
-  _, aux = model.forward(params, toks, cfg, mode=mode)
+  _, aux = forward(params, toks, cfg, mode=mode)
   # Layer 0's input is the embedding, so its indexer inputs are known here.
   p0 = jax.tree.map(lambda x: x[0], params["layers"])
-  h = model.attention_input(p0, model.embed(params, toks, cfg), cfg)
-  cq = dsa.family(cfg).project(p0["attn"], h, dsa.family(cfg).angles(
-      model.default_positions(toks), cfg), cfg).cq
+
+  @jax.jit
+  def indexer_inputs(params, toks):
+    h = model.attention_input(p0, model.embed(params, toks, cfg), cfg)
+    cq = dsa.family(cfg).project(p0["attn"], h, dsa.family(cfg).angles(
+        model.default_positions(toks), cfg), cfg).cq
+    return h, cq
+
+  @jax.jit
+  def select(h, cq, keys, t):  # one program for every position t
+    at_t = lambda x: jax.lax.dynamic_slice_in_dim(x, t, 1, axis=1)
+    return dsa.select_cached(p0["indexer"], at_t(h), at_t(cq), keys, t,
+                             cfg.indexer.topk, cfg)
+
+  h, cq = indexer_inputs(params, toks)
   keys = jnp.zeros_like(aux.index_k[0])
   for t in range(t_len):
-    idx, valid, keys = dsa.select_cached(p0["indexer"], h[:, t:t + 1],
-                                         cq[:, t:t + 1], keys, jnp.int32(t),
-                                         cfg.indexer.topk, cfg)
+    idx, valid, keys = select(h, cq, keys, jnp.int32(t))
     for b in range(2):
       ours = set(np.asarray(idx[b, 0])[np.asarray(valid[b, 0])].tolist())
       fwd = aux.idx[0, b, t][aux.valid[0, b, t]]
@@ -135,8 +147,9 @@ def test_sampling_and_generate():
   logits = jnp.asarray([[0.0, 3.0, 1.0], [2.0, -1.0, 0.0]])
   np.testing.assert_array_equal(decode.sample(logits, None), [1, 0])
   key = jax.random.PRNGKey(7)
-  draws = np.stack([np.asarray(decode.sample(logits, jax.random.fold_in(
-      key, i), temperature=1.0)) for i in range(400)])
+  # 400 draws, each with its own key, in one vmapped program.
+  draws = np.asarray(jax.vmap(lambda i: decode.sample(
+      logits, jax.random.fold_in(key, i), temperature=1.0))(jnp.arange(400)))
   # Frequencies of a softmax draw: token 1 of row 0 has p = 0.84.
   assert abs((draws[:, 0] == 1).mean() - 0.844) < 0.06
   prompt = jax.random.randint(jax.random.PRNGKey(8), (2, 4), 0, 256)

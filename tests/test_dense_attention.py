@@ -5,6 +5,7 @@ probe path's, nothing T x S is formed, and the traced program does not grow
 with T."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -59,17 +60,20 @@ def _inputs(layout, seed=0):
 def test_attention_and_gradients_match_plain_softmax(layout, block):
   qs, ks, v, (ct_o, ct_lse) = _inputs(layout)
 
-  def loss(fn, qs, ks, v):
-    o, lse = fn(qs, ks, v)
-    return jnp.sum(o * ct_o) + jnp.sum(lse * ct_lse)
+  def run(fn):
+    """((o, lse), gradients w.r.t. qs, ks, v): one program."""
+    def loss(qs, ks, v):
+      o, lse = fn(qs, ks, v)
+      return jnp.sum(o * ct_o) + jnp.sum(lse * ct_lse), (o, lse)
+    return jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(
+        qs, ks, v)
 
-  fast = lambda qs, ks, v: causal_blocks.attention(qs, ks, v, 0.4, SEG,
-                                                   block=block)
-  ref = lambda qs, ks, v: plain_attention(qs, ks, v, 0.4, SEG)
-  for a, b in zip(fast(qs, ks, v), ref(qs, ks, v)):
+  (_, out_fast), g_fast = run(lambda qs, ks, v: causal_blocks.attention(
+      qs, ks, v, 0.4, SEG, block=block))
+  (_, out_ref), g_ref = run(lambda qs, ks, v: plain_attention(
+      qs, ks, v, 0.4, SEG))
+  for a, b in zip(out_fast, out_ref):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
-  g_fast = jax.jit(jax.grad(lambda *a: loss(fast, *a), (0, 1, 2)))(qs, ks, v)
-  g_ref = jax.jit(jax.grad(lambda *a: loss(ref, *a), (0, 1, 2)))(qs, ks, v)
   for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
     assert float(jnp.abs(b).max()) > 1e-3
     np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4)
@@ -120,15 +124,17 @@ def test_dense_attention_layer_and_its_gradients_match_plain_softmax(kind):
                                                  else cfg.head_dim))
   ang = fam.angles(model.default_positions(x[..., 0]), cfg)
 
-  def loss(core, p, x):
-    proj = fam.project(p, x, ang, cfg)
-    return jnp.sum(core(p, proj) * ct)
+  def run(core):
+    """(loss, gradients w.r.t. p and x): one program."""
+    def loss(p, x):
+      proj = fam.project(p, x, ang, cfg)
+      return jnp.sum(core(p, proj) * ct)
+    return jax.jit(jax.value_and_grad(loss, (0, 1)))(p, x)
 
-  fast = lambda p, proj: fam.dense_attention(p, proj, cfg, SEG)[0]
-  ref = lambda p, proj: _plain_layer(p, proj, cfg, SEG)
-  np.testing.assert_allclose(loss(fast, p, x), loss(ref, p, x), rtol=1e-5)
-  g_fast = jax.jit(jax.grad(lambda *a: loss(fast, *a), (0, 1)))(p, x)
-  g_ref = jax.jit(jax.grad(lambda *a: loss(ref, *a), (0, 1)))(p, x)
+  l_fast, g_fast = run(lambda p, proj: fam.dense_attention(p, proj, cfg,
+                                                           SEG)[0])
+  l_ref, g_ref = run(lambda p, proj: _plain_layer(p, proj, cfg, SEG))
+  np.testing.assert_allclose(l_fast, l_ref, rtol=1e-5)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_fast),
                           jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4,
@@ -141,8 +147,6 @@ def test_probe_path_over_many_chunk_runs_equals_one_chunk():
   cfg = _model_cfg("mla", attn_q_chunk=2)      # 10 chunks, 8 runs
   p = jax.tree.map(lambda x: x[0], init(cfg)["layers"]["attn"])
   x = jax.random.normal(jax.random.PRNGKey(4), (B, T, cfg.d_model))
-  proj = mla.project(p, x, mla.angles(model.default_positions(x[..., 0]),
-                                      cfg), cfg)
 
   def probe(start, prob_BNTS, mask_BTS):
     del start, mask_BTS
@@ -150,15 +154,18 @@ def test_probe_path_over_many_chunk_runs_equals_one_chunk():
     return jnp.pad(jnp.sum(prob_BNTS, axis=1),
                    [(0, 0), (0, 0), (0, T - prob_BNTS.shape[-1])])
 
-  def run(chunk):
+  @functools.partial(jax.jit, static_argnums=(0, 1))
+  def run(chunk, with_probe, p, x):
+    proj = mla.project(p, x, mla.angles(model.default_positions(x[..., 0]),
+                                        cfg), cfg)
     return mla.dense_attention(
-        p, proj, dataclasses.replace(cfg, attn_q_chunk=chunk), SEG, probe)
+        p, proj, dataclasses.replace(cfg, attn_q_chunk=chunk), SEG,
+        *([probe] if with_probe else []))
 
-  for a, b in zip(run(2), run(T)):
+  many = run(2, True, p, x)
+  for a, b in zip(many, run(T, True, p, x)):
     np.testing.assert_allclose(a, b, atol=1e-6)
-  np.testing.assert_allclose(run(2)[0], mla.dense_attention(p, proj, cfg,
-                                                            SEG)[0],
-                             atol=1e-5)
+  np.testing.assert_allclose(many[0], run(2, False, p, x)[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["mla", "gqa"])
@@ -197,7 +204,8 @@ def test_warmup_kl_op_matches_the_chunked_reference():
   repeated per head), value and gradients."""
   from dsax.kernels.warmup_kl import warmup_kl_reference
   qs, ks, v, _ = _inputs("mla", seed=2)
-  _, lse = causal_blocks.attention(qs, ks, v, 0.4, SEG, block=8)
+  _, lse = jax.jit(lambda qs, ks, v: causal_blocks.attention(
+      qs, ks, v, 0.4, SEG, block=8))(qs, ks, v)
   kk = jax.random.split(jax.random.PRNGKey(9), 3)
   q_i = jax.random.normal(kk[0], (B, T, 3, 8))
   k_i = jax.random.normal(kk[1], (B, T, 8))
@@ -214,12 +222,18 @@ def test_warmup_kl_op_matches_the_chunked_reference():
     return warmup_kl_reference(q_full, k_full, lse, q_i, k_i, w, 0.4, SEG,
                                q_chunk=T)
 
-  np.testing.assert_allclose(fast(q_i, k_i, w), ref(q_i, k_i, w), rtol=1e-5,
-                             atol=1e-6)
-  g = jax.jit(jax.grad(lambda *a: jnp.sum(fast(*a) * w[..., 0]), (0, 1, 2)))
-  g_ref = jax.jit(jax.grad(lambda *a: jnp.sum(ref(*a) * w[..., 0]),
-                           (0, 1, 2)))
-  for a, b in zip(g(q_i, k_i, w), g_ref(q_i, k_i, w)):
+  def run(fn):
+    """(KL, gradients w.r.t. q_i, k_i, w): one program."""
+    def loss(*a):
+      kl = fn(*a)
+      return jnp.sum(kl * w[..., 0]), kl
+    return jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(
+        q_i, k_i, w)
+
+  (_, kl), g = run(fast)
+  (_, kl_ref), g_ref = run(ref)
+  np.testing.assert_allclose(kl, kl_ref, rtol=1e-5, atol=1e-6)
+  for a, b in zip(g, g_ref):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
@@ -268,10 +282,10 @@ def test_map_causal_chunks_runs_see_their_prefix():
   """Each query chunk sees at least its own causal prefix and at most the
   prefix of its run's last chunk."""
   t, chunk = 50, 4                    # 13 chunks in 8 runs
-  seen = map_causal_chunks(
+  seen = jax.jit(lambda q, k: map_causal_chunks(
       lambda start, x, k: jnp.broadcast_to(
           jnp.float32(k.shape[1]) + 0 * start, x.shape),
-      chunk, (jnp.zeros((1, t)),), (jnp.zeros((1, t)),))
+      chunk, (q,), (k,)))(jnp.zeros((1, t)), jnp.zeros((1, t)))
   seen = np.asarray(seen[0])
   for q in range(t):
     own = min(t, (q // chunk + 1) * chunk)

@@ -2,13 +2,14 @@
 crafted scores, gradient isolation, degenerate indexers, O(T k) memory."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import init, largest_size, tiny
+from conftest import forward, init, largest_size, tiny
 from dsax import dsa, mla, model
 from dsax.attention import AttentionMode
 from dsax.kernels import reference
@@ -32,21 +33,21 @@ def test_sparse_equals_dense_when_k_covers_the_sequence(q_lora_rank):
   cfg = cfg_with(topk=T, q_lora_rank=q_lora_rank)
   params = init(cfg)
   seg = jnp.array([[1] * 15 + [2] * 25, [1] * 40])
-  dense, _ = model.forward(params, tokens(), cfg, seg)
-  sparse, aux = model.forward(params, tokens(), cfg, seg, mode=AttentionMode.of(
+  dense, _ = forward(params, tokens(), cfg, seg)
+  sparse, aux = forward(params, tokens(), cfg, seg, mode=AttentionMode.of(
       cfg, "sparse", indexer_loss=True))
   np.testing.assert_allclose(sparse, dense, atol=2e-5, rtol=0)
   # Restricted to every visible key, the sparse KL is the dense KL.
-  _, aux_d = model.forward(params, tokens(), cfg, seg,
-                           mode=AttentionMode.of(cfg, indexer_loss=True))
+  _, aux_d = forward(params, tokens(), cfg, seg,
+                     mode=AttentionMode.of(cfg, indexer_loss=True))
   np.testing.assert_allclose(aux.indexer_kl, aux_d.indexer_kl, rtol=1e-4)
 
 
 def test_sparse_attention_is_sparse_when_k_is_small():
   cfg = cfg_with(topk=4)
   params = init(cfg)
-  dense, _ = model.forward(params, tokens(), cfg)
-  sparse, aux = model.forward(params, tokens(), cfg, mode=AttentionMode.of(
+  dense, _ = forward(params, tokens(), cfg)
+  sparse, aux = forward(params, tokens(), cfg, mode=AttentionMode.of(
       cfg, "sparse", indices=True))
   # Positions t < k see every key; later ones do not.
   np.testing.assert_allclose(sparse[:, :1], dense[:, :1], atol=2e-5)
@@ -67,8 +68,8 @@ def test_sparse_decode_matches_sparse_forward(q_lora_rank):
   params = init(cfg)
   toks = tokens(t=24)
   sparse_mode = AttentionMode.of(cfg, "sparse")
-  sparse, _ = model.forward(params, toks, cfg, mode=sparse_mode)
-  dense, _ = model.forward(params, toks, cfg)
+  sparse, _ = forward(params, toks, cfg, mode=sparse_mode)
+  dense, _ = forward(params, toks, cfg)
   assert float(jnp.abs(sparse[:, 8:] - dense[:, 8:]).max()) > 1e-3
   prompt = 7
   first, cache = decode.prefill(params, toks[:, :prompt], cfg, 24,
@@ -83,7 +84,9 @@ def test_sparse_decode_matches_sparse_forward(q_lora_rank):
   assert cache["index_k"].shape == (cfg.n_layers, 2, 24, cfg.indexer.head_dim)
   if q_lora_rank == 0:
     return
-  # Greedy generation through the sparse cache runs end to end.
+  # Greedy generation through the sparse cache runs end to end (a cache of
+  # 24 rows again: the step compiled above).
+  prompt = 21
   gen = decode.generate(params, toks[:, :prompt], cfg, 3, mode=sparse_mode)
   assert gen.shape == (2, prompt + 3)
   np.testing.assert_array_equal(gen[:, prompt],
@@ -105,6 +108,7 @@ def test_causality_by_gradient_with_sparse_attention():
     assert np.abs(g[t]).sum() > 0
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _dense_target(cfg, params, toks):
   """p_t of layer 0 (head-summed softmax, L1-normalised) and its mask."""
   a = params["layers"]["attn"]
@@ -130,18 +134,20 @@ def test_kl_is_zero_and_recall_is_oracle_for_scores_equal_to_log_p():
   params = init(cfg)
   toks = tokens()
   p, mask = _dense_target(cfg, params, toks)
+  # Jitted: one program each instead of an eager op at a time.
+  kl_divergence = jax.jit(dsa.kl_divergence)
+  recall_metrics = jax.jit(dsa.recall_metrics, static_argnums=4)
   logits = jnp.where(mask, jnp.log(jnp.maximum(p, 1e-38)), -1e30)
-  kl = dsa.kl_divergence(p, logits, mask)
+  kl = kl_divergence(p, logits, mask)
   np.testing.assert_allclose(kl, 0.0, atol=1e-5)
-  rec = dsa.recall_metrics(p, logits, mask, jnp.arange(T), 5)
+  rec = recall_metrics(p, logits, mask, jnp.arange(T), 5)
   np.testing.assert_allclose(rec["recall"], rec["recall_oracle"], atol=1e-6)
   assert float(rec["recall_oracle"][:, 10:].mean()) < 0.999  # k < visible
   # A different score ranking gives a positive KL and lower recall.
   flat = jnp.where(mask, 0.0, -1e30)
-  assert float(dsa.kl_divergence(p, flat, mask)[:, 10:].min()) > 0
-  assert float(dsa.recall_metrics(p, -jnp.arange(T)[None, None] * 1.0 + 0 * p,
-                                  mask,
-                                  jnp.arange(T), 5)["recall"].mean()) < \
+  assert float(kl_divergence(p, flat, mask)[:, 10:].min()) > 0
+  assert float(recall_metrics(p, -jnp.arange(T)[None, None] * 1.0 + 0 * p,
+                              mask, jnp.arange(T), 5)["recall"].mean()) < \
       float(rec["recall"].mean())
 
 
@@ -179,7 +185,7 @@ def test_zero_query_weights_still_select_valid_causal_in_segment_keys():
   params["layers"]["indexer"]["wq_b"] = jnp.zeros_like(
       params["layers"]["indexer"]["wq_b"])
   seg = jnp.array([[1] * 5 + [2] * 30 + [3] * 5, [1] * 40])
-  _, aux = model.forward(params, tokens(), cfg, seg, mode=AttentionMode.of(
+  _, aux = forward(params, tokens(), cfg, seg, mode=AttentionMode.of(
       cfg, "sparse", indices=True))
   idx, valid = np.asarray(aux.idx), np.asarray(aux.valid)
   t = np.arange(T)[None, None, :, None]
@@ -216,18 +222,21 @@ def test_sparse_forward_and_backward_never_hold_t_by_s():
 
 
 def test_hadamard_keeps_indexer_scores_and_fp8_perturbs_them_slightly():
+  @functools.partial(jax.jit, static_argnums=0)
+  def logits(cfg, params, toks):
+    p0 = jax.tree.map(lambda x: x[0], params["layers"])
+    h = model.embed(params, toks, cfg)
+    ang = dsa.indexer_angles(model.default_positions(toks), cfg)
+    cq = mla.project(p0["attn"], h, mla.angles(
+        model.default_positions(toks), cfg), cfg).cq
+    q, k, w = dsa.indexer_project(p0["indexer"], h, cq, ang, cfg)
+    return reference.indexer_logits(q, k, w)
+
   def scores(**ix):
     cfg = cfg_with(topk=8)
     cfg = dataclasses.replace(cfg, indexer=dataclasses.replace(cfg.indexer,
                                                                **ix))
-    params = init(cfg)
-    p0 = jax.tree.map(lambda x: x[0], params["layers"])
-    h = model.embed(params, tokens(), cfg)
-    ang = dsa.indexer_angles(model.default_positions(tokens()), cfg)
-    cq = mla.project(p0["attn"], h, mla.angles(
-        model.default_positions(tokens()), cfg), cfg).cq
-    q, k, w = dsa.indexer_project(p0["indexer"], h, cq, ang, cfg)
-    return np.asarray(reference.indexer_logits(q, k, w))
+    return np.asarray(logits(cfg, init(cfg), tokens()))
 
   plain = scores()
   np.testing.assert_allclose(scores(hadamard=True), plain, rtol=1e-4,

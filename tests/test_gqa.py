@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import init, tiny
+from conftest import forward, init, tiny
 from dsax import decode, gqa, model
 from dsax import params as P
 from dsax.attention import AttentionMode
@@ -78,10 +78,14 @@ def test_projections_and_dense_attention_match_numpy(params):
   p = dict(p, bq=p["bq"] + 0.3, bk=p["bk"] - 0.2, bv=p["bv"] + 0.1)
   x = jax.random.normal(jax.random.PRNGKey(2), (2, 20, cfg.d_model))
   seg = np.array([[1] * 7 + [2] * 13, [1] * 20])
-  pos = model.default_positions(x[..., 0])
-  proj = gqa.project(p, x, gqa.angles(pos, cfg), cfg)
-  (q, (k, v)), (o, _) = (proj.q, proj.rows), gqa.dense_attention(
-      p, proj, cfg, jnp.asarray(seg))
+
+  @jax.jit
+  def project_and_attend(p, x, seg):
+    pos = model.default_positions(x[..., 0])
+    proj = gqa.project(p, x, gqa.angles(pos, cfg), cfg)
+    return proj.q, proj.rows, gqa.dense_attention(p, proj, cfg, seg)[0]
+
+  q, (k, v), o = project_and_attend(p, x, jnp.asarray(seg))
   xn, pn = np.asarray(x, np.float64), {k_: np.asarray(w, np.float64)
                                        for k_, w in p.items()}
   proj = {c: np.einsum("btd,dgh->btgh", xn, pn[f"w{c}"]) + pn[f"b{c}"]
@@ -104,7 +108,8 @@ def test_sparse_gqa_reference_matches_numpy_on_random_sets():
   v = jax.random.normal(ks[2], (b, t, g, h))
   idx = jax.random.randint(ks[3], (b, t, kk), 0, t)
   valid = jax.random.bernoulli(ks[4], 0.7, (b, t, kk)).at[..., 0].set(True)
-  o, lse = sparse_gqa_reference(q, k, v, idx, valid, 0.3, q_chunk=4)
+  o, lse = jax.jit(sparse_gqa_reference, static_argnames="q_chunk")(
+      q, k, v, idx, valid, 0.3, q_chunk=4)
   qn, kn, vn, o, lse = (np.asarray(a, np.float64) for a in (q, k, v, o, lse))
   idx, valid = np.asarray(idx), np.asarray(valid)
   for bi in range(b):
@@ -138,10 +143,8 @@ def test_sparse_equals_dense_when_k_covers_the_sequence(params):
   def mode(c, kind):
     return AttentionMode.of(c, kind, indexer_loss=True, recall=True)
 
-  dense, aux_d = model.forward(params, tokens(), cfg, seg,
-                               mode=mode(cfg, "dense"))
-  sparse, aux = model.forward(params, tokens(), cfg, seg,
-                              mode=mode(cfg, "sparse"))
+  dense, aux_d = forward(params, tokens(), cfg, seg, mode=mode(cfg, "dense"))
+  sparse, aux = forward(params, tokens(), cfg, seg, mode=mode(cfg, "sparse"))
   np.testing.assert_allclose(sparse, dense, atol=2e-5, rtol=0)
   # Restricted to every visible key, the sparse KL is the dense KL.
   np.testing.assert_allclose(aux.indexer_kl, aux_d.indexer_kl, rtol=1e-4)
@@ -149,7 +152,7 @@ def test_sparse_equals_dense_when_k_covers_the_sequence(params):
   assert float(aux_d.indexer_kl.min()) > 0
   np.testing.assert_allclose(aux.recall, 1.0, atol=1e-6)
   # With k < T the selection is sparse: later positions differ, recall < 1.
-  sp4, aux4 = model.forward(params, tokens(), CFG, mode=mode(CFG, "sparse"))
+  sp4, aux4 = forward(params, tokens(), CFG, mode=mode(CFG, "sparse"))
   assert float(jnp.abs(sp4[:, 12:] - dense[:, 12:]).max()) > 1e-3
   assert np.all(aux4.recall < 1) and np.all(
       aux4.recall_oracle >= aux4.recall - 1e-6)
@@ -164,8 +167,8 @@ def test_warmup_kl_is_zero_when_both_sides_are_uniform(params):
       bq=jnp.zeros_like(layers["attn"]["bq"])),
       indexer=dict(layers["indexer"], weights_proj=jnp.zeros_like(
           layers["indexer"]["weights_proj"]))))
-  _, aux = model.forward(params, tokens(), CFG,
-                         mode=AttentionMode.of(CFG, indexer_loss=True))
+  _, aux = forward(params, tokens(), CFG,
+                   mode=AttentionMode.of(CFG, indexer_loss=True))
   np.testing.assert_allclose(aux.indexer_kl, 0.0, atol=1e-6)
 
 
@@ -187,7 +190,7 @@ def test_decode_matches_forward(params, attention):
   cfg = CFG
   toks = tokens()
   mode = AttentionMode.of(cfg, attention)
-  full, _ = model.forward(params, toks, cfg, mode=mode)
+  full, _ = forward(params, toks, cfg, mode=mode)
   prompt = 6
   first, cache = decode.prefill(params, toks[:, :prompt], cfg, T, mode)
   assert cache["k"].shape == (cfg.n_layers, 2, T, 2, 16)
@@ -199,9 +202,11 @@ def test_decode_matches_forward(params, attention):
   dec = jnp.concatenate(outs, axis=1)
   np.testing.assert_array_less(np.abs(np.asarray(dec - full)).max(), 1e-4)
   # Greedy generation: each new token is the argmax of the forward on the
-  # generated row so far.
+  # generated row so far. Generated to T tokens: the cache and the forward
+  # have the shapes compiled above.
+  prompt = T - 3
   gen = decode.generate(params, toks[:, :prompt], cfg, 3, mode=mode)
-  again, _ = model.forward(params, gen, cfg, mode=mode)
+  again, _ = forward(params, gen, cfg, mode=mode)
   np.testing.assert_array_equal(gen[:, prompt:],
                                 jnp.argmax(again[:, prompt - 1:-1], -1))
 

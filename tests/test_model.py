@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import init, tiny
+from conftest import forward, init, tiny
 from dsax import model
 from dsax import params as P
 from dsax import moe
@@ -21,7 +21,7 @@ def test_initial_loss_is_near_uniform(tied):
   """At init the model predicts close to uniform, tied embeddings too."""
   cfg = tiny(tie_embeddings=tied)
   toks = jax.random.randint(jax.random.PRNGKey(1), (2, 32), 0, cfg.vocab_size)
-  logits, _ = model.forward(init(cfg), toks, cfg)
+  logits, _ = forward(init(cfg), toks, cfg)
   loss = float(model.lm_loss(logits[:, :-1], toks[:, 1:]))
   assert abs(loss - np.log(cfg.vocab_size)) < 0.5, loss
 
@@ -32,8 +32,8 @@ def test_yarn_changes_logits():
       enabled=True, factor=4.0, original_max_position=8))
   params = init(base)
   toks = jnp.arange(24)[None] % 256
-  a, _ = model.forward(params, toks, base)
-  b, _ = model.forward(params, toks, yarn)
+  a, _ = forward(params, toks, base)
+  b, _ = forward(params, toks, yarn)
   assert float(jnp.abs(a - b).max()) > 1e-3
 
 
@@ -70,8 +70,8 @@ def test_packed_documents_do_not_attend_across_boundaries():
   assert np.abs(g[6:11]).sum(axis=-1).min() > 0
   # A document's logits do not depend on what precedes it in the row.
   other = toks.at[0, :6].set((toks[0, :6] + 1) % 256)
-  a, _ = model.forward(params, toks, cfg, seg)
-  b, _ = model.forward(params, other, cfg, seg)
+  a, _ = forward(params, toks, cfg, seg)
+  b, _ = forward(params, other, cfg, seg)
   np.testing.assert_array_equal(np.asarray(a[0, 6:]), np.asarray(b[0, 6:]))
 
 
@@ -110,7 +110,7 @@ def test_bf16_policy_keeps_softmax_and_logits_f32():
   params = init(cfg)
   assert params["layers"]["attn"]["wq_a"].dtype == jnp.bfloat16
   assert params["layers"]["indexer"]["weights_proj"].dtype == jnp.float32
-  logits, _ = model.forward(params, jnp.zeros((1, 8), jnp.int32), cfg)
+  logits, _ = forward(params, jnp.zeros((1, 8), jnp.int32), cfg)
   assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
 
 
@@ -185,11 +185,11 @@ def test_moe_matches_per_token_reference(method, score):
   if "router_bias" in p:
     p["router_bias"] = 0.5 * jax.random.normal(keys[1], (8,))
   h = jax.random.normal(keys[2], (40, cfg.d_model))
-  y = moe.moe_block(p, h[None], cfg)[0]
+  y = jax.jit(moe.moe_block, static_argnums=2)(p, h[None], cfg)[0]
   np.testing.assert_allclose(np.asarray(y), _moe_reference(p, np.asarray(
       h, np.float64), m), rtol=1e-4, atol=1e-5)
   if "router_bias" in p:
-    _, idx = moe.gates(p, h[None], cfg)
-    _, idx0 = moe.gates(dict(p, router_bias=0 * p["router_bias"]), h[None],
-                        cfg)
+    gates = jax.jit(moe.gates, static_argnums=2)
+    _, idx = gates(p, h[None], cfg)
+    _, idx0 = gates(dict(p, router_bias=0 * p["router_bias"]), h[None], cfg)
     assert not np.array_equal(np.sort(idx, -1), np.sort(idx0, -1))
