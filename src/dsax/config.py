@@ -135,6 +135,7 @@ class ModelConfig:
   param_dtype: str = "float32"    # "bfloat16" on accelerators
   compute_dtype: str = "float32"  # matmul inputs; softmax and norms are f32
   attn_q_chunk: int = 512         # queries per chunk in dense attention
+  lm_loss_chunk: int = 512        # positions per chunk of the LM loss's logits
   remat: bool = False             # rematerialise each layer in the backward
   # Layers per iteration of the layer scan: 1 compiles one body per layer
   # kind (compile time independent of depth); n_layers unrolls fully.

@@ -19,7 +19,7 @@ def model(cfg: Any) -> None:
   """The model group (``model.*``, indexer, MoE and RoPE scaling included)."""
   positive = ["vocab_size", "d_model", "n_layers", "n_heads", "kv_lora_rank",
               "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "d_ff",
-              "attn_q_chunk", "n_kv_heads", "head_dim",
+              "attn_q_chunk", "lm_loss_chunk", "n_kv_heads", "head_dim",
               "scan_unroll"]
   for name in positive:
     if getattr(cfg, name) <= 0:

@@ -50,13 +50,29 @@ def embed(params: dict[str, Any], tokens_BT: jax.Array,
   return params["embed"][tokens_BT].astype(jnp.dtype(cfg.compute_dtype))
 
 
+def final_hidden(params: dict[str, Any], x_BTD: jax.Array,
+                 cfg: ModelConfig) -> jax.Array:
+  """The final RMSNorm: the hidden state h_BTD the output head reads."""
+  return mla.rms_norm(x_BTD, params["final_norm"], cfg.norm_eps)
+
+
+def head_weights(params: dict[str, Any], cfg: ModelConfig) -> jax.Array:
+  """The output head w_DV: the embedding transposed when tied."""
+  return params["embed"].T if cfg.tie_embeddings else params["head"]
+
+
+def head_logits(h_BTD: jax.Array, w_DV: jax.Array,
+                cfg: ModelConfig) -> jax.Array:
+  """logits_BTV = h_BTD @ w_DV, inputs in compute_dtype, f32 out."""
+  cdt = jnp.dtype(cfg.compute_dtype)
+  return jnp.einsum("btd,dv->btv", h_BTD.astype(cdt), w_DV.astype(cdt),
+                    preferred_element_type=jnp.float32)
+
+
 def unembed(params: dict[str, Any], x_BTD: jax.Array,
             cfg: ModelConfig) -> jax.Array:
-  x_BTD = mla.rms_norm(x_BTD, params["final_norm"], cfg.norm_eps)
-  w_DV = params["embed"].T if cfg.tie_embeddings else params["head"]
-  cdt = jnp.dtype(cfg.compute_dtype)
-  return jnp.einsum("btd,dv->btv", x_BTD.astype(cdt), w_DV.astype(cdt),
-                    preferred_element_type=jnp.float32)
+  return head_logits(final_hidden(params, x_BTD, cfg),
+                     head_weights(params, cfg), cfg)
 
 
 def default_positions(tokens_BT: jax.Array) -> jax.Array:
@@ -92,8 +108,10 @@ def forward(params: dict[str, Any], tokens_BT: jax.Array, cfg: ModelConfig,
             positions_BT: jax.Array | None = None,
             embeddings_BTD: jax.Array | None = None,
             selection: tuple[jax.Array, jax.Array] | None = None,
-            experts_LBTK: jax.Array | None = None):
-  """Logits and aux: ``(logits_BTV, LayerAux)``.
+            experts_LBTK: jax.Array | None = None, head: bool = True):
+  """Logits and aux: ``(logits_BTV, LayerAux)``; with ``head=False``,
+  ``(h_BTD, LayerAux)``: the final-normed hidden state (``final_hidden``)
+  instead of the logits (dsax.lm_loss forms them chunk by chunk).
 
   ``mode`` (default ``AttentionMode.of(cfg)``: dense, nothing extra) says
   how every layer attends and what it reports; ``LayerAux``'s fields are
@@ -161,6 +179,8 @@ def forward(params: dict[str, Any], tokens_BT: jax.Array, cfg: ModelConfig,
     aux = dataclasses.replace(
         aux, expert_load=moe_aux.load, balance_loss=moe_aux.balance,
         experts=moe_aux.experts if mode.experts else None)
+  if not head:
+    return final_hidden(params, x_BTD, cfg), aux
   return unembed(params, x_BTD, cfg), aux
 
 
@@ -173,7 +193,12 @@ def token_nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
 def lm_loss(logits_BTV: jax.Array, targets_BT: jax.Array,
             weights_BT: jax.Array | None = None) -> jax.Array:
   """Mean next-token cross entropy over weighted positions (f32)."""
-  nll_BT = token_nll(logits_BTV, targets_BT)
+  return mean_nll(token_nll(logits_BTV, targets_BT), weights_BT)
+
+
+def mean_nll(nll_BT: jax.Array, weights_BT: jax.Array | None = None
+             ) -> jax.Array:
+  """sum_t w_t nll_t / max(sum_t w_t, 1); the plain mean without weights."""
   if weights_BT is None:
     return nll_BT.mean()
   w_BT = weights_BT.astype(jnp.float32)

@@ -64,7 +64,7 @@ FUTURE_KEYS = ("name", "workdir", "log_every", "save_every",
                "keep_checkpoints", "control", "compare", "report", "eval.",
                "mesh.", "data.cache_dir", "model.kernel_impl", "model.remat",
                "model.scan_unroll", "model.attn_q_chunk",
-               "model.indexer.q_chunk")
+               "model.lm_loss_chunk", "model.indexer.q_chunk")
 
 
 class ResumeRefused(ConfigError):

@@ -46,7 +46,7 @@ import numpy as np
 import optax
 import tqdm
 
-from dsax import checkpoint, model, moe, params as P, sharding as S
+from dsax import checkpoint, lm_loss, model, moe, params as P, sharding as S
 from dsax.checkpoint import CheckpointError, UnwritablePath  # noqa: F401
 from dsax.attention import AttentionMode
 from dsax.config import (ConfigError, ExperimentConfig, OptimConfig,
@@ -190,11 +190,12 @@ def phase_mode(cfg: ExperimentConfig, phase: PhaseConfig) -> AttentionMode:
 
 
 def batch_loss(params, batch, cfg: ExperimentConfig, mode: AttentionMode):
-  """(LM loss, LayerAux) of one batch; params nested."""
-  logits_BTV, aux = model.forward(
+  """(LM loss, LayerAux) of one batch; params nested; no [B, T, V] logits."""
+  h_BTD, aux = model.forward(
       params, batch["inputs"], cfg.model, batch["segment_ids"], mode=mode,
-      positions_BT=batch["positions"])
-  return model.lm_loss(logits_BTV, batch["targets"], batch["weights"]), aux
+      positions_BT=batch["positions"], head=False)
+  return lm_loss.loss(params, h_BTD, batch["targets"], batch["weights"],
+                      cfg.model), aux
 
 
 def make_loss_fn(cfg: ExperimentConfig, phase: PhaseConfig) -> Callable:
