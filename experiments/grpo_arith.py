@@ -1,0 +1,170 @@
+"""GRPO on 2-digit addition, CPU: a dense MLA policy and its DSA version.
+
+A byte-level MLA model with a lightning indexer is supervised briefly on
+lines "Q: 47+85= 132\\n" (one problem per document; the file is generated
+here, under work/grpo_arith_data/, without the held-out problems of seeds
+0-3), so that its greedy exact-match reward is low but not zero. Then:
+
+  both    pretrain -> grpo_dense (dense attention); then, from the same
+          pretrained parameters, warmup (indexer only, dense attention) ->
+          sparse (top-k attention, all parameters) -> grpo_sparse
+          (rl.attention=sparse, top-8 keys of prompts of 9 bytes + up to 5
+          answer bytes, index replay on): one pretraining per seed
+  dense   pretrain -> grpo;  sparse  pretrain -> warmup -> sparse -> grpo
+  ablate  one sparse grpo phase (ABLATE_STEPS) from the seed-0 ``both``
+          run's sparse phase (``ABLATE_FROM``): the stabiliser sweep's
+          base, experiments/grpo_ablation.py
+  test    the ``both`` chain with a handful of steps on a width-32 model
+          (the smoke test, tests/test_grpo_experiment.py)
+
+Each grpo phase writes eval_reward (greedy answers to ``EVAL_PROMPTS``
+held-out problems) at its start and end: the before/after of the report.
+
+  for s in 0 1; do python launch.py experiments/grpo_arith.py:both \\
+      --set seed=$s --set data.seed=$s --workdir work/grpo_arith/both_s$s; done
+  python launch.py --sweep experiments/grpo_ablation.py
+  python experiments/grpo_report.py work/grpo_arith \\
+      --ablation work/grpo_ablation                  # table + PNG
+
+The model is MLA (Q 32, C 32, H 16, R 8, E 16), width 96, 2 layers, 4
+heads; the indexer 4 heads of dim 32. Pretraining rows are 128 bytes,
+batch 16 (about 9 problems a row). keep_routing is a no-op here (no MoE).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from dsax.config import (ConfigError, DataConfig, EvalConfig,
+                         ExperimentConfig, IndexerConfig, ModelConfig,
+                         OptimConfig, PhaseConfig, RLConfig)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA_DIR = os.path.join(ROOT, "work", "grpo_arith_data")
+# The sweep's starting point: the sparse phase of the seed-0 sparse run.
+ABLATE_FROM = os.path.join(ROOT, "work", "grpo_arith", "both_s0", "phases",
+                           "sparse")
+
+DIGITS, OPS = 2, "+"
+TRAIN_PROBLEMS = 20000
+EVAL_PROMPTS = 256
+HELDOUT_SEEDS = (0, 1, 2, 3)   # their held-out problems stay out of the file
+ABLATE_STEPS = 20
+# Adam normalises: at 1e-3 the many all-zero-reward groups (KL gradient
+# only) moved the policy to KL ~1 in 10 steps and the reward fell.
+GRPO_LR = 1e-4
+TOPK = 8                       # < 9 prompt bytes + up to 5 completion bytes
+PRETRAIN_STEPS, WARMUP_STEPS, SPARSE_STEPS, GRPO_STEPS = 600, 60, 60, 60
+RL = RLConfig(task="arithmetic", digits=DIGITS, ops=OPS, prompts=16,
+              group_size=8, max_new_tokens=5, temperature=1.0,
+              kl_coef=0.01, eval_prompts=EVAL_PROMPTS)
+
+
+def heldout_lines(seeds=HELDOUT_SEEDS, n: int = EVAL_PROMPTS,
+                  digits: int = DIGITS, ops: str = OPS) -> set[str]:
+  """The prompts the grpo phases score eval_reward on (dsax.rl.trainer
+  draws them from default_rng([seed, HELDOUT_STREAM]))."""
+  from dsax.rl import rewards, trainer  # pylint: disable=import-outside-toplevel
+  out = set()
+  for seed in seeds:
+    rng = np.random.default_rng([seed, trainer.HELDOUT_STREAM])
+    out.update(rewards.arithmetic(rng, digits, ops).prompt for _ in range(n))
+  return out
+
+
+def data_file(n: int = TRAIN_PROBLEMS, digits: int = DIGITS, ops: str = OPS,
+              data_dir: str | None = None) -> str:
+  """A JSONL of ``n`` problems with their answers, one document each
+  ("Q: 47+85= 132\\n"), drawn with seed 12345 and without the held-out
+  prompts; written once (atomically), then reused."""
+  from dsax.rl import rewards  # pylint: disable=import-outside-toplevel
+  name = f"arith_d{digits}_{''.join('asm'['+-*'.index(o)] for o in ops)}" \
+         f"_{n}.jsonl"
+  data_dir = data_dir or DATA_DIR
+  path = os.path.join(data_dir, name)
+  if os.path.isfile(path):
+    return path
+  os.makedirs(data_dir, exist_ok=True)
+  held = heldout_lines(digits=digits, ops=ops)
+  rng = np.random.default_rng(12345)
+  lines = []
+  while len(lines) < n:
+    p = rewards.arithmetic(rng, digits, ops)
+    if p.prompt not in held:
+      lines.append(json.dumps({"text": p.prompt + p.data["answer"] + "\n"}))
+  tmp = f"{path}.{os.getpid()}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  os.replace(tmp, path)
+  return path
+
+
+def model_config(d_model: int = 96, n_layers: int = 2) -> ModelConfig:
+  return ModelConfig(
+      vocab_size=256, d_model=d_model, n_layers=n_layers, n_heads=4,
+      q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+      qk_rope_head_dim=8, v_head_dim=16, d_ff=4 * d_model, attn_q_chunk=64,
+      indexer=IndexerConfig(n_heads=4, head_dim=32, rope_dim=16, topk=TOPK,
+                            q_chunk=32))
+
+
+def const(lr: float, warm: int) -> OptimConfig:
+  return OptimConfig(lr=lr, lr_warmup_steps=warm, schedule="constant")
+
+
+def phases(variant: str, pretrain: int, warmup: int, sparse: int, grpo: int,
+           rl: RLConfig = RL) -> tuple:
+  """dense: pretrain -> grpo; sparse: pretrain -> warmup -> sparse -> grpo
+  (sparse); both: pretrain -> grpo_dense, then from the same pretrained
+  parameters warmup -> sparse -> grpo_sparse (one pretraining per seed)."""
+  pre = PhaseConfig(name="pretrain", kind="pretrain", steps=pretrain,
+                    optim=OptimConfig(lr=3e-3, lr_warmup_steps=min(
+                        20, pretrain)))
+  grpo_optim = const(GRPO_LR, min(5, grpo))
+  dense = PhaseConfig(name="grpo", kind="grpo", steps=grpo, rl=rl,
+                      optim=grpo_optim)
+  dsa = (
+      PhaseConfig(name="warmup", kind="warmup", steps=warmup,
+                  optim=const(1e-3, min(5, warmup))),
+      PhaseConfig(name="sparse", kind="sparse", steps=sparse,
+                  optim=const(3e-4, min(5, sparse)),
+                  indexer_optim=const(1e-3, min(5, sparse))),
+      PhaseConfig(name="grpo", kind="grpo", steps=grpo, optim=grpo_optim,
+                  rl=dataclasses.replace(rl, attention="sparse")),
+  )
+  if variant == "dense":
+    return (pre, dense)
+  if variant == "sparse":
+    return (pre,) + dsa
+  return (pre, dataclasses.replace(dense, name="grpo_dense"),
+          dataclasses.replace(dsa[0], init_from="pretrain"), dsa[1],
+          dataclasses.replace(dsa[2], name="grpo_sparse"))
+
+
+def get_config(arg=None) -> ExperimentConfig:
+  variants = ("both", "dense", "sparse", "ablate", "test")
+  if arg not in variants:
+    raise ConfigError(f"grpo_arith: ARG must be one of {variants}, "
+                      f"got {arg!r}")
+  test = arg == "test"
+  data = DataConfig(source="files",
+                    paths=(data_file(400 if test else TRAIN_PROBLEMS),),
+                    tokenizer="bytes", seq_len=64 if test else 128,
+                    batch_size=4 if test else 16, val_fraction=0.02)
+  model = model_config(32 if test else 96)
+  if test:  # the ``both`` chain, a few steps of each phase
+    rl = dataclasses.replace(RL, prompts=2, group_size=2, eval_prompts=8)
+    ph = phases("both", 4, 2, 2, 2, rl)
+  elif arg == "ablate":
+    ph = (PhaseConfig(name="grpo", kind="grpo", steps=ABLATE_STEPS,
+                      optim=const(GRPO_LR, 5), init_from=ABLATE_FROM,
+                      rl=dataclasses.replace(RL, attention="sparse")),)
+  else:
+    ph = phases(arg, PRETRAIN_STEPS, WARMUP_STEPS, SPARSE_STEPS, GRPO_STEPS)
+  return ExperimentConfig(
+      name=f"grpo_arith_{arg}", model=model, data=data, phases=ph,
+      eval=EvalConfig(every=0, batches=1, final_batches=1),
+      log_every=1 if test else 5, save_every=0, compare=False)

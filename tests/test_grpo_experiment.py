@@ -1,0 +1,64 @@
+"""experiments/grpo_arith.py: its variants load, its pretraining file
+leaves the held-out problems out, and the ``test`` variant (pretrain ->
+dense grpo; warmup -> sparse -> sparse grpo) runs end to end through
+train.run with eval_reward at each grpo phase's start and end."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from dsax import metrics, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from experiments import grpo_arith, grpo_report  # noqa: E402  pylint: disable=wrong-import-position
+
+
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path, monkeypatch):
+  monkeypatch.setattr(grpo_arith, "DATA_DIR", str(tmp_path / "data"))
+  return tmp_path / "data"
+
+
+def test_variants_load_and_the_data_leaves_out_the_heldout_problems(
+    data_dir):
+  for arg in ("both", "dense", "sparse", "ablate", "test"):
+    cfg = grpo_arith.get_config(arg)
+    grpo = [p for p in cfg.phases if p.kind == "grpo"]
+    assert grpo and all(p.rl.eval_prompts > 0 for p in grpo)
+    if arg in ("sparse", "ablate"):
+      assert grpo[-1].rl.attention == "sparse"
+      # top-k below the prompt (9 bytes) + completion length
+      assert cfg.model.indexer.topk < 9 + grpo[-1].rl.max_new_tokens
+  with pytest.raises(Exception, match="ARG must be one of"):
+    grpo_arith.get_config(None)
+  path = grpo_arith.data_file(400)
+  assert os.path.dirname(path) == str(data_dir)
+  with open(path, encoding="utf-8") as f:
+    texts = [json.loads(line)["text"] for line in f]
+  assert len(texts) == 400
+  held = grpo_arith.heldout_lines()
+  for t in texts:
+    prompt, answer = t.rstrip("\n").split("= ")
+    assert prompt + "=" not in held
+    a, b = (int(x) for x in prompt[3:].split("+"))
+    assert int(answer) == a + b
+
+
+def test_the_test_variant_runs_end_to_end(tmp_path):
+  cfg = grpo_arith.get_config("test")
+  train.run(cfg, str(tmp_path / "run"))
+  rows = metrics.read_metrics(str(tmp_path / "run"))
+  for phase in ("grpo_dense", "grpo"):
+    got = [r for r in rows if r["phase"] == phase]
+    evals = [r["eval_reward"] for r in got if "eval_reward" in r]
+    assert len(evals) == 2 and all(0 <= e <= 1 for e in evals), phase
+    assert all(np.isfinite(r["loss"]) for r in got if "loss" in r)
+  # The report reads the run (named like the experiment's runs).
+  os.rename(tmp_path / "run", tmp_path / "both_s0")
+  lines, runs = grpo_report.main_table(str(tmp_path))
+  assert sorted(runs) == ["dense", "dsa"]
+  assert any("| dsa | 0 |" in l for l in lines)
