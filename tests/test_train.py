@@ -287,3 +287,25 @@ def test_a_user_compilation_cache_is_kept(tmp_path):
   finally:
     jax.config.update("jax_compilation_cache_dir", None)
   assert not os.path.exists(tmp_path / "run")
+
+
+def test_tokens_per_s_times_each_step_to_its_metrics(tmp_path, monkeypatch):
+  """Each logged step's time runs to the moment its metrics arrive. Reading
+  them is made to take 0.25 s here (as a step still running on the device
+  would), so no step, the saved ones and the last included, can show more
+  than tokens / 0.25 s; the save step used to be timed before its wait."""
+  slow = train._check_finite  # pylint: disable=protected-access
+
+  def waiting(*a, **kw):
+    time.sleep(0.25)
+    return slow(*a, **kw)
+  monkeypatch.setattr(train, "_check_finite", waiting)
+  cfg = small_cfg(["phases.warmup.steps=0", "phases.sparse.steps=0",
+                   "phases.dense.steps=0", "phases.pretrain.steps=4",
+                   "save_every=2"])
+  train.run(cfg, str(tmp_path))
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+  assert len(speeds) == 4
+  bound = cfg.data.batch_size * cfg.data.seq_len / 0.25
+  assert max(speeds) <= bound, (speeds, bound)

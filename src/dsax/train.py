@@ -386,9 +386,14 @@ def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
   bar = tqdm.tqdm(total=phase.steps, initial=start_step, desc=phase.name,
                   dynamic_ncols=True, leave=True, disable=not S.is_primary())
 
-  def emit(s, out, dt):
+  def emit(s, out):
+    # Timed after the metrics arrive (_check_finite waits for step s), so
+    # dt runs from the end of the previous step to the end of this one.
+    nonlocal t_last
     vals = _check_finite(phase, s, out, kept)
-    vals["tokens_per_s"] = tokens_per_step / max(dt, 1e-9)
+    now = time.perf_counter()
+    vals["tokens_per_s"] = tokens_per_step / max(now - t_last, 1e-9)
+    t_last = now
     if s % cfg.log_every == 0 or s == phase.steps:
       writer.write(phase.name, base + s, vals)
     bar.set_postfix({k: f"{v:.3g}" for k, v in vals.items()
@@ -405,9 +410,7 @@ def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
       batch = S.global_batch(next(data_iter), batch_sh)
       state, out = step_fn(state, frozen, batch)
       if pending is not None:  # read the previous step's metrics now
-        now = time.perf_counter()
-        last_vals = emit(*pending, now - t_last)
-        t_last = now
+        last_vals = emit(*pending)
       pending = (s, out)
       bar.update(1)
       if cfg.eval.every and evaluate is not None and s % cfg.eval.every == 0:
@@ -419,7 +422,7 @@ def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
           writer.write(phase.name, base + s, {f"eval_{k}": v
                                               for k, v in ev.items()})
       if sigs.caught is not None:
-        last_vals = emit(*pending, time.perf_counter() - t_last)
+        last_vals = emit(*pending)
         saved = save(s)
         bar.close()
         if not saved:
@@ -431,12 +434,12 @@ def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
                           f"(checkpoint step {base + s}); rerun the same "
                           "command to resume")
       if cfg.save_every and s % cfg.save_every == 0 and s < phase.steps:
-        last_vals = emit(*pending, time.perf_counter() - t_last)
+        last_vals = emit(*pending)
         pending = None
-        t_last = time.perf_counter()
         save(s)
+        t_last = time.perf_counter()  # the save is not the next step's time
     if pending is not None:
-      last_vals = emit(*pending, time.perf_counter() - t_last)
+      last_vals = emit(*pending)
   bar.close()
   summary = ", ".join(f"{k} {v:.4g}" for k, v in last_vals.items()
                       if k in ("loss", "lm_loss", "indexer_kl", "grad_norm",
