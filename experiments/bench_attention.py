@@ -30,7 +30,7 @@ sum(out * ct) w.r.t. x and the layer's parameters (attention and indexer).
           by gathering the k selected rows per query, or, when T <=
           dsa.MASKED_RATIO * k (and <= dsa.MASKED_MAX_KEYS), as dense
           attention under the selection's [T, T] key mask (dsa.use_masked).
-  gather  the sparse layer always gathering (dsa.MASKED_RATIO = 0).
+  gather  the sparse layer always gathering (AttentionMode.sparse_way).
   masked  the sparse layer always masked: the layer MaxText writes (a dense
           T x T score matrix under the top-k mask), the peer to beat at 1K.
   core    kernels.sparse_mla alone (fwd + bwd w.r.t. q and kv) given the
@@ -78,6 +78,8 @@ from dsax import params as P  # noqa: E402
 from dsax.attention import AttentionMode  # noqa: E402
 from dsax.config import IndexerConfig, ModelConfig  # noqa: E402
 from dsax.kernels import query_chunks  # noqa: E402
+
+from bench_util import peak_mb  # noqa: E402
 
 
 VARIANTS = ("dense", "full", "warmup", "sparse", "gather", "masked", "core",
@@ -152,15 +154,6 @@ def flops(args, t: int) -> dict[str, float]:
       indexer=2 * args.i * args.j * causal * args.batch)
 
 
-def peak_mb(compiled) -> float:
-  m = compiled.memory_analysis()
-  if m is None:
-    return float("nan")
-  total = (m.temp_size_in_bytes + m.argument_size_in_bytes
-           + m.output_size_in_bytes - m.alias_size_in_bytes)
-  return total / 2**20
-
-
 def full_attention(p, proj, cfg: ModelConfig):
   """Non-causal MLA over all T keys (no mask): query chunks of
   cfg.attn_q_chunk in a rolled lax.map with remat, each a [N, chunk, T]
@@ -199,8 +192,8 @@ def build(args, t: int, key):
   ang = mla.angles(positions, cfg)
   ang_i = dsa.indexer_angles(positions, cfg)
 
-  def layer_out(p, x, attention):
-    mode = AttentionMode.of(cfg, attention, impl="reference")
+  def layer_out(p, x, attention, way="auto"):
+    mode = AttentionMode.of(cfg, attention, impl="reference", sparse_way=way)
     proj = mla.project(p["attn"], x, ang, cfg)
     o, _ = dsa.attend(p, x, proj, mode, cfg, None, ang_i)
     return mla.output_projection(o, p["attn"]["wo"])
@@ -212,15 +205,10 @@ def build(args, t: int, key):
     return jnp.sum(layer_out(p, x, "sparse").astype(jnp.float32) * ct)
 
   def forced(masked: bool):
-    """sparse_loss with dsa.use_masked forced (patched while it traces)."""
-    def loss(p, x, ct):
-      saved = dsa.MASKED_RATIO, dsa.MASKED_MAX_KEYS
-      dsa.MASKED_RATIO, dsa.MASKED_MAX_KEYS = ((t, t) if masked else (0, 0))
-      try:
-        return sparse_loss(p, x, ct)
-      finally:
-        dsa.MASKED_RATIO, dsa.MASKED_MAX_KEYS = saved
-    return loss
+    """sparse_loss with AttentionMode.sparse_way forced."""
+    way = "masked" if masked else "gather"
+    return lambda p, x, ct: jnp.sum(
+        layer_out(p, x, "sparse", way).astype(jnp.float32) * ct)
 
   def warmup_step(p, x, ct):
     def kl(p_indexer):

@@ -19,15 +19,14 @@ chunked_over_full=<ratio> chunked_peak_mb=<MB> full_peak_mb=<MB>``.
 from __future__ import annotations
 
 import argparse
-import os
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dsax import lm_loss, model
 from dsax.config import ModelConfig
+
+from bench_util import compile_all, interleaved, machine
 
 
 def parse(argv):
@@ -45,15 +44,6 @@ def parse(argv):
     args.d, args.vocab, args.seq_len = 64, 512, 256
     args.chunk, args.reps = 64, 1
   return args
-
-
-def peak_mb(compiled) -> float:
-  m = compiled.memory_analysis()
-  if m is None:
-    return float("nan")
-  total = (m.temp_size_in_bytes + m.argument_size_in_bytes
-           + m.output_size_in_bytes - m.alias_size_in_bytes)
-  return total / 2**20
 
 
 def main(argv=None):
@@ -75,31 +65,16 @@ def main(argv=None):
 
   fns = {"chunked": chunked, "full": full}
   print(f"LM loss fwd+bwd: B={b} T={t} D={args.d} V={args.vocab} "
-        f"chunk={args.chunk} f32 {jax.default_backend()}; machine "
-        f"cpus={os.cpu_count()} load1={os.getloadavg()[0]:.2f}")
-  compiled, peaks, times, vals = {}, {}, {n: [] for n in fns}, {}
-  for n, fn in fns.items():
-    t0 = time.perf_counter()
-    compiled[n] = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(
-        h_BTD, w_DV).compile()
-    peaks[n] = peak_mb(compiled[n])
-    vals[n] = jax.block_until_ready(compiled[n](h_BTD, w_DV))
-    print(f"  {n}: compile+first {time.perf_counter() - t0:.1f}s, "
-          f"peak {peaks[n]:.0f} MB")
+        f"chunk={args.chunk} f32, {machine()}")
+  compiled, peaks, vals = compile_all(
+      {n: jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
+       for n, fn in fns.items()}, h_BTD, w_DV)
   (lc, (gh_c, gw_c)), (lf, (gh_f, gw_f)) = vals["chunked"], vals["full"]
   rel = max(float(jnp.max(jnp.abs(a - c)) / jnp.max(jnp.abs(c)))
             for a, c in ((gh_c, gh_f), (gw_c, gw_f)))
   print(f"  loss chunked {float(lc):.6f} full {float(lf):.6f}; "
         f"max relative gradient difference {rel:.1e}")
-  for rep in range(args.reps):
-    row = []
-    for n in fns:
-      t0 = time.perf_counter()
-      jax.block_until_ready(compiled[n](h_BTD, w_DV))
-      times[n].append(time.perf_counter() - t0)
-      row.append(f"{n} {times[n][-1] * 1e3:.0f} ms")
-    print(f"  rep {rep}: " + ", ".join(row))
-  med = {n: float(np.median(times[n])) for n in fns}
+  med = interleaved(compiled, (h_BTD, w_DV), args.reps)
   gflop = {"full": 6.0 * b * t * args.d * args.vocab / 1e9}
   gflop["chunked"] = gflop["full"] * 4 / 3
   for n in fns:

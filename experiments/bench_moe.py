@@ -19,16 +19,15 @@ Ends with ``summary: grouped_over_dense=<ratio> grouped_peak_mb=<MB>``.
 from __future__ import annotations
 
 import argparse
-import os
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dsax import moe
 from dsax import params as P
 from dsax.config import ModelConfig, MoEConfig
+
+from bench_util import compile_all, interleaved, machine
 
 
 def parse(argv):
@@ -50,15 +49,6 @@ def parse(argv):
     args.experts, args.topk, args.shared = 8, 2, 1
     args.d, args.f, args.tokens, args.block, args.reps = 64, 32, 256, 16, 1
   return args
-
-
-def peak_mb(compiled) -> float:
-  m = compiled.memory_analysis()
-  if m is None:
-    return float("nan")
-  total = (m.temp_size_in_bytes + m.argument_size_in_bytes
-           + m.output_size_in_bytes - m.alias_size_in_bytes)
-  return total / 2**20
 
 
 def layer_config(args) -> ModelConfig:
@@ -94,27 +84,11 @@ def main(argv=None):
 
   print(f"MoE layer fwd+bwd: X={args.experts} K={args.topk} "
         f"shared={args.shared} D={args.d} F={args.f} tokens={args.tokens} "
-        f"(B={args.batch}) f32 {jax.default_backend()}, grouped impl="
-        f"{moe.resolve_impl(args.impl)} block={args.block}; machine "
-        f"cpus={os.cpu_count()} load1={os.getloadavg()[0]:.2f}")
+        f"(B={args.batch}) f32, grouped impl={moe.resolve_impl(args.impl)} "
+        f"block={args.block}; {machine()}")
   names = ("grouped", "dense")
-  compiled, peaks, times = {}, {}, {n: [] for n in names}
-  for n in names:
-    t0 = time.perf_counter()
-    compiled[n] = step(n).lower(p, x_BTD).compile()
-    peaks[n] = peak_mb(compiled[n])
-    jax.block_until_ready(compiled[n](p, x_BTD))  # untimed first call
-    print(f"  {n}: compile+first {time.perf_counter() - t0:.1f}s, "
-          f"peak {peaks[n]:.0f} MB")
-  for rep in range(args.reps):
-    row = []
-    for n in names:
-      t0 = time.perf_counter()
-      jax.block_until_ready(compiled[n](p, x_BTD))
-      times[n].append(time.perf_counter() - t0)
-      row.append(f"{n} {times[n][-1] * 1e3:.0f} ms")
-    print(f"  rep {rep}: " + ", ".join(row))
-  med = {n: float(np.median(times[n])) for n in names}
+  compiled, peaks, _ = compile_all({n: step(n) for n in names}, p, x_BTD)
+  med = interleaved(compiled, (p, x_BTD), args.reps)
   for n in names:
     print(f"  {n}: median {med[n] * 1e3:.0f} ms, "
           f"{flops(args, n) / 1e9:.1f} GFLOP at "

@@ -159,3 +159,19 @@ def test_whole_jitted_train_step_forms_no_btv_array():
     jaxpr = step.jitted.trace(state, frozen, batch).jaxpr.jaxpr
   sizes = _sizes(jaxpr)
   assert b * 16 * V in sizes and b * t * V not in sizes
+
+
+def test_bench_lm_loss_runs_at_tiny_sizes(capsys):
+  import os
+  import re
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
+                                  "experiments"))
+  import bench_lm_loss
+  bench_lm_loss.main(["--quick"])
+  out = capsys.readouterr().out
+  m = re.search(r"^summary: chunked_over_full=(\S+) chunked_peak_mb=(\S+) "
+                r"full_peak_mb=(\S+)$", out, re.M)
+  assert m and all(float(g) > 0 for g in m.groups())
+  grad = re.search(r"max relative gradient difference (\S+)$", out, re.M)
+  assert grad and float(grad.group(1)) < 1e-5

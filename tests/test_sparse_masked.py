@@ -30,6 +30,12 @@ def test_use_masked_rule():
   assert not dsa.use_masked(dataclasses.replace(mode, impl="pallas"), 64)
   big = AttentionMode(kind="sparse", topk=4096)
   assert not dsa.use_masked(big, dsa.MASKED_MAX_KEYS + 1)
+  assert dsa.use_masked(dataclasses.replace(big, sparse_way="masked"), 10**5)
+  assert not dsa.use_masked(dataclasses.replace(mode, sparse_way="gather"), 64)
+  with pytest.raises(ValueError, match="sparse_way='masked' needs"):
+    dataclasses.replace(mode, impl="pallas", sparse_way="masked")
+  with pytest.raises(ValueError, match="sparse_way must be one of"):
+    dataclasses.replace(mode, sparse_way="dense")
 
 
 def test_selection_mask_marks_exactly_the_valid_slots():
@@ -43,7 +49,7 @@ def test_selection_mask_marks_exactly_the_valid_slots():
 
 @pytest.mark.parametrize("family", ["mla", "gqa"])
 @pytest.mark.parametrize("selection", ["indexer", "local"])
-def test_masked_equals_gather(family, selection, monkeypatch):
+def test_masked_equals_gather(family, selection):
   cfg = _configs()[family]
   params = init(cfg)
   b, t, k = 2, 48, 8
@@ -56,7 +62,7 @@ def test_masked_equals_gather(family, selection, monkeypatch):
   mode = AttentionMode.of(cfg, "sparse", topk=k, selection=selection,
                           indexer_loss=gate, indexer_gate=gate)
 
-  def loss(p):
+  def loss(p, mode):
     logits, aux = model.forward(p, tokens, cfg, seg, mode=mode,
                                 positions_BT=pos)
     lm = jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
@@ -64,9 +70,10 @@ def test_masked_equals_gather(family, selection, monkeypatch):
     return lm + kl, (logits, aux.indexer_kl)
 
   def run(masked: bool):
-    monkeypatch.setattr(dsa, "MASKED_RATIO", t if masked else 0)
-    assert dsa.use_masked(mode, t) == masked
-    return jax.jit(jax.grad(loss, has_aux=True))(params)
+    way = dataclasses.replace(mode, sparse_way="masked" if masked
+                              else "gather")
+    assert dsa.use_masked(way, t) == masked
+    return jax.jit(jax.grad(lambda p: loss(p, way), has_aux=True))(params)
 
   g_mask, (lo_mask, kl_mask) = run(True)
   g_gath, (lo_gath, kl_gath) = run(False)

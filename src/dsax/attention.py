@@ -53,6 +53,7 @@ from dsax.config import ModelConfig, resolve_topk
 KINDS = ("dense", "sparse")
 SELECTIONS = ("indexer", "local", "oracle", "given")
 IMPLS = ("reference", "pallas", "auto")
+SPARSE_WAYS = ("auto", "gather", "masked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,10 @@ class AttentionMode:
   cache: bool = False           # LayerAux.cache (model.CACHE_NAMES rows)
   experts: bool = False         # LayerAux.experts (MoE layers' choices)
   impl: str = "reference"
+  # How the jnp reference runs a sparse layer: gather the k selected rows,
+  # or dense attention under the selection's key mask; "auto" picks by the
+  # number of keys (dsa.use_masked). The kernels always gather.
+  sparse_way: str = "auto"
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -82,6 +87,12 @@ class AttentionMode:
     if self.impl not in IMPLS:
       raise ValueError(f"AttentionMode.impl must be one of {IMPLS}, "
                        f"got {self.impl!r}")
+    if self.sparse_way not in SPARSE_WAYS:
+      raise ValueError(f"AttentionMode.sparse_way must be one of "
+                       f"{SPARSE_WAYS}, got {self.sparse_way!r}")
+    if self.sparse_way == "masked" and self.impl != "reference":
+      raise ValueError(f"AttentionMode.sparse_way='masked' needs "
+                       f"impl='reference', got impl={self.impl!r}")
     if (self.sparse or self.recall) and self.topk <= 0:
       raise ValueError(f"AttentionMode.topk must be > 0 for sparse attention "
                        f"or recall, got {self.topk} (AttentionMode.of "
@@ -114,7 +125,7 @@ class AttentionMode:
     """The mode for ``cfg``: ``topk`` 0/None means ``cfg.indexer.topk``,
     ``impl`` ""/None means ``cfg.kernel_impl``; ``flags`` are the other
     fields (selection, sinks, indexer_gate, indexer_loss, recall, indices,
-    indexer_keys, cache, experts)."""
+    indexer_keys, cache, experts, sparse_way)."""
     return cls(kind=kind, topk=resolve_topk(cfg, topk),
                impl=impl or cfg.kernel_impl, **flags)
 

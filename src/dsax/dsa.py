@@ -498,13 +498,15 @@ def _gate(fam, a, proj, cfg, q_kl, rows_kl, idx_BTK, valid_BTK, indexer):
 # gathering k rows per query when S <= MASKED_RATIO * k (measured by
 # experiments/bench_attention.py: the "masked" variant against "sparse");
 # MASKED_MAX_KEYS bounds its [B, N, T, S] f32 scores. The jnp reference
-# only: the kernels always gather.
+# only: the kernels always gather. AttentionMode.sparse_way forces either.
 MASKED_RATIO = 4
 MASKED_MAX_KEYS = 2048
 
 
 def use_masked(mode: AttentionMode, n_keys: int) -> bool:
   """Whether a sparse forward over ``n_keys`` keys runs masked."""
+  if mode.sparse_way != "auto":
+    return mode.sparse_way == "masked"
   return (mode.impl == "reference" and n_keys <= MASKED_MAX_KEYS
           and n_keys <= MASKED_RATIO * mode.topk)
 
