@@ -123,28 +123,50 @@ def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
 
 def teacher_forced(logits_fn: LogitsFn, encoded: Sequence[Encoded],
                    batch_size: int = 8, pad_to: int = 64) -> list[dict]:
-  """Per example: correct, token_acc, logprob, n_answer (in input order)."""
+  """Per example: correct, token_acc, logprob, n_answer (in input order).
+  Only [B, T] per-position results leave the device (``_target_stats``),
+  not the [B, T, V] logits."""
   results: list[dict] = [{} for _ in encoded]
   for group in _batches([len(e.ids) for e in encoded], batch_size):
     t = max(len(encoded[i].ids) - 1 for i in group)
     t = -(-t // pad_to) * pad_to
     tokens = np.zeros((len(group), t), np.int32)
+    targets = np.zeros((len(group), t), np.int32)
     for r, i in enumerate(group):
-      ids = encoded[i].ids[:-1]
-      tokens[r, :len(ids)] = ids
-    logits = np.asarray(logits_fn(tokens), np.float32)
+      ids = encoded[i].ids
+      tokens[r, :len(ids) - 1] = ids[:-1]
+      targets[r, :len(ids) - 1] = ids[1:]
+    hit_BT, logp_BT = (np.asarray(a) for a in
+                       _target_stats(logits_fn(tokens), targets))
     for r, i in enumerate(group):
       e = encoded[i]
       pos = np.arange(e.n_prompt - 1, len(e.ids) - 1)
-      target = e.ids[e.n_prompt:]
-      row = logits[r, pos]
-      hit = np.argmax(row, -1) == target
-      m = row.max(-1, keepdims=True)
-      logp = row - m - np.log(np.exp(row - m).sum(-1, keepdims=True))
+      hit = hit_BT[r, pos]
       results[i] = {"correct": bool(hit.all()), "token_acc": float(hit.mean()),
-                    "logprob": float(logp[np.arange(len(target)), target].sum()),
-                    "n_answer": int(len(target))}
+                    "logprob": float(logp_BT[r, pos].astype(np.float64).sum()),
+                    "n_answer": int(len(pos))}
   return results
+
+
+def _target_stats(logits_BTV, targets_BT):
+  """(argmax == target, log p(target)) per position, [B, T] each, computed
+  where the logits are (jitted once per shape)."""
+  global _TARGET_STATS  # pylint: disable=global-statement
+  if _TARGET_STATS is None:
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+    def stats(logits_BTV, targets_BT):
+      logits_BTV = logits_BTV.astype(jnp.float32)
+      logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
+      logp_BT = jnp.take_along_axis(logp_BTV, targets_BT[..., None],
+                                    axis=-1)[..., 0]
+      return jnp.argmax(logits_BTV, -1) == targets_BT, logp_BT
+    _TARGET_STATS = jax.jit(stats)
+  return _TARGET_STATS(logits_BTV, targets_BT)
+
+
+_TARGET_STATS = None
 
 
 def score_examples(logits_fn: LogitsFn, examples: Sequence[tasks.Example],
