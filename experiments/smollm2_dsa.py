@@ -82,6 +82,23 @@ def phases(warmup: int, sparse: int, init_from: str,
   )
 
 
+def _real(compute_dtype: str, kernel_impl: str, topk: int, q_chunk: int,
+          seq_len: int, batch_size: int, val_fraction: float):
+  """The prepared SmolLM2 with its indexer's k and query chunk, and the
+  stdlib + natural-text data under its own tokenizer."""
+  model = smollm2_model()
+  model = dataclasses.replace(
+      model, compute_dtype=compute_dtype, kernel_impl=kernel_impl,
+      attn_q_chunk=512, indexer=dataclasses.replace(
+          model.indexer, topk=topk, q_chunk=q_chunk))
+  data = DataConfig(
+      source="stdlib", paths=(os.path.join(MODEL_DIR, "natural.jsonl"),),
+      tokenizer="file:" + os.path.join(MODEL_DIR, "tokenizer.json"),
+      seq_len=seq_len, batch_size=batch_size, val_fraction=val_fraction,
+      seed=0)
+  return model, data
+
+
 def get_config(arg=None) -> ExperimentConfig:
   if arg == "test":
     return _test_config()
@@ -90,14 +107,9 @@ def get_config(arg=None) -> ExperimentConfig:
   if arg is not None:
     raise ConfigError(f"smollm2_dsa: ARG must be empty, 'cpu' or 'test', "
                      f"got {arg!r}")
-  model = smollm2_model()
-  model = dataclasses.replace(
-      model, compute_dtype="bfloat16", kernel_impl="auto", attn_q_chunk=512,
-      indexer=dataclasses.replace(model.indexer, topk=512, q_chunk=256))
-  data = DataConfig(
-      source="stdlib", paths=(os.path.join(MODEL_DIR, "natural.jsonl"),),
-      tokenizer="file:" + os.path.join(MODEL_DIR, "tokenizer.json"),
-      seq_len=4096, batch_size=8, val_fraction=0.02, seed=0)
+  model, data = _real(compute_dtype="bfloat16", kernel_impl="auto",
+                      topk=512, q_chunk=256, seq_len=4096, batch_size=8,
+                      val_fraction=0.02)
   return ExperimentConfig(
       name="smollm2_dsa", model=model, data=data,
       phases=phases(500, 1000, os.path.join(MODEL_DIR, "params")),
@@ -115,16 +127,10 @@ def _cpu_config() -> ExperimentConfig:
   """T = 2048, k = 128 (T/k = 16), batch 1, f32: the warm-up, sparse
   training with the KL-trained indexer and with the router-style one, and
   the dense control, each sparse phase at equal steps."""
-  model = smollm2_model()
-  model = dataclasses.replace(
-      model, compute_dtype="float32", kernel_impl="reference",
-      attn_q_chunk=512,
-      # Small sparse chunks keep the gathered rows in cache on a CPU.
-      indexer=dataclasses.replace(model.indexer, topk=128, q_chunk=64))
-  data = DataConfig(
-      source="stdlib", paths=(os.path.join(MODEL_DIR, "natural.jsonl"),),
-      tokenizer="file:" + os.path.join(MODEL_DIR, "tokenizer.json"),
-      seq_len=2048, batch_size=1, val_fraction=0.05, seed=0)
+  # Small sparse chunks keep the gathered rows in cache on a CPU.
+  model, data = _real(compute_dtype="float32", kernel_impl="reference",
+                      topk=128, q_chunk=64, seq_len=2048, batch_size=1,
+                      val_fraction=0.05)
   return ExperimentConfig(
       name="smollm2_dsa_cpu", model=model, data=data,
       phases=phases(CPU_WARMUP_STEPS, CPU_SPARSE_STEPS,
