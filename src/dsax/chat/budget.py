@@ -14,8 +14,9 @@ prefills again after a policy acted.
 - ``discard_all_tool_history``: drop every tool exchange (V3.2's
   "discard-all", which it found to work better than summarising).
 - ``discard_oldest_tool_results``: replace the oldest tool results' content
-  with ``ELIDED``, one at a time, until the conversation fits; if it still
-  does not, drop whole tool exchanges, oldest first.
+  with ``ELIDED``, one at a time (skipping results no longer than it), until
+  the conversation fits; if it still does not, drop whole tool exchanges,
+  oldest first.
 - ``summarize_tool_history(summarize)``: drop every tool exchange and append
   ``summarize(dropped)``, a User message (or the str of one) standing for
   them.
@@ -33,7 +34,7 @@ from typing import Callable, Sequence
 from dsax.chat.messages import (Assistant, ChatError, Message, ToolResult,
                                 User, is_tool_history)
 
-ELIDED = "[result dropped to fit the context]"
+ELIDED = "[dropped]"
 
 
 class BudgetError(ChatError):
@@ -117,8 +118,12 @@ def discard_oldest_tool_results(chat, messages: Sequence[Message],
       break
     if isinstance(m, ToolResult) and m.content != ELIDED:
       current[i] = ToolResult(ELIDED)
-      elided.append(i)
-      n = chat.count(current)
+      shorter = chat.count(current)
+      if shorter < n:
+        elided.append(i)
+        n = shorter
+      else:  # a result shorter than the placeholder stays
+        current[i] = m
   dropped: list[int] = []
   for exchange in _exchanges(messages):
     if n <= budget:
