@@ -49,9 +49,12 @@ class Gen:
     if empty_ok and self.rng.random() < 0.2:
       return ""
     self.n += 1
-    words = self.rng.choices(WORDS, k=self.rng.randint(0, 6))
-    k = self.rng.randint(0, len(words))
-    return "".join(words[:k]) + f"t{self.n};" + "".join(words[k:])
+    while True:  # "<" "think" ">" would be a marker: draw again
+      words = self.rng.choices(WORDS, k=self.rng.randint(0, 6))
+      k = self.rng.randint(0, len(words))
+      text = "".join(words[:k]) + f"t{self.n};" + "".join(words[k:])
+      if "think>" not in text:
+        return text
 
   def value(self, depth: int = 0):
     r = self.rng.random()
