@@ -365,8 +365,11 @@ def test_prompts_extend_within_a_turn(bases, fmt, base):
             assert _is_prefix(encs[a].ids_T, encs[b].ids_T), (seed, a, b)
             assert _is_prefix(encs[a].mask_T, encs[b].mask_T)
       for a, b in zip(inside, inside[1:]):
-        np.testing.assert_array_equal(
-            chat.extend(conv[:a], conv[a:b]), encs[b].ids_T[len(encs[a]):])
+        tail = chat.extend(conv[:a], conv[a:b])
+        np.testing.assert_array_equal(tail.ids_T, encs[b].ids_T[len(encs[a]):])
+        np.testing.assert_array_equal(tail.mask_T,
+                                      encs[b].mask_T[len(encs[a]):])
+        assert encs[a].text + tail.text == encs[b].text
       for a in inside:
         if isinstance(conv[a - 1], (User, ToolResult)) and a < len(conv):
           # prompt a + the completion's ids == the encoding after it
@@ -561,7 +564,7 @@ def test_special_tokens_in_text_are_refused():
 
 @pytest.mark.parametrize("text,match", [
     ("no close" + E, "no '</think>'"),
-    ("r</think>a</think>", "second"),
+    ("r</think>a</think>", "unexpected"),
     (f"r</think>a{U}b", "holds"),
     ("r</think>a\n\n<｜DSML｜function_calls>\n<｜DSML｜invoke name=\"f\">\n"
      "\n</｜DSML｜invoke>", "not closed"),

@@ -3,10 +3,21 @@ of what the model generated, in two formats (DeepSeek-V3.2's thinking
 format, SmolLM2-Instruct's template), parsers back to assistant messages,
 V3.2's context rules, and context-budget policies.
 
-  chat = Chat(DeepSeekV32(), base=tokenizer)      # or SmolLM2()
-  enc = chat.prompt([System("..."), User("...")])  # enc.ids_T, enc.mask_T
-  reply = chat.parse_ids(completion_ids)           # an Assistant
-  more = chat.extend(history, [ToolResult("...")]) # ids to append
+A multi-turn tool-use rollout on it::
+
+  chat = Chat(DeepSeekV32(), base=tokenizer)       # or SmolLM2()
+  conv = [System("...", tools=[ToolSpec(...)]), User("...")]
+  ids = chat.prompt(conv).ids_T                     # prefill these
+  # sample with RolloutConfig(eos_id=chat.end_id) -> completion ids
+  reply = chat.parse_ids(completion)                # Assistant; ChatError
+  conv.append(reply)                                # if malformed
+  results = [ToolResult(env(c)) for c in reply.tool_calls]
+  more = chat.extend(conv, results)                 # append more.ids_T to
+  conv += results                                   # prompt + completion
+  conv, report = discard_all_tool_history(chat, conv, budget)  # if too long
+
+Modules: messages (dataclasses, validate, the rules: model_view), tokens
+(ChatTokenizer, Chat, Encoded), deepseek_v32, smollm2, budget.
 """
 
 from dsax.chat.budget import (ELIDED, POLICIES, BudgetError, BudgetReport,

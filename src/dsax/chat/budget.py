@@ -19,7 +19,9 @@ prefills again after a policy acted.
   oldest first.
 - ``summarize_tool_history(summarize)``: drop every tool exchange and append
   ``summarize(dropped)``, a User message (or the str of one) standing for
-  them.
+  them. It comes last, a new last user message: the model goes on from it,
+  as V3.2's summary re-initiates a rollout (no format has a role for a
+  summary in the middle of an assistant's turn).
 
 When even the minimal context (everything but the tool history, plus the
 summary for the last policy) exceeds the budget, BudgetError says so in one

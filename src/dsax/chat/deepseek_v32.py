@@ -43,8 +43,8 @@ Choices made here (not fixed by the description):
   own wording, then the JSON schemas one per line inside
   ``<functions>...</functions>``; DeepSeek's exact wording is not
   reproduced. Tools need a System message.
-- Only the thinking mode is the default; ``thinking=False`` gives the chat
-  mode (every opener ``</think>``, no reasoning rendered or parsed).
+- The thinking mode is the default; ``thinking=False`` gives the chat mode
+  (every opener ``</think>``, no reasoning rendered or parsed).
 - Tool results carry no tool name (V3.2 matches them to calls by order).
 - Text holding a special token, a parameter name holding ``"`` or a line
   break, and a tool name holding ``"`` are refused (ChatError): they would
@@ -184,7 +184,8 @@ class DeepSeekV32:
                         f"reasoning: {text[:60]!r}...")
       reasoning, text = text.split(END_THINK, 1)
     if END_THINK in text:
-      raise ChatError(f"generated text has a second {END_THINK!r}")
+      raise ChatError(f"generated text has an unexpected {END_THINK!r} "
+                      "(a second one, or one in the chat mode)")
     content, calls = text, ()
     k = text.find(CALLS_OPEN)
     if k >= 0:

@@ -69,7 +69,8 @@ class ChatTokenizer:
     self.vocab_size = next_id
     self.special_of = {i: s for s, i in self.special_ids.items()}
     by_length = sorted(self.special_ids, key=len, reverse=True)
-    self._split = re.compile("(" + "|".join(map(re.escape, by_length)) + ")")
+    self._split = re.compile("(" + "|".join(map(re.escape, by_length)) + ")"
+                             if by_length else "(?!)")
 
   def encode(self, text: str) -> list[int]:
     ids = []
@@ -181,29 +182,35 @@ class Chat:
     return self.fmt.parse(self.tok.decode(ids))
 
   def extend(self, history: Sequence[Message],
-             new: Sequence[Message]) -> np.ndarray:
-    """The ids that ``new`` appends to ``history``'s: int32 [T'] with
-    ``encode(history) + extend(history, new) == encode(history + new)``.
-    Within a user turn a rollout appends them to its prompt and sampled
-    completion, so the decode cache stays valid. ChatError when the longer
-    conversation rewrites earlier tokens (a new user message)."""
-    short = self.encode(history).ids_T
-    full = self.encode(list(history) + list(new)).ids_T
-    n = short.shape[0]
-    if full.shape[0] < n or not np.array_equal(full[:n], short):
-      first = int(np.argmax(full[:n] != short)) if full.shape[0] >= n else n
+             new: Sequence[Message]) -> Encoded:
+    """What ``new`` appends to ``history``'s encoding (ids, mask, owner,
+    text): ``encode(history)`` followed by it is ``encode(history + new)``.
+    Within a user turn a rollout appends its ids to the prompt and the
+    completion it sampled (tool results and the next opener: mask 0), so
+    the decode cache stays valid. ChatError when the longer conversation
+    rewrites earlier tokens (a new user message)."""
+    short = self.encode(history)
+    full = self.encode(list(history) + list(new))
+    n = len(short)
+    if len(full) < n or not np.array_equal(full.ids_T[:n], short.ids_T):
+      first = (int(np.argmax(full.ids_T[:n] != short.ids_T))
+               if len(full) >= n else n)
       raise ChatError(f"the new messages rewrite earlier tokens (from "
                       f"position {first}): a new user message drops "
                       "reasoning and re-opens the context; re-encode and "
                       "prefill again")
-    return full[n:]
+    return Encoded(full.ids_T[n:], full.mask_T[n:], full.owner_T[n:],
+                   full.text[len(short.text):])
 
   def turn_samples(self, messages: Sequence[Message]) -> list[Encoded]:
     """One training sample per user turn: the conversation up to the end of
     that turn, as the model saw it while answering (that user message the
     last one), with ``mask_T`` on that turn's assistant messages only. Every
     prompt the turn was sampled from is a prefix of its sample, so each
-    generated token is scored in exactly the context it was sampled in."""
+    generated token is scored in exactly the context it was sampled in.
+    The assistants' ids here are their text's encoding; a sampler may have
+    drawn another token sequence for the same text, so a rollout builds its
+    samples from the ids it sampled (prompt, completion, ``extend``)."""
     out = []
     for start, end in user_turns(messages):
       enc = self.encode(messages[:end])
