@@ -135,8 +135,8 @@ def bases():
     conv = Gen(1000 + seed).conversation()
     for fmt in (DeepSeekV32(), SmolLM2()):
       sample.append(Chat(fmt, base=out["bytes"]).encode(conv).text)
-  out["bpe"] = tokenizer_lib.Tokenizer(
-      "bpe", tokenizer_lib._train_bpe(sample, 400))  # pylint: disable=protected-access
+  train = tokenizer_lib._train_bpe  # pylint: disable=protected-access
+  out["bpe"] = tokenizer_lib.Tokenizer("bpe", train(sample, 400))
   if _smollm2_path():
     out["smollm2"] = tokenizer_lib.load_file("file:" + _smollm2_path())
   return out

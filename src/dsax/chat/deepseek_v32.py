@@ -10,7 +10,8 @@ A conversation renders as (thinking mode; ``|`` is the full-width ``｜``)::
   <|begin▁of▁sentence|>{system}[\\n\\n{tools block}]
   <|User|>{user}<|Assistant|>{opener}
   {reasoning}</think>{content}[\\n\\n{calls}]<|end▁of▁sentence|>
-  \\n\\n<function_results>\\n<result>{out 1}</result>...\\n</function_results>\\n\\n{opener}
+  \\n\\n<function_results>\\n<result>{out 1}</result>...
+  \\n</function_results>\\n\\n{opener}
   ...
 
 (no line breaks but the written ``\\n``). The opener after a user message
@@ -162,7 +163,8 @@ class DeepSeekV32:
         while isinstance(view[j], ToolResult):
           j -= 1
         first, n_calls = i == j + 1, len(view[j].tool_calls)
-        text = (RESULTS_OPEN if first else "") + f"\n<result>{m.content}</result>"
+        text = ((RESULTS_OPEN if first else "")
+                + f"\n<result>{m.content}</result>")
         if i - j == n_calls:
           text += RESULTS_CLOSE + self._opener(i > last)
         out.append(Segment(text))

@@ -11,7 +11,8 @@ prompt first when the conversation has none, and opens a reply with
 SmolLM2 has no reasoning or tool markers, so the assistant's content is,
 by our convention (plain text, no new tokens)::
 
-  [<think>\\n{reasoning}\\n</think>\\n\\n]{content}[\\n<tool_call>\\n{json}\\n</tool_call>]...
+  [<think>\\n{reasoning}\\n</think>\\n\\n]{content}
+  [\\n<tool_call>\\n{json}\\n</tool_call>]...   (no line break but the written \\n)
 
 with one ``<tool_call>`` block per call, ``{json}`` being
 ``{"name": ..., "arguments": {...}}`` on one line (``json.dumps``,

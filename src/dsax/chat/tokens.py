@@ -164,9 +164,9 @@ class Chat:
   def prompt(self, messages: Sequence[Message]) -> Encoded:
     """``encode`` for a conversation the model answers next."""
     if not awaits_assistant(messages):
-      raise ChatError(f"not a prompt: the conversation ends with a "
-                      f"{type(messages[-1]).__name__ if messages else 'nothing'}"
-                      "; the model answers a User message or tool results")
+      last = type(messages[-1]).__name__ if messages else "nothing"
+      raise ChatError(f"not a prompt: the conversation ends with a {last}; "
+                      "the model answers a User message or tool results")
     return self.encode(messages)
 
   def parse(self, text: str) -> Assistant:
