@@ -219,6 +219,11 @@ def test_v32_golden_new_user_drops_reasoning():
 def test_v32_golden_chat_mode_and_tools_block():
   assert _v32([User("hi"), Assistant("yo", "ignored")], thinking=False) == (
       f"{B}{U}hi{A}</think>yo{E}")
+  chat = Chat(DeepSeekV32(False), base=tokenizer_lib.Tokenizer("bytes"))
+  enc = chat.encode(TOOL_TURN)
+  assert [chat.parse_ids(enc.ids_T[enc.owner_T == i]) for i in (1, 4)] == [
+      Assistant("Let me look.", "", [CALL, CALL]),
+      Assistant("Sunny, then rain.")]
   text = _v32([System("S", [ToolSpec("f", "d", {"type": "object"})]),
                User("x")])
   assert text.startswith(f"{B}S\n\n## Tools\n")
@@ -560,6 +565,11 @@ def test_special_tokens_in_text_are_refused():
     smol.prompt([User("u"), Assistant("a")])
   with pytest.raises(ChatError, match="exactly one of"):
     Chat(SmolLM2())
+  for chat in (v32, smol):
+    with pytest.raises(ChatError, match="not a JSON value: {1}"):
+      chat.encode([User("u"), Assistant("", "", [ToolCall("f", {"a": {1}})])])
+    with pytest.raises(ChatError, match="must hold ToolSpecs"):
+      chat.encode([System("s", [{"name": "f"}]), User("u")])
 
 
 @pytest.mark.parametrize("text,match", [

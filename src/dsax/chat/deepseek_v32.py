@@ -95,7 +95,10 @@ _PARAM = re.compile(
 
 
 def _json(value) -> str:
-  return json.dumps(value, ensure_ascii=False)
+  try:
+    return json.dumps(value, ensure_ascii=False)
+  except (TypeError, ValueError) as e:
+    raise ChatError(f"not a JSON value: {value!r:.60} ({e})") from None
 
 
 class DeepSeekV32:

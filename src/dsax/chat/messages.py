@@ -112,6 +112,10 @@ def validate(messages: Sequence[Message]) -> None:
       if not isinstance(getattr(m, field, ""), str):
         raise ChatError(f"message {i} ({_kind(m)}): {field} must be a str, "
                         f"got {type(getattr(m, field)).__name__}")
+    if isinstance(m, System) and not all(isinstance(t, ToolSpec)
+                                         for t in m.tools):
+      raise ChatError(f"message {i}: System.tools must hold ToolSpecs, got "
+                      f"{[type(t).__name__ for t in m.tools]}")
     if isinstance(m, Assistant):
       for c in m.tool_calls:
         if not (isinstance(c, ToolCall) and isinstance(c.name, str) and c.name

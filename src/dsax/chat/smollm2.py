@@ -51,7 +51,10 @@ TOOLS_BLOCK = (
 
 
 def _json(value) -> str:
-  return json.dumps(value, ensure_ascii=False)
+  try:
+    return json.dumps(value, ensure_ascii=False)
+  except (TypeError, ValueError) as e:
+    raise ChatError(f"not a JSON value: {value!r:.60} ({e})") from None
 
 
 class SmolLM2:
