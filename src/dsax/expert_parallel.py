@@ -34,7 +34,9 @@ it). Each device:
 The backward is the same in reverse (the transpose of an all-to-all is the
 reverse all-to-all); expert-weight gradients stay on their shard. Routing
 statistics (load, balance loss) are computed outside, from the returned
-choices and scores, as on one device.
+choices and scores, as on one device. The rest of the model sees ``expert``
+as one more data axis; only the embedding lookup changes (``lookup_table``),
+so that tokens reach the first MoE layer split by rows.
 
 No token is dropped, and there is no capacity factor: C is the worst case.
 XLA:CPU cannot run ``ragged_all_to_all`` (jax 0.10.2: "UNIMPLEMENTED"), so
@@ -150,6 +152,22 @@ def _local_experts(p: dict[str, Any], x_BTD: jax.Array, cfg: ModelConfig,
   return y_UD.reshape(b, t, d), idx_BTK, s_BTX
 
 
+def lookup_table(table_VD: jax.Array) -> jax.Array:
+  """The embedding table as ``model.embed`` reads it. Under expert
+  parallelism (and so only then) its fsdp split of D is gathered first, as
+  FSDP gathers any weight it uses: the looked-up rows then come out split
+  by rows, as the exchange wants them. Left split on D, they reach the
+  first MoE layer split on D, and XLA reshards D -> rows (and back in the
+  backward) over fsdp x expert only by replicating the activations
+  ("involuntary full rematerialization")."""
+  if expert_shards() == 1:
+    return table_VD
+  mesh = jax.sharding.get_abstract_mesh()
+  vocab = S.logical_spec(("vocab",), table_VD.shape[:1], mesh)
+  return jax.lax.with_sharding_constraint(table_VD,
+                                          PartitionSpec(*vocab, None))
+
+
 def routed_experts(p: dict[str, Any], x_BTD: jax.Array, cfg: ModelConfig,
                    experts_BTK: jax.Array | None = None, impl: str = "auto",
                    block: int = moe.BLOCK):
@@ -185,6 +203,8 @@ def routed_experts(p: dict[str, Any], x_BTD: jax.Array, cfg: ModelConfig,
                           forced[0] if forced else None, n_shards, impl,
                           block)
 
+  # Tokens enter split by rows, as the batch is (see lookup_table).
+  x_BTD = jax.lax.with_sharding_constraint(x_BTD, tok)
   return jax.shard_map(
       body, in_specs=(PartitionSpec(), PartitionSpec(AXIS), tok)
       + (tok,) * len(forced), out_specs=(tok, tok, tok),
