@@ -45,7 +45,7 @@ LAYER_CASES = [
     ("v3_noaux", (1, 1, 1, 1, 8), False),
     ("v2_group_limited", (1, 2, 1, 2, 2), True),
 ]
-TRAIN_MESHES = [(1, 1, 1, 1, 1), (2, 1, 1, 1, 4), (1, 2, 2, 1, 2)]
+TRAIN_MESHES = [(1, 1, 1, 1, 1), (1, 2, 2, 1, 2)]
 TRAIN_SETS = ["model.moe.n_routed_experts=8", "model.moe.n_activated=2",
               "model.moe.d_expert=16", "model.moe.first_k_dense=0",
               "model.moe.score_func=sigmoid", "model.moe.topk_method=noaux_tc",
@@ -144,9 +144,10 @@ def _train_case(cfg, batches, shape):
     rows.append({k: float(v) for k, v in out.items()
                  if k == "loss" or k.startswith("moe_")})
   gb = S.global_batch(batches[0], bsh)
-  with jax.set_mesh(mesh):
-    n_a2a = step.jitted.lower(state, frozen, gb).compile().as_text().count(
-        " all-to-all(")
+  with jax.set_mesh(mesh):  # lowered, not compiled again: shard_map's
+    # collectives are explicit there already
+    n_a2a = step.jitted.lower(state, frozen, gb).as_text().count(
+        "all_to_all")
   flat = {**frozen, **state["trainable"]}
   return rows, n_a2a, {k: np.asarray(v) for k, v in flat.items()}
 
