@@ -46,14 +46,19 @@ min(K, X_l) of them on one shard, so C = U min(K, X_l); forced experts may
 repeat, so then C = U K. Memory bound per device, for U local tokens: the
 send, receive and return buffers are each E C rows of D, and the sorted
 buffer E C + (X_l + 1)(block - 1) rows of D and of F (its activations), so
-O(E U min(K, X_l) (D + F)) against O(U K (D + F)) for the one-device grouped
-dispatch: E times larger when X_l >= K, and each all-to-all moves E C D
-values per device, most of them zero rows. The matmuls run only on received
-rows (blocks past the used ones are skipped), so the work is the real
-assignments plus block padding. Expert weights never leave their shard:
-each device holds X_l / X of every routed-expert tensor, and the only
-gathers of expert weights are those the ``fsdp`` axis makes of a shard's own
-experts.
+O(E U min(K, X_l) (D + F)), against O(U K (D + F)) for the same U tokens
+through the one-device grouped dispatch: E times larger when X_l >= K, i.e.
+each device holds buffers as large as one device running all E U tokens of
+its expert group would. Each all-to-all moves E C D values per device, most
+of them zero rows. (Measured, X 64, K 6, D 256, F 64, 4096 tokens, f32,
+forward+backward: one device 211 MiB of temporaries; 8 expert shards 187
+MiB each.) The matmuls run only on received rows (blocks past the used
+ones are skipped), so the work is the real assignments plus block padding;
+gathers and copies touch the whole buffers. A ragged all-to-all (GPU/TPU)
+or a capacity with an exact fallback would cut the traffic; neither is
+here. Expert weights never leave their shard: each device holds 1/E of
+every routed-expert tensor, and the only gathers of expert weights are those
+the ``fsdp`` axis makes of a shard's own experts.
 """
 
 from __future__ import annotations
