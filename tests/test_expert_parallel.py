@@ -13,6 +13,9 @@ array's largest entry (moe tests' rule), losses and metrics 1e-5 relative +
 
 from __future__ import annotations
 
+# test_sharding's helpers (_mesh, _config, _batches, _spawn, _wait) are used
+# as they are: pylint: disable=protected-access
+
 import json
 import os
 import re
@@ -61,7 +64,7 @@ TRAIN_SETS = ["model.moe.n_routed_experts=8", "model.moe.n_activated=2",
 def _layer(variant):
   """test_moe's layer: 8 experts, top-3, a router that varies per token."""
   import test_moe  # pylint: disable=import-outside-toplevel
-  return test_moe._layer(variant)  # pylint: disable=protected-access
+  return test_moe._layer(variant)
 
 
 def _rel_err(a, b):
@@ -100,7 +103,7 @@ def _layer_case(variant, shape, forced):
   fn = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True),
                static_argnums=3)
   (_, (y_ref, aux_ref)), g_ref = fn(p, x_BTD, experts, "dense")
-  mesh = T._mesh(shape)  # pylint: disable=protected-access
+  mesh = T._mesh(shape)
   put = lambda a, s: jax.device_put(a, NamedSharding(mesh, s))  # noqa: E731
   # each parameter on its sharding from RULES (the layer's slice of the
   # stacked ``moe`` specs): experts over ``expert``, D over ``fsdp``
@@ -127,12 +130,13 @@ def _layer_case(variant, shape, forced):
           "all_to_all": hlo.count(" all-to-all("),
           "gathers": _gather_elements(hlo),
           "expert_weights": m.n_routed_experts * cfg.d_model * m.d_expert,
-          "w_spec": str(p_sh["w_gate"].sharding.spec), "w_grad_spec": str(g[0]["w_gate"].sharding.spec)}
+          "w_spec": str(p_sh["w_gate"].sharding.spec),
+          "w_grad_spec": str(g[0]["w_gate"].sharding.spec)}
 
 
 def _train_case(cfg, batches, shape):
   """3 pretraining steps on a mesh: losses, MoE metrics, final params."""
-  mesh = T._mesh(shape)  # pylint: disable=protected-access
+  mesh = T._mesh(shape)
   phase = cfg.phases[0]
   params = train.init_params(cfg, mesh)
   state, frozen, tx, sched = train.init_state(cfg, phase, params, mesh)
@@ -159,8 +163,8 @@ def worker(out_dir, kind):
     for i, (variant, shape, forced) in enumerate(LAYER_CASES):
       out[str(i)] = _layer_case(variant, shape, forced)
   else:
-    cfg = T._config(TRAIN_SETS)  # pylint: disable=protected-access
-    batches = T._batches(cfg, T.STEPS)  # pylint: disable=protected-access
+    cfg = T._config(TRAIN_SETS)
+    batches = T._batches(cfg, T.STEPS)
     for shape in TRAIN_MESHES:
       key = ",".join(map(str, shape))
       rows, n_a2a, arrays = _train_case(cfg, batches, shape)
@@ -206,6 +210,13 @@ def test_expert_layout_spare_ids_sort_last_and_never_run():
                          lay, "blocks", jnp.float32)
   y_UD = np.asarray(moe.sum_rows(y_RD, lay.token_R, lay.dest_UK))
   assert (y_UD[[1, 3, 5]] == 0).all() and (y_UD[[0, 2, 4]] != 0).all()
+  # ragged_dot (GPU/TPU's impl, block 1): rows past the groups give zeros
+  lay1 = moe.expert_layout(ids, 2, 1, spare=True)
+  y1_RD = moe.swiglu_rows(w, moe.gather_rows(x_UD, lay1.token_R,
+                                             lay1.dest_UK),
+                          lay1, "ragged", jnp.float32)
+  np.testing.assert_allclose(moe.sum_rows(y1_RD, lay1.token_R, lay1.dest_UK),
+                             y_UD, rtol=1e-6)
 
 
 def test_rules_put_experts_on_the_expert_axis_and_rows_over_it():
@@ -218,7 +229,7 @@ def test_rules_put_experts_on_the_expert_axis_and_rows_over_it():
   # and by the layer itself
   with pytest.raises(ConfigError, match=r"mesh.expert=3 must divide "
                      r"model.moe.n_routed_experts=8"):
-    T._config(TRAIN_SETS + ["mesh.expert=3"])  # pylint: disable=protected-access
+    T._config(TRAIN_SETS + ["mesh.expert=3"])
   cfg, p = _layer("v3_noaux")
   with jax.sharding.use_abstract_mesh(AbstractMesh((1, 1, 3, 1, 1),
                                                    S.MESH_AXES)):
@@ -237,11 +248,11 @@ def results(tmp_path_factory):
   t0 = time.perf_counter()
   kinds = ("layer", "train")
   dirs = {k: tmp_path_factory.mktemp(k) for k in kinds}
-  procs = {k: T._spawn([os.path.abspath(__file__), str(dirs[k]), k],  # pylint: disable=protected-access
+  procs = {k: T._spawn([os.path.abspath(__file__), str(dirs[k]), k],
                        devices=8) for k in kinds}
   out = {}
   for k in kinds:
-    _, err = T._wait(procs[k])  # pylint: disable=protected-access
+    _, err = T._wait(procs[k])
     # XLA's warning that it resharded by replicating (EP.lookup_table)
     assert "Involuntary full rematerialization" not in err, err[-3000:]
     with open(dirs[k] / "result.json") as f:
@@ -272,8 +283,10 @@ def test_layer_equals_one_device_dense(results):
         name, case["gathers"])
     assert case["w_spec"].startswith("P('expert'"), case["w_spec"]
     assert case["w_grad_spec"].startswith("P('expert'"), case["w_grad_spec"]
-  print(f"layer: {[(layer[str(i)]['y_err'], layer[str(i)]['g_err']) for i in range(len(LAYER_CASES))]}"
-        f"; worker {layer['seconds']:.1f} s, wall {results['wall']:.1f} s")
+  errs = [(layer[str(i)]["y_err"], layer[str(i)]["g_err"])
+          for i in range(len(LAYER_CASES))]
+  print(f"layer: relative errors (y, grads) {errs}; worker "
+        f"{layer['seconds']:.1f} s, wall {results['wall']:.1f} s")
 
 
 def test_three_train_steps_equal_one_device(results):

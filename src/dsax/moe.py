@@ -471,7 +471,9 @@ def moe_forward(p: dict[str, Any], x_BTD: jax.Array, cfg: ModelConfig, *,
   if dispatch not in DISPATCHES:
     raise ValueError(f"moe dispatch must be one of {DISPATCHES}, "
                      f"got {dispatch!r}")
-  from dsax import expert_parallel as EP  # pylint: disable=import-outside-toplevel
+  # expert_parallel builds on this module: imported here, not at the top
+  # pylint: disable-next=import-outside-toplevel
+  from dsax import expert_parallel as EP
   cdt = jnp.dtype(cfg.compute_dtype)
   if dispatch == "grouped" and EP.expert_shards() > 1:
     y, idx_BTK, s_BTX = EP.routed_experts(p, x_BTD, cfg, experts_BTK, impl,
