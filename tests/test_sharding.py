@@ -60,9 +60,11 @@ def _batches(cfg, n):
 
 
 def _mesh(shape):
-  d, f, t, s = shape
-  return S.make_mesh(MeshConfig(data=d, fsdp=f, tensor=t, sequence=s),
-                     jax.devices()[:d * f * t * s])
+  """(data, fsdp, tensor, sequence[, expert]) -> the mesh on that many
+  devices."""
+  d, f, t, s, e = tuple(shape) + (1,) * (5 - len(shape))
+  return S.make_mesh(MeshConfig(data=d, fsdp=f, tensor=t, sequence=s,
+                                expert=e), jax.devices()[:d * f * t * s * e])
 
 
 def _steps(cfg, phase, params, mesh, batches, state=None):
@@ -159,8 +161,9 @@ def worker_meshes(out_dir, *shapes):
 
 
 def test_mesh_shape_resolves_minus_one_and_names_bad_values():
-  assert S.mesh_shape(MeshConfig(), 1) == {"data": 1, "fsdp": 1,
+  assert S.mesh_shape(MeshConfig(), 1) == {"data": 1, "fsdp": 1, "expert": 1,
                                            "sequence": 1, "tensor": 1}
+  assert S.mesh_shape(MeshConfig(expert=4), 8)["data"] == 2
   assert S.mesh_shape(MeshConfig(fsdp=2, tensor=2), 8)["data"] == 2
   assert S.mesh_shape(MeshConfig(data=2, fsdp=-1), 8)["fsdp"] == 4
   with pytest.raises(ConfigError, match=r"mesh.data=3 .* 6 devices, but "
@@ -188,7 +191,7 @@ def test_rules_cover_every_parameter_and_never_split_indexer_keys():
 
 
 def test_logical_spec_drops_reused_and_indivisible_axes():
-  mesh = AbstractMesh((2, 2, 1, 2), S.MESH_AXES)
+  mesh = AbstractMesh((2, 2, 1, 1, 2), S.MESH_AXES)
   assert S.logical_spec(("vocab", "embed"), (256, 64), mesh) == PS(
       "tensor", "fsdp")
   # heads and mlp both want tensor: the first dimension gets it.

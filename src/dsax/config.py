@@ -421,10 +421,12 @@ class EvalConfig:
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
   """Device mesh (dsax.sharding); -1 takes the remaining devices. data and
-  fsdp split the batch rows (fsdp also the parameters), sequence the
-  positions of each row (context parallelism), tensor the heads and widths."""
+  fsdp split the batch rows (fsdp also the parameters), expert the batch rows
+  and the routed MoE experts (expert parallelism), sequence the positions of
+  each row (context parallelism), tensor the heads and widths."""
   data: int = -1
   fsdp: int = 1
+  expert: int = 1
   tensor: int = 1
   sequence: int = 1
 

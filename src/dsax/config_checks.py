@@ -174,6 +174,11 @@ def run(cfg: Any) -> None:
                         f"devices), got {size}")
   if sum(size == -1 for size in sizes.values()) > 1:
     raise ConfigError(f"only one mesh axis may be -1, got {sizes}")
+  x = cfg.model.moe.n_routed_experts
+  if x and cfg.mesh.expert > 1 and x % cfg.mesh.expert:
+    raise ConfigError(f"mesh.expert={cfg.mesh.expert} must divide "
+                      f"model.moe.n_routed_experts={x} (each expert shard "
+                      "holds the same number of experts)")
   if not 0 < cfg.data.val_fraction < 1:
     raise ConfigError(
         f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}: "

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from dsax import dsa, mla, moe
+from dsax import expert_parallel as EP
 from dsax.attention import AttentionMode
 from dsax.config import ModelConfig
 
@@ -47,7 +48,8 @@ def layer_segments(params: dict[str, Any], cfg: ModelConfig) -> list[Any]:
 
 def embed(params: dict[str, Any], tokens_BT: jax.Array,
           cfg: ModelConfig) -> jax.Array:
-  return params["embed"][tokens_BT].astype(jnp.dtype(cfg.compute_dtype))
+  return EP.lookup_table(params["embed"])[tokens_BT].astype(
+      jnp.dtype(cfg.compute_dtype))
 
 
 def final_hidden(params: dict[str, Any], x_BTD: jax.Array,

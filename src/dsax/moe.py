@@ -47,6 +47,9 @@ dropping, no capacity):
                          product over all X experts (X times the work and an
                          [X, M, D] mask): tests only there.
                "auto"    ragged on GPU/TPU, blocks on CPU.
+             Under a mesh with an ``expert`` axis > 1 the experts are
+             sharded over it and the rows exchanged with all-to-all:
+             dsax.expert_parallel.
 
 Training-time load balance (DeepSeek-V3), over valid tokens (segment id >
 0 when the caller has segment ids; dsax.data marks padding with 0):
@@ -191,15 +194,20 @@ class Layout(NamedTuple):
   n_used: jax.Array    # [] blocks that hold rows
 
 
-def expert_layout(idx_UK: jax.Array, n_experts: int, block: int) -> Layout:
+def expert_layout(idx_UK: jax.Array, n_experts: int, block: int,
+                  spare: bool = False) -> Layout:
   """Sorts the assignments by expert (stably: token order within an expert)
   and pads each expert's rows to a multiple of ``block``. The padded total
-  is at most M + X (block - 1), which fixes R statically."""
+  is at most M + X (block - 1), which fixes R statically. ``spare``: ids
+  may also be X (no expert: the padding rows an expert-parallel exchange
+  receives); they sort last, past the ``n_used`` blocks, so no matmul runs
+  on them and their outputs are zero (R grows by block - 1)."""
   u, k = idx_UK.shape
   m = u * k
+  n_ids = n_experts + 1 if spare else n_experts
   e_M = idx_UK.reshape(m).astype(jnp.int32)
   order_M = jnp.argsort(e_M, stable=True)          # sorted position -> m
-  sizes_X = jnp.zeros(n_experts, jnp.int32).at[e_M].add(1)
+  sizes_X = jnp.zeros(n_ids, jnp.int32).at[e_M].add(1)
   padded_X = (sizes_X + block - 1) // block * block
   start_X = jnp.cumsum(sizes_X) - sizes_X
   pend_X = jnp.cumsum(padded_X)
@@ -207,15 +215,15 @@ def expert_layout(idx_UK: jax.Array, n_experts: int, block: int) -> Layout:
   dest_sorted = (pend_X - padded_X)[e_sorted] + (
       jnp.arange(m, dtype=jnp.int32) - start_X[e_sorted])
   dest_M = jnp.zeros(m, jnp.int32).at[order_M].set(dest_sorted)
-  n_rows = (m + n_experts * (block - 1)) // block * block
+  n_rows = (m + n_ids * (block - 1)) // block * block
   src_R = jnp.full(n_rows, m, jnp.int32).at[dest_sorted].set(
       order_M.astype(jnp.int32))
   token_R = jnp.where(src_R < m, src_R // k, u)
   first_row_Z = jnp.arange(n_rows // block, dtype=jnp.int32) * block
   expert_Z = jnp.minimum(jnp.searchsorted(pend_X, first_row_Z, side="right"),
                          n_experts - 1).astype(jnp.int32)
-  return Layout(token_R, src_R, dest_M.reshape(u, k), sizes_X, expert_Z,
-                pend_X[-1] // block)
+  return Layout(token_R, src_R, dest_M.reshape(u, k), sizes_X[:n_experts],
+                expert_Z, pend_X[n_experts - 1] // block)
 
 
 def _rows(x_UD: jax.Array, token_R: jax.Array) -> jax.Array:
@@ -347,6 +355,15 @@ def grouped_experts(p: dict[str, Any], x_BTD: jax.Array, w_BTK: jax.Array,
                      lay.dest_UK)
   w_M = w_BTK.reshape(b * t * k)
   w_R = jnp.concatenate([w_M, jnp.zeros((1,), w_M.dtype)])[lay.src_R]
+  y_RD = swiglu_rows(p, x_RD, lay, impl, cdt, w_R)
+  return sum_rows(y_RD, lay.token_R, lay.dest_UK).reshape(b, t, d)
+
+
+def swiglu_rows(p: dict[str, Any], x_RD: jax.Array, lay: Layout, impl: str,
+                cdt, w_R: jax.Array | None = None) -> jax.Array:
+  """SwiGLU_e(x_r) for each row of an expert-sorted buffer (``lay``) with
+  its expert's weights, scaled by ``w_R`` when given: three grouped
+  matmuls (``impl`` "blocks" or "ragged", resolved)."""
 
   def matmul(a_R_, w_X__):
     if impl == "ragged":
@@ -354,8 +371,9 @@ def grouped_experts(p: dict[str, Any], x_BTD: jax.Array, w_BTK: jax.Array,
     return block_matmul(a_R_, w_X__.astype(cdt), lay.expert_Z, lay.n_used)
 
   h_RF = jax.nn.silu(matmul(x_RD, p["w_gate"])) * matmul(x_RD, p["w_up"])
-  y_RD = matmul(h_RF * w_R[:, None].astype(cdt), p["w_down"])
-  return sum_rows(y_RD, lay.token_R, lay.dest_UK).reshape(b, t, d)
+  if w_R is not None:
+    h_RF = h_RF * w_R[:, None].astype(cdt)
+  return matmul(h_RF, p["w_down"])
 
 
 # ----------------------------------------------------------- load balance
@@ -448,16 +466,24 @@ def moe_forward(p: dict[str, Any], x_BTD: jax.Array, cfg: ModelConfig, *,
   MoEAux). ``experts_BTK`` forces the experts (keep routing);
   ``mask_BT`` (bool, valid tokens) restricts the load and the balance
   loss; ``dispatch`` "grouped" or "dense" (the reference), ``impl`` and
-  ``block`` for grouped (module docstring)."""
+  ``block`` for grouped (module docstring). Grouped under a mesh whose
+  ``expert`` axis is > 1: expert parallel (dsax.expert_parallel)."""
   if dispatch not in DISPATCHES:
     raise ValueError(f"moe dispatch must be one of {DISPATCHES}, "
                      f"got {dispatch!r}")
+  # expert_parallel builds on this module: imported here, not at the top
+  # pylint: disable-next=import-outside-toplevel
+  from dsax import expert_parallel as EP
   cdt = jnp.dtype(cfg.compute_dtype)
-  w_BTK, idx_BTK, s_BTX = route(p, x_BTD, cfg, experts_BTK)
-  if dispatch == "dense":
-    y = dense_experts(p, x_BTD, w_BTK, idx_BTK, cfg)
+  if dispatch == "grouped" and EP.expert_shards() > 1:
+    y, idx_BTK, s_BTX = EP.routed_experts(p, x_BTD, cfg, experts_BTK, impl,
+                                          block)
   else:
-    y = grouped_experts(p, x_BTD, w_BTK, idx_BTK, cfg, impl, block)
+    w_BTK, idx_BTK, s_BTX = route(p, x_BTD, cfg, experts_BTK)
+    if dispatch == "dense":
+      y = dense_experts(p, x_BTD, w_BTK, idx_BTK, cfg)
+    else:
+      y = grouped_experts(p, x_BTD, w_BTK, idx_BTK, cfg, impl, block)
   if "shared" in p:
     y = y + swiglu(p["shared"], x_BTD, cdt)
   load_X = jnp.sum(expert_counts(idx_BTK, cfg.moe.n_routed_experts, mask_BT),

@@ -5,6 +5,10 @@ Mesh axes, outermost first (``MeshConfig``; -1 takes the remaining devices):
 
   data      replicas that see different rows of the batch
   fsdp      rows of the batch too, and parameters sharded on ``embed``
+  expert    expert parallelism: the routed MoE experts are split over it
+            (``expert``), and, like data, rows of the batch, so each device
+            has its own tokens; the MoE layer exchanges them with all-to-all
+            (dsax.expert_parallel). Without MoE it is one more data axis.
   sequence  context parallelism: query positions of each row (docs/
             context_parallel.md)
   tensor    heads, MLP width and vocabulary (innermost: the fastest links)
@@ -43,7 +47,7 @@ from dsax.config import ConfigError, MeshConfig, ModelConfig
 
 log = logging.getLogger("dsax")
 
-MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
 
 # Logical axis -> mesh axes, the only place where the two meet.
 RULES: dict[str, tuple[str, ...]] = {
@@ -63,9 +67,9 @@ RULES: dict[str, tuple[str, ...]] = {
     "norm": (),
     "idx_heads": ("tensor",),
     "idx_dim": (),
-    "expert": ("data",),     # MoE: experts spread over the data replicas
+    "expert": ("expert",),   # MoE routed experts (dsax.expert_parallel)
     # activations
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),
     "sequence": ("sequence",),
 }
 
@@ -178,7 +182,8 @@ def put_global(tree: Any, shardings: Any) -> Any:
 
 
 def batch_sharding(mesh: Mesh, batch_size: int, seq_len: int) -> NamedSharding:
-  """Rows over (data, fsdp), positions over ``sequence``; [B, T] arrays."""
+  """Rows over (data, fsdp, expert), positions over ``sequence``; [B, T]
+  arrays."""
   spec = []
   for name, dim, key in zip(BATCH_AXES, (batch_size, seq_len),
                             ("data.batch_size", "data.seq_len")):
