@@ -103,6 +103,62 @@ def test_one_process_stream_is_the_plain_stream_with_its_state():
     stream.set_state({"groups": 2, "streams": [plain.get_state()] * 2})
 
 
+# ----------------------------------------------------- init on its shardings
+
+
+def worker_init(out_dir):
+  """On 8 simulated devices: train.init_params under a transfer guard that
+  refuses every host<->device copy, its compiled program, and the eager
+  one-device init with the same key; writes init.json."""
+  cfg = _config()
+  mesh = S.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  with jax.transfer_guard("disallow_explicit"):
+    params = train.init_params(cfg, mesh)
+  compiled = train.param_initializer(cfg, mesh).lower().compile()
+  text, mem = compiled.as_text(), compiled.memory_analysis()
+  eager = train.flatten(P.init_params(cfg.model, jax.random.PRNGKey(cfg.seed)))
+  flat = train.flatten(params)
+  want = train.flatten(S.param_shardings(cfg.model, mesh))
+  out = {
+      "shardings_match": all(flat[k].sharding == want[k] for k in want),
+      "sharded_leaves": sum(not v.sharding.is_fully_replicated
+                            for v in flat.values()),
+      "shards_are_shard_shaped": all(
+          s.data.shape == v.sharding.shard_shape(v.shape)
+          for v in flat.values() for s in v.addressable_shards),
+      "equal_to_eager": [k for k in eager
+                         if not np.array_equal(np.asarray(flat[k]), eager[k])],
+      "collectives": sum(text.count(op) for op in (
+          " all-gather(", " all-reduce(", " collective-permute(",
+          " all-to-all(", " reduce-scatter(")),
+      "argument_bytes": mem.argument_size_in_bytes,
+      "output_bytes": mem.output_size_in_bytes,
+      "shard_bytes": sum(int(np.prod(v.sharding.shard_shape(v.shape)))
+                         * v.dtype.itemsize for v in flat.values()),
+      "full_bytes": sum(v.nbytes for v in eager.values()),
+  }
+  with open(os.path.join(out_dir, "init.json"), "w") as f:
+    json.dump(out, f)
+
+
+def test_params_are_initialised_under_jit_on_their_shardings(tmp_path):
+  proc = _spawn([os.path.abspath(__file__), "init", str(tmp_path)], devices=8)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  with open(tmp_path / "init.json") as f:
+    r = json.load(f)
+  assert r["shardings_match"] and r["shards_are_shard_shaped"], r
+  assert r["sharded_leaves"] >= 10, r
+  # Bit for bit the eager init of one device with the same key.
+  assert r["equal_to_eager"] == [], r
+  # The program takes nothing from the host (the key is made inside), needs
+  # no collective, and each device's output is its shards alone (a little
+  # alignment aside), about a third of the model here.
+  assert r["argument_bytes"] == 0 and r["collectives"] == 0, r
+  assert r["shard_bytes"] <= r["output_bytes"] <= r["shard_bytes"] + 1024, r
+  assert r["output_bytes"] < r["full_bytes"] / 2, r
+
+
 # ------------------------------------------------------- SIGTERM, 2 processes
 
 
@@ -113,10 +169,14 @@ def _launch_both(workdir, sets):
   args = [os.path.join(ROOT, "launch.py"), "tiny_run"]
   for item in sets:
     args += ["--set", item]
+  args += ["--workdir", str(workdir)]
   port = _free_port()
-  common = args + ["--workdir", str(workdir), "--coordinator",
-                   f"localhost:{port}", "--num-processes", "2"]
-  return [_spawn(common + ["--process-id", str(i)]) for i in range(2)]
+  return [_spawn(args + ["--coordinator", f"localhost:{port}",
+                         "--num-processes", "2", "--process-id", "0"]),
+          # The second process reads the same settings from the environment.
+          _spawn(args, env={"DSAX_COORDINATOR": f"localhost:{port}",
+                            "DSAX_NUM_PROCESSES": "2",
+                            "DSAX_PROCESS_ID": "1"})]
 
 
 def _reference_losses(cfg, n):
@@ -185,6 +245,12 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
   errs = [e for _, e in outs]
   assert [p.returncode for p in procs] == [0, 0], errs[1][-3000:]
   assert all(f"resuming from global step {step}" in e for e in errs), errs
+  assert "[process 1]" in errs[1] and "mesh {'data': 2" in errs[1]
+  # Each process reports the same last loss.
+  done = [re.search(rf"phase pretrain done: {N_STEPS} steps;.* loss "
+                    r"([-+.e0-9]+),", e) for e in errs]
+  assert all(done), errs[1][-2000:]
+  assert done[0].group(1) == done[1].group(1)
   rows = sorted((r["step"], r["loss"]) for r in
                 metrics.read_metrics(str(workdir)) if "loss" in r)
   assert [s for s, _ in rows] == list(range(1, N_STEPS + 1))
@@ -194,3 +260,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
                              atol=LOSS_ATOL)
   print(f"stopped both at step {step}; first launch {first:.1f} s, both "
         f"launches {wall:.1f} s")
+
+
+if __name__ == "__main__":
+  if sys.argv[1] == "init":
+    worker_init(*sys.argv[2:])

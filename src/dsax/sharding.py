@@ -22,10 +22,10 @@ The lightning indexer is sharded by its heads (``idx_heads``) only: its keys
 named here, so each query's top-k sees the whole row; GSPMD keeps the result
 equal to one device's (tests/test_sharding.py checks the indices).
 
-Multi-process: ``init_distributed`` starts ``jax.distributed``; every process
-builds the same global batch stream and keeps the rows its devices hold
-(``process_slices``); ``global_batch`` assembles the global array with
-``jax.make_array_from_process_local_data``.
+Multi-process: ``init_distributed`` starts ``jax.distributed``; each process
+reads its own share of the documents and feeds the rows its devices hold
+(``dsax.multihost``, which also agrees on stops). ``global_batch`` assembles
+a global array from a batch every process holds whole (tests, tools).
 """
 
 from __future__ import annotations

@@ -298,14 +298,20 @@ def phase_shardings(cfg: ExperimentConfig, phase: PhaseConfig, mesh):
   return state, {k: v for k, v in flat_sh.items() if k not in trainable}
 
 
+def param_initializer(cfg: ExperimentConfig, mesh) -> Callable[[], Any]:
+  """The jitted init of fresh parameters straight onto their shardings; it
+  takes no argument (the key is made inside from ``cfg.seed``), so nothing
+  moves between host and device: each device computes only its shards
+  (partitionable threefry) and no host or device holds the whole model."""
+  return jax.jit(
+      lambda: P.init_params(cfg.model, jax.random.PRNGKey(cfg.seed)),
+      out_shardings=S.param_shardings(cfg.model, mesh))
+
+
 def init_params(cfg: ExperimentConfig, mesh) -> Any:
-  """Fresh parameters initialised under jit straight onto their shardings:
-  each device computes only its shards (partitionable threefry), no host or
-  device ever holds the whole model; equal bit for bit to the eager
-  ``params.init_params`` on one device."""
-  init = jax.jit(functools.partial(P.init_params, cfg.model),
-                 out_shardings=S.param_shardings(cfg.model, mesh))
-  return init(jax.random.PRNGKey(cfg.seed))
+  """Fresh parameters on their shardings (``param_initializer``); equal bit
+  for bit to the eager ``params.init_params`` on one device."""
+  return param_initializer(cfg, mesh)()
 
 
 def init_state(cfg: ExperimentConfig, phase: PhaseConfig, params: Any, mesh,
