@@ -17,11 +17,12 @@ replicated over ``tensor``). Group g reads and tokenises only documents
 g, g + G, ... of the train split and packs them into its own stream of
 B / G rows per batch (``data.make_train_iterator(share=(g, G))``);
 ``TrainStream`` hands each process's block of those rows to
-``jax.make_array_from_process_local_data``. Its state is every group's
-iterator state (gathered from all processes when saved), so a resume
-continues every stream exactly; it needs the same G. One group (one process,
-or every process holding every row) is the single stream of ``dsax.data``,
-with its plain state.
+``jax.make_array_from_process_local_data`` (``sharding.global_batch``). Its
+state is every group's iterator state (gathered from all processes when
+saved), so a resume continues every stream exactly; it needs the same G. One
+group (one process, or every process holding every row) is the single stream
+of ``dsax.data``, with its plain state. Only process 0 builds the held-out
+batches (``train._run``): the others never tokenise the validation documents.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dsax import data
+from dsax import data, sharding as S
 from dsax.config import ConfigError, DataConfig
 
 log = logging.getLogger("dsax")
@@ -152,8 +153,8 @@ class TrainStream:
 
   def __next__(self) -> dict[str, jax.Array]:
     local = next(self._it)
-    return {k: jax.make_array_from_process_local_data(
-        self.sharding, v[self._block], self.shape) for k, v in local.items()}
+    return S.global_batch({k: v[self._block] for k, v in local.items()},
+                          self.sharding, self.shape)
 
   def get_state(self) -> dict[str, Any]:
     state = self._it.get_state()

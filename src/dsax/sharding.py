@@ -203,14 +203,17 @@ def process_slices(sharding: NamedSharding,
   return tuple(out)
 
 
-def global_batch(batch: dict[str, np.ndarray],
-                 sharding: NamedSharding) -> dict[str, jax.Array]:
-  """Global arrays from a host batch that every process holds whole: each
-  process hands over only the block its devices hold."""
+def global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding,
+                 global_shape: tuple[int, ...] | None = None
+                 ) -> dict[str, jax.Array]:
+  """Global arrays from a host batch that every process holds whole (each
+  process hands over only the block its devices hold), or with
+  ``global_shape``, from this process's block alone (multihost.TrainStream)."""
   out = {}
   for k, v in batch.items():
-    block = v[process_slices(sharding, v.shape)]
-    out[k] = jax.make_array_from_process_local_data(sharding, block, v.shape)
+    shape = v.shape if global_shape is None else global_shape
+    block = v[process_slices(sharding, v.shape)] if global_shape is None else v
+    out[k] = jax.make_array_from_process_local_data(sharding, block, shape)
   return out
 
 

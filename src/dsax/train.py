@@ -531,7 +531,12 @@ def _run(cfg: ExperimentConfig, workdir: str) -> dict:
                       f"than the tokenizer's {tok.vocab_size}")
   data_iter = multihost.TrainStream(cfg.data, tok, train_docs,
                                     data_sharding(cfg, mesh))
-  evaluator = heldout.Evaluator(cfg, tok, val_docs)
+  # Process 0 alone evaluates; the others only join its parameter gather
+  # (run_phase), so they never tokenise the validation documents.
+  evaluator = heldout.Evaluator(cfg, tok, val_docs) if primary else None
+  quick = None
+  if cfg.eval.every:
+    quick = evaluator.quick if primary else lambda *_: {}
   ckpts = checkpoint.RunCheckpoints(workdir, cfg.keep_checkpoints)
   writer = metrics.MetricWriter(workdir, enabled=primary)
   abstract = abstract_params(cfg, mesh)
@@ -568,7 +573,7 @@ def _run(cfg: ExperimentConfig, workdir: str) -> dict:
           runner = functools.partial(trainer.run_phase, tok=tok)
         params, _ = runner(
             cfg, phase, params, data_iter, ckpts, meta, writer,
-            evaluator.quick if cfg.eval.every else None,
+            quick,
             start_step=meta["phase_step"] if resuming else 0,
             state=resume_state if resuming else None, mesh=mesh, sigs=sigs)
         resume_state, latest = None, None
