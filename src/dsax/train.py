@@ -427,7 +427,6 @@ def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
       if isinstance(batch["inputs"], np.ndarray):
         batch = S.global_batch(batch, batch_sh)
       state, out = step_fn(state, frozen, batch)
-      stopping = stop.after_step()  # the same on every process
       if pending is not None:  # read the previous step's metrics now
         now = time.perf_counter()
         last_vals = emit(*pending, now - t_last)
@@ -442,7 +441,7 @@ def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
           ev = evaluate(now_params, phase_mode(cfg, phase))
           writer.write(phase.name, base + s, {f"eval_{k}": v
                                               for k, v in ev.items()})
-      if stopping:
+      if stop.after_step():  # the same answer on every process
         last_vals = emit(*pending, time.perf_counter() - t_last)
         saved = save(s)
         bar.close()
