@@ -17,7 +17,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 
@@ -32,8 +31,8 @@ from dsax.config import ConfigError, DataConfig, MeshConfig
 from dsax.tokenizer import Tokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_sharding import (FAST, FAST_XLA, LOSS_ATOL, LOSS_RTOL,  # noqa: E402
-                           ROOT, _config, _free_port, _spawn)
+from test_sharding import (FAST, LOSS_ATOL, LOSS_RTOL, ROOT,  # noqa: E402
+                           _config, _free_port, _spawn)
 
 # --------------------------------------------------------- per-process data
 
@@ -162,7 +161,7 @@ def test_params_are_initialised_under_jit_on_their_shardings(tmp_path):
 # ------------------------------------------------------- SIGTERM, 2 processes
 
 
-N_STEPS = 40
+N_STEPS = 60
 
 
 def _launch_both(workdir, sets):
