@@ -102,6 +102,50 @@ def test_one_process_stream_is_the_plain_stream_with_its_state():
     stream.set_state({"groups": 2, "streams": [plain.get_state()] * 2})
 
 
+class _Device:
+  def __init__(self, process):
+    self.process_index = process
+
+
+class _Sharding:
+  """What process_share reads of a NamedSharding: device -> index."""
+  spec = "fake"
+
+  def __init__(self, blocks):  # [(process, rows, cols)], one per device
+    self.map = {_Device(p): (slice(*r), slice(*c)) for p, r, c in blocks}
+
+  def devices_indices_map(self, shape):
+    del shape
+    return self.map
+
+
+def test_process_share_groups_the_processes_by_rows(monkeypatch):
+  # Four processes, rows over two pairs, positions split within each pair
+  # (mesh.sequence across processes): two groups, each process its columns.
+  seq = _Sharding([(0, (0, 4), (0, 8)), (1, (0, 4), (8, 16)),
+                   (2, (4, 8), (0, 8)), (3, (4, 8), (8, 16))])
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  group, groups, group_of, block = multihost.process_share(seq, (8, 16))
+  assert (group, groups, group_of) == (0, 2, [0, 0, 1, 1])
+  assert block == (slice(0, 4), slice(8, 16))
+  monkeypatch.setattr(jax, "process_index", lambda: 2)
+  assert multihost.process_share(seq, (8, 16))[0] == 1
+  # Two processes that both hold every row (replicated over tensor): one
+  # group, the single stream.
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  rep = _Sharding([(0, (0, 8), (0, 16)), (1, (0, 8), (0, 16))])
+  assert multihost.process_share(rep, (8, 16))[:3] == (0, 1, [0, 0])
+  # Rows 0:2 and 4:6 on process 0: not one block.
+  with pytest.raises(ConfigError, match="process 0's devices hold a batch "
+                     "block that is not one rectangle"):
+    multihost.process_share(_Sharding([
+        (0, (0, 2), (0, 16)), (1, (2, 4), (0, 16)),
+        (0, (4, 6), (0, 16)), (1, (6, 8), (0, 16))]), (8, 16))
+  with pytest.raises(ConfigError, match="overlap or differ in size"):
+    multihost.process_share(_Sharding([
+        (0, (0, 6), (0, 16)), (1, (6, 8), (0, 16))]), (8, 16))
+
+
 # ----------------------------------------------------- init on its shardings
 
 
