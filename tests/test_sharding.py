@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import pytest  # noqa: E402
 from jax.sharding import AbstractMesh, PartitionSpec as PS  # noqa: E402
 
 from configs.tiny_run import get_config  # noqa: E402
-from dsax import checkpoint, data, metrics, model, train  # noqa: E402
+from dsax import checkpoint, data, model, train  # noqa: E402
 from dsax.attention import AttentionMode  # noqa: E402
 from dsax import params as P  # noqa: E402
 from dsax import sharding as S  # noqa: E402
@@ -298,38 +297,9 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_agree_and_match_one_process(tmp_path, meshes):
-  """launch.py in two processes (one device each) against the one-device
-  pretraining steps of the mesh workers (same config, data and init)."""
-  sets = FAST + ["phases.warmup.steps=0", "phases.sparse.steps=0",
-                 "phases.dense.steps=0"]
-  args = [os.path.join(ROOT, "launch.py"), "tiny_run"]
-  for item in sets:
-    args += ["--set", item]
-  port = _free_port()
-  t0 = time.perf_counter()
-  two_args = args + ["--workdir", str(tmp_path / "two")]
-  procs = [_spawn(two_args + ["--coordinator", f"localhost:{port}",
-                              "--num-processes", "2", "--process-id", "0"]),
-           # The second process reads the same settings from the environment.
-           _spawn(two_args, env={"DSAX_COORDINATOR": f"localhost:{port}",
-                                 "DSAX_NUM_PROCESSES": "2",
-                                 "DSAX_PROCESS_ID": "1"})]
-  errs = [_wait(p)[1] for p in procs]
-  wall = time.perf_counter() - t0
-  two = sorted((r["step"], r["loss"]) for r in
-               metrics.read_metrics(str(tmp_path / "two")))
-  one = meshes[0][",".join(map(str, MESHES[0]))]["losses"][:STEPS]
-  assert [s for s, _ in two] == list(range(1, STEPS + 1))
-  np.testing.assert_allclose([l for _, l in two], one, rtol=LOSS_RTOL,
-                             atol=LOSS_ATOL)
-  # Each process reports the same last loss; process 1 writes no files.
-  done = [re.search(r"phase pretrain done: 3 steps;.* loss ([-+.e0-9]+),",
-                    e) for e in errs]
-  assert all(done), errs[1][-2000:]
-  assert done[0].group(1) == done[1].group(1)
-  assert "[process 1]" in errs[1] and "mesh {'data': 2" in errs[1]
-  print(f"two processes: losses {two}; one process {one}; {wall:.1f} s")
+# Two processes (launch.py with a localhost coordinator, per-process data
+# streams, a SIGTERM to one of them, the resume, equality to one device):
+# tests/test_multihost.py, which reuses _spawn and _free_port.
 
 
 if __name__ == "__main__":

@@ -40,6 +40,12 @@ straddles two rows, so its answer always sits in the row of its prompt.
 The train iterator's state is ``{"row", "doc", "offset", "seq_len"}`` (plain ints):
 every row is rebuilt from these, so ``set_state`` on a fresh iterator continues with
 identical batches.
+
+Several processes (``share=(g, G)``, dsax.multihost.TrainStream): the G groups of
+processes that hold different batch rows each build their own stream, as above,
+from their share of the train documents (document i goes to group i % G), with
+their own shuffle and mixing seeds and B / G rows per batch; only that share is
+ever tokenised. ``share=(0, 1)`` is the single stream above.
 """
 
 from __future__ import annotations
@@ -354,7 +360,8 @@ class _PackedIterator(grain.DatasetIterator):
 class _TaskRows:
   """Decides and builds synthetic rows; row r depends only on (seed, r)."""
 
-  def __init__(self, cfg: DataConfig, tokenizer: Tokenizer):
+  def __init__(self, cfg: DataConfig, tokenizer: Tokenizer,
+               purpose: str = "tasks"):
     unknown = [t for t in cfg.retrieval_tasks if t not in tasks.TASKS]
     if unknown:
       raise ConfigError(f"data.retrieval_tasks: unknown {unknown}; "
@@ -362,7 +369,7 @@ class _TaskRows:
     self._generate = tasks.generate
     self._cfg = cfg
     self._tokenizer = tokenizer
-    self._seed = _stream_seed(cfg.seed, "tasks")
+    self._seed = _stream_seed(cfg.seed, purpose)
     self._row_tokens = cfg.seq_len + 1
     # Ask for less than a row: the generator may overshoot by its tolerance.
     self._target = self._row_tokens - tasks.tolerance(self._row_tokens)
@@ -433,27 +440,44 @@ def _token_docs(docs: Sequence[str], tokenizer: Tokenizer, shuffle_seed: int,
 
 
 def train_dataset(cfg: DataConfig, tokenizer: Tokenizer,
-                  train_docs: Sequence[str]) -> grain.IterDataset:
-  """The infinite dataset of train batches (see the module docstring).
+                  train_docs: Sequence[str],
+                  share: tuple[int, int] = (0, 1)) -> grain.IterDataset:
+  """The infinite dataset of train batches (see the module docstring); with
+  ``share=(g, G)``, group g's stream: documents g, g + G, ... and
+  ``batch_size / G`` rows per batch.
 
   No thread prefetch is built in (grain's ThreadPrefetchIterDataset keeps its
   thread until closed); wrap this dataset in one if the host falls behind.
   """
   check_config(cfg)
+  group, groups = share
+  if not 0 <= group < groups or cfg.batch_size % groups:
+    raise ConfigError(f"data.batch_size={cfg.batch_size} cannot be shared by "
+                      f"{groups} process groups (group {group})")
+  suffix = "" if groups == 1 else f"/{group}/{groups}"
+  if groups > 1:
+    train_docs = list(train_docs)[group::groups]
   if not any(train_docs):
-    raise DataError("train_dataset: the train documents hold no text")
-  docs = _token_docs(train_docs, tokenizer, _stream_seed(cfg.seed, "shuffle"),
-                     repeat=True)
-  synthetic = _TaskRows(cfg, tokenizer) if cfg.retrieval_rate > 0 else None
+    where = "" if groups == 1 else (
+        f" of process group {group} (document i goes to group i % {groups}); "
+        "add documents or use fewer processes")
+    raise DataError(f"train_dataset: the train documents{where} hold no text")
+  docs = _token_docs(train_docs, tokenizer,
+                     _stream_seed(cfg.seed, "shuffle" + suffix), repeat=True)
+  synthetic = (_TaskRows(cfg, tokenizer, "tasks" + suffix)
+               if cfg.retrieval_rate > 0 else None)
   packed = PackedDataset(docs, cfg.seq_len, synthetic)
-  return packed.batch(cfg.batch_size, drop_remainder=True)
+  return packed.batch(cfg.batch_size // groups, drop_remainder=True)
 
 
 def make_train_iterator(cfg: DataConfig, tokenizer: Tokenizer,
-                        train_docs: Sequence[str]) -> grain.DatasetIterator:
-  """An infinite iterator of train batches; ``get_state()`` is a JSON-ready dict
-  that ``set_state`` on a freshly made iterator continues from exactly."""
-  return iter(train_dataset(cfg, tokenizer, train_docs))
+                        train_docs: Sequence[str],
+                        share: tuple[int, int] = (0, 1)
+                        ) -> grain.DatasetIterator:
+  """An infinite iterator of train batches (of process group ``share``, see
+  ``train_dataset``); ``get_state()`` is a JSON-ready dict that ``set_state``
+  on a freshly made iterator continues from exactly."""
+  return iter(train_dataset(cfg, tokenizer, train_docs, share))
 
 
 def heldout_batches(cfg: DataConfig, tokenizer: Tokenizer,

@@ -178,7 +178,10 @@ def _init_one(spec: ParamSpec, key: jax.Array, default_dtype: str) -> jax.Array:
     return jnp.ones(spec.shape, dtype)
   if spec.init == "zeros":
     return jnp.zeros(spec.shape, dtype)
-  x = jax.random.normal(key, spec.shape, jnp.float32) * spec.std
+  # The barrier keeps XLA from folding std into normal's own scale under jit,
+  # so a jitted init (train.init_params) equals the eager one bit for bit.
+  x = jax.lax.optimization_barrier(
+      jax.random.normal(key, spec.shape, jnp.float32)) * spec.std
   return x.astype(dtype)
 
 

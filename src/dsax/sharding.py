@@ -26,10 +26,10 @@ The lightning indexer is sharded by its heads (``idx_heads``) only: its keys
 named here, so each query's top-k sees the whole row; GSPMD keeps the result
 equal to one device's (tests/test_sharding.py checks the indices).
 
-Multi-process: ``init_distributed`` starts ``jax.distributed``; every process
-builds the same global batch stream and keeps the rows its devices hold
-(``process_slices``); ``global_batch`` assembles the global array with
-``jax.make_array_from_process_local_data``.
+Multi-process: ``init_distributed`` starts ``jax.distributed``; each process
+reads its own share of the documents and feeds the rows its devices hold
+(``dsax.multihost``, which also agrees on stops). ``global_batch`` assembles
+a global array from a batch every process holds whole (tests, tools).
 """
 
 from __future__ import annotations
@@ -208,14 +208,17 @@ def process_slices(sharding: NamedSharding,
   return tuple(out)
 
 
-def global_batch(batch: dict[str, np.ndarray],
-                 sharding: NamedSharding) -> dict[str, jax.Array]:
-  """Global arrays from a host batch that every process holds whole: each
-  process hands over only the block its devices hold."""
+def global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding,
+                 global_shape: tuple[int, ...] | None = None
+                 ) -> dict[str, jax.Array]:
+  """Global arrays from a host batch that every process holds whole (each
+  process hands over only the block its devices hold), or with
+  ``global_shape``, from this process's block alone (multihost.TrainStream)."""
   out = {}
   for k, v in batch.items():
-    block = v[process_slices(sharding, v.shape)]
-    out[k] = jax.make_array_from_process_local_data(sharding, block, v.shape)
+    shape = v.shape if global_shape is None else global_shape
+    block = v[process_slices(sharding, v.shape)] if global_shape is None else v
+    out[k] = jax.make_array_from_process_local_data(sharding, block, shape)
   return out
 
 

@@ -24,9 +24,12 @@ only they have optimizer state. Losses per phase kind:
 The host loop does no array maths and reads each step's metrics one step late.
 
 Sharding (dsax.sharding): the step is jitted with the shardings of the state,
-the frozen parameters and the batch, state donated. Several processes
-(``jax.distributed``) run the same loop, each feeding its devices' batch rows;
-only process 0 writes logs, metrics and summaries.
+the frozen parameters and the batch, state donated; fresh parameters are
+initialised under jit straight onto theirs. Several processes
+(``jax.distributed``) run the same loop, each reading its own share of the
+documents and feeding its devices' batch rows, and all stop after the same
+step on a signal to any of them (dsax.multihost); only process 0 writes logs,
+metrics and summaries.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ import numpy as np
 import optax
 import tqdm
 
-from dsax import checkpoint, lm_loss, model, moe, params as P, sharding as S
+from dsax import checkpoint, lm_loss, model, moe, multihost
+from dsax import params as P, sharding as S
 from dsax.checkpoint import CheckpointError, UnwritablePath  # noqa: F401
 from dsax.attention import AttentionMode
 from dsax.config import (ConfigError, ExperimentConfig, OptimConfig,
@@ -294,11 +298,20 @@ def phase_shardings(cfg: ExperimentConfig, phase: PhaseConfig, mesh):
   return state, {k: v for k, v in flat_sh.items() if k not in trainable}
 
 
+def param_initializer(cfg: ExperimentConfig, mesh) -> Callable[[], Any]:
+  """The jitted init of fresh parameters straight onto their shardings; it
+  takes no argument (the key is made inside from ``cfg.seed``), so nothing
+  moves between host and device: each device computes only its shards
+  (partitionable threefry) and no host or device holds the whole model."""
+  return jax.jit(
+      lambda: P.init_params(cfg.model, jax.random.PRNGKey(cfg.seed)),
+      out_shardings=S.param_shardings(cfg.model, mesh))
+
+
 def init_params(cfg: ExperimentConfig, mesh) -> Any:
-  """Fresh parameters on their shardings, initialised eagerly as on one
-  device (a jitted init fuses differently), then each process's shards."""
-  params = P.init_params(cfg.model, jax.random.PRNGKey(cfg.seed))
-  return S.put_global(params, S.param_shardings(cfg.model, mesh))
+  """Fresh parameters on their shardings (``param_initializer``); equal bit
+  for bit to the eager ``params.init_params`` on one device."""
+  return param_initializer(cfg, mesh)()
 
 
 def init_state(cfg: ExperimentConfig, phase: PhaseConfig, params: Any, mesh,
@@ -323,8 +336,9 @@ def init_state(cfg: ExperimentConfig, phase: PhaseConfig, params: Any, mesh,
 
 
 class _Signals:
-  """Turns SIGTERM and SIGINT into a flag the loop checks between steps; a
-  second signal acts as if none were caught (stops at once)."""
+  """Turns SIGTERM and SIGINT into a flag the loop checks between steps (with
+  several processes, through a multihost.StopVote); a second signal acts as
+  if none were caught (stops at once)."""
 
   def __init__(self):
     self.caught: int | None = None
@@ -347,7 +361,13 @@ class _Signals:
 
   @property
   def name(self) -> str:
+    """The signal caught here, or what stopped another process."""
+    if self.caught is None:
+      return "a signal to another process"
     return signal.Signals(self.caught).name
+
+  def vote(self, mesh) -> multihost.StopVote:
+    return multihost.StopVote(mesh, lambda: self.caught is not None)
 
   def __exit__(self, *exc):
     for sig, old in self._old.items():
@@ -372,8 +392,8 @@ def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
               sigs: _Signals | None = None) -> Any:
   """Trains one phase from ``params`` (or a restored ``state``); returns the
   phase's final parameters. ``meta["global_base"]`` is the global step of
-  the phase's step 0. A signal (``sigs``, else caught here) saves the step
-  and raises Interrupted."""
+  the phase's step 0. A signal (``sigs``, else caught here) to any process
+  saves the same step on every process and raises Interrupted."""
   mesh = S.make_mesh(cfg.mesh) if mesh is None else mesh
   state, frozen, tx, sched = init_state(cfg, phase, params, mesh, state)
   step_fn = make_train_step(cfg, phase, tx, sched, mesh)
@@ -406,8 +426,11 @@ def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
 
   last_vals: dict[str, float] = {}
   with contextlib.nullcontext(sigs) if sigs else _Signals() as sigs:
+    stop = sigs.vote(mesh)
     for s in range(start_step + 1, phase.steps + 1):
-      batch = S.global_batch(next(data_iter), batch_sh)
+      batch = next(data_iter)  # multihost.TrainStream: global arrays
+      if isinstance(batch["inputs"], np.ndarray):
+        batch = S.global_batch(batch, batch_sh)
       state, out = step_fn(state, frozen, batch)
       if pending is not None:  # read the previous step's metrics now
         last_vals = emit(*pending)
@@ -421,7 +444,7 @@ def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
           ev = evaluate(now_params, phase_mode(cfg, phase))
           writer.write(phase.name, base + s, {f"eval_{k}": v
                                               for k, v in ev.items()})
-      if sigs.caught is not None:
+      if stop.after_step():  # the same answer on every process
         last_vals = emit(*pending)
         saved = save(s)
         bar.close()
@@ -508,8 +531,14 @@ def _run(cfg: ExperimentConfig, workdir: str) -> dict:
   if tok.vocab_size > cfg.model.vocab_size:
     raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller "
                       f"than the tokenizer's {tok.vocab_size}")
-  data_iter = data.make_train_iterator(cfg.data, tok, train_docs)
-  evaluator = heldout.Evaluator(cfg, tok, val_docs)
+  data_iter = multihost.TrainStream(cfg.data, tok, train_docs,
+                                    data_sharding(cfg, mesh))
+  # Process 0 alone evaluates; the others only join its parameter gather
+  # (run_phase), so they never tokenise the validation documents.
+  evaluator = heldout.Evaluator(cfg, tok, val_docs) if primary else None
+  quick = None
+  if cfg.eval.every:
+    quick = evaluator.quick if primary else lambda *_: {}
   ckpts = checkpoint.RunCheckpoints(workdir, cfg.keep_checkpoints)
   writer = metrics.MetricWriter(workdir, enabled=primary)
   abstract = abstract_params(cfg, mesh)
@@ -546,12 +575,12 @@ def _run(cfg: ExperimentConfig, workdir: str) -> dict:
           runner = functools.partial(trainer.run_phase, tok=tok)
         params, _ = runner(
             cfg, phase, params, data_iter, ckpts, meta, writer,
-            evaluator.quick if cfg.eval.every else None,
+            quick,
             start_step=meta["phase_step"] if resuming else 0,
             state=resume_state if resuming else None, mesh=mesh, sigs=sigs)
         resume_state, latest = None, None
         _end_phase(phase, params, ckpts, meta, data_iter.get_state())
-        if sigs.caught is not None:
+        if sigs.vote(mesh).now():  # every process, the same answer
           raise Interrupted(f"{sigs.name}: phase {phase.name!r} finished and "
                             f"saved (checkpoint step {ckpts.latest_step()}); "
                             "rerun the same command to resume")

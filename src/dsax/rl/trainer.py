@@ -266,6 +266,7 @@ def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
     shown.update(ev)
   vals: dict[str, float] = {}
   with contextlib.nullcontext(sigs) if sigs else _Signals() as sigs:
+    stop = sigs.vote(mesh)  # several processes: all stop at the same step
     for s in range(start_step + 1, phase.steps + 1):
       state, vals = stepper.step(state, frozen, base + s)
       vals = _check_finite(phase, s, vals, kept)
@@ -275,7 +276,7 @@ def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
       shown.update(vals, **ev)
       bar.update(1)
       bar.set_postfix({k: f"{shown[k]:.3g}" for k in SHOWN if k in shown})
-      if sigs.caught is not None:
+      if stop.now():
         saved = save(s)
         bar.close()
         if not saved:
