@@ -26,7 +26,9 @@ The host loop does no array maths and reads each step's metrics one step late.
 Sharding (dsax.sharding): the step is jitted with the shardings of the state,
 the frozen parameters and the batch, state donated. Several processes
 (``jax.distributed``) run the same loop, each feeding its devices' batch rows;
-only process 0 writes logs, metrics and summaries.
+only process 0 writes logs, metrics and summaries. With a ``sequence`` mesh
+axis the batch is placed in the zig-zag layout (``place_batch``) and the
+step's forward is context parallel (``dsax.context``).
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ import numpy as np
 import optax
 import tqdm
 
-from dsax import checkpoint, lm_loss, model, moe, params as P, sharding as S
+from dsax import (checkpoint, context, lm_loss, model, moe, params as P,
+                  sharding as S)
 from dsax.checkpoint import CheckpointError, UnwritablePath  # noqa: F401
 from dsax.attention import AttentionMode
 from dsax.config import (ConfigError, ExperimentConfig, OptimConfig,
@@ -193,7 +196,7 @@ def batch_loss(params, batch, cfg: ExperimentConfig, mode: AttentionMode):
   """(LM loss, LayerAux) of one batch; params nested; no [B, T, V] logits."""
   h_BTD, aux = model.forward(
       params, batch["inputs"], cfg.model, batch["segment_ids"], mode=mode,
-      positions_BT=batch["positions"], head=False)
+      positions_BT=batch["positions"], head=False, context_parallel=True)
   return lm_loss.loss(params, h_BTD, batch["targets"], batch["weights"],
                       cfg.model), aux
 
@@ -213,7 +216,8 @@ def make_loss_fn(cfg: ExperimentConfig, phase: PhaseConfig) -> Callable:
     if phase.kind == "warmup":
       _, aux = model.forward(params, batch["inputs"], cfg.model,
                              batch["segment_ids"], mode=mode,
-                             positions_BT=batch["positions"])
+                             positions_BT=batch["positions"],
+                             context_parallel=True)
       loss = phase.loss.indexer_weight * jnp.sum(aux.indexer_kl)
       return loss, {"indexer_kl": jnp.mean(aux.indexer_kl), "loss": loss}
     lm, aux = batch_loss(params, batch, cfg, mode)
@@ -273,6 +277,15 @@ def make_train_step(cfg: ExperimentConfig, phase: PhaseConfig, tx,
 
 def data_sharding(cfg: ExperimentConfig, mesh) -> jax.sharding.NamedSharding:
   return S.batch_sharding(mesh, cfg.data.batch_size, cfg.data.seq_len)
+
+
+def place_batch(batch: dict[str, np.ndarray],
+                sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+  """A host batch on the mesh as the step reads it: with a ``sequence``
+  axis of n > 1, each row in the zig-zag layout of context parallelism
+  (``dsax.context``; the step's attention undoes it, the loss is a mean)."""
+  n = sharding.mesh.shape.get(context.AXIS, 1)
+  return S.global_batch(context.layout_batch(batch, n), sharding)
 
 
 def flat_param_shardings(cfg: ExperimentConfig, mesh) -> dict[str, Any]:
@@ -402,7 +415,7 @@ def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
   last_vals: dict[str, float] = {}
   with contextlib.nullcontext(sigs) if sigs else _Signals() as sigs:
     for s in range(start_step + 1, phase.steps + 1):
-      batch = S.global_batch(next(data_iter), batch_sh)
+      batch = place_batch(next(data_iter), batch_sh)
       state, out = step_fn(state, frozen, batch)
       if pending is not None:  # read the previous step's metrics now
         now = time.perf_counter()
