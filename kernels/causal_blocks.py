@@ -22,9 +22,11 @@ of size T x S. Compile time does not depend on T (the loops are rolled).
 Query shards (context parallelism, dsax.context): the T queries may be a
 subset of the S keys, given by ``q_index_T``, each query's index among the
 keys (default arange(T), S = T). Every run of b queries must then be one
-aligned block of b consecutive keys (c_i = q_index[i b] / b); query block i
-sees key blocks j <= c_i, and the mask is s <= q_index[t] (and the
-segments of the query and of the key agree), never the array order.
+aligned block of b consecutive keys (c_i = q_index[i b] / b), the blocks in
+ascending order; query block i sees key blocks j <= c_i (the backward: key
+block j is seen by the query blocks from the first with c_i >= j on), and
+the mask is s <= q_index[t] (and the segments of the query and of the key
+agree), never the array order.
 
 Forward (online softmax), query block i, over j = 0..i:
   m' = max(m, max_s s),  l <- l e^{m - m'} + sum_s e^{s - m'},
@@ -385,7 +387,7 @@ def attention(q_parts, k_parts, v_BSGE, scale: float,
   the module docstring), ``v_BSGE`` [B,S,G,E]. Returns (o_BTNE in q's dtype,
   lse_BTN f32); differentiable w.r.t. q, k, v (and through lse).
   A query shard: ``q_index_T`` (int32 [T], each query's index among the S
-  keys, aligned blocks of b) and the keys' ``k_segment_ids_BS``."""
+  keys, ascending aligned blocks of b) and the keys' ``k_segment_ids_BS``."""
   qs, ks = tuple(q_parts), tuple(k_parts)
   b, t = qs[0].shape[:2]
   s = ks[0].shape[1] if ks and ks[0].ndim == 4 else t

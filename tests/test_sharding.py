@@ -6,7 +6,10 @@ file is also the worker: ``python tests/test_sharding.py WORKER``); one
 subprocess compiles every mesh in turn. Reference: the same steps on one device.
 Tolerance (f32; sharded reductions add in another order): losses within
 1e-5 relative + 1e-6 absolute, final parameters within 1e-5 absolute; the
-selected indices of the trained indexer are identical.
+selected indices of the trained indexer are identical. Meshes with a
+``sequence`` axis run context parallel (dsax.context: zig-zag batch, one
+all-gather of the latent keys per layer); their compiled steps' collectives
+are checked too.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import pytest  # noqa: E402
 from jax.sharding import AbstractMesh, PartitionSpec as PS  # noqa: E402
 
 from configs.tiny_run import get_config  # noqa: E402
-from dsax import checkpoint, data, metrics, model, train  # noqa: E402
+from dsax import checkpoint, context, data, metrics, model, train  # noqa: E402
 from dsax.attention import AttentionMode  # noqa: E402
 from dsax import params as P  # noqa: E402
 from dsax import sharding as S  # noqa: E402
@@ -37,7 +40,9 @@ LOSS_RTOL, LOSS_ATOL = 1e-5, 1e-6
 PARAM_ATOL = 1e-5
 # (data, fsdp, tensor, sequence); the first is the one-device reference.
 MESHES = [(1, 1, 1, 1), (8, 1, 1, 1), (2, 2, 2, 1), (1, 4, 2, 1),
-          (2, 1, 1, 4)]
+          (2, 1, 1, 4), (1, 1, 1, 8)]
+OPS = ("all-gather", "all-reduce", "collective-permute", "all-to-all",
+       "reduce-scatter")
 STEPS = 3  # per phase (the phase lengths set the lr schedules)
 FAST = ["data.seq_len=64", "data.batch_size=8", "data.max_docs=12",
         "eval.every=0", "model.indexer.topk=8", "compare=false",
@@ -65,26 +70,43 @@ def _mesh(shape):
                      jax.devices()[:d * f * t * s])
 
 
-def _steps(cfg, phase, params, mesh, batches, state=None):
-  """Runs len(batches) steps of a phase; (params, state, losses)."""
+def _collectives(hlo):
+  """[op, result type] of every collective in a compiled step's HLO."""
+  found = (re.search(r"= (.*?) (" + "|".join(OPS) + r")(?:-start)?\(", line)
+           for line in hlo.splitlines())
+  return [[m.group(2), m.group(1)] for m in found if m]
+
+
+def _steps(cfg, phase, params, mesh, batches, state=None, hlo=None):
+  """Runs len(batches) steps of a phase; (params, state, losses). With a
+  list ``hlo``, the collectives of the compiled step are appended to it."""
   state, frozen, tx, sched = train.init_state(cfg, phase, params, mesh, state)
   step = train.make_train_step(cfg, phase, tx, sched, mesh)
   bsh = train.data_sharding(cfg, mesh)
   losses = []
-  for batch in batches:
-    state, out = step(state, frozen, S.global_batch(batch, bsh))
-    losses.append(float(out["loss"]))
+  with jax.set_mesh(mesh):
+    for batch in batches:
+      batch = train.place_batch(batch, bsh)
+      if hlo is not None and not losses:
+        step = step.jitted.lower(state, frozen, batch).compile()
+        hlo.append(_collectives(step.as_text()))
+      state, out = step(state, frozen, batch)
+      losses.append(float(out["loss"]))
   return train.unflatten({**frozen, **state["trainable"]}), state, losses
 
 
 def _indices(cfg, params, mesh, batch):
-  """Selected keys of every layer (sparse forward), gathered whole."""
+  """Selected keys of every layer (sparse forward, context parallel on a
+  ``sequence`` axis), gathered whole, in natural order [L, B, T, K]."""
   mode = AttentionMode.of(cfg.model, "sparse", indices=True)
   fwd = jax.jit(lambda p, b: model.forward(
       p, b["inputs"], cfg.model, b["segment_ids"], positions_BT=b["positions"],
-      mode=mode)[1].idx, out_shardings=S.replicated(mesh))
-  return np.asarray(fwd(params, S.global_batch(batch,
-                                               train.data_sharding(cfg, mesh))))
+      mode=mode, context_parallel=True)[1].idx,
+      out_shardings=S.replicated(mesh))
+  with jax.set_mesh(mesh):
+    idx = np.asarray(fwd(params, train.place_batch(
+        batch, train.data_sharding(cfg, mesh))))
+  return context.from_layout(idx, mesh.shape["sequence"], axis=2)
 
 
 def _checkpoint_case(cfg, batches, out_dir):
@@ -140,15 +162,16 @@ def worker_meshes(out_dir, *shapes):
     else:
       shape = tuple(int(x) for x in name.split(","))
       mesh = _mesh(shape)
-      params, losses = train.init_params(cfg, mesh), []
+      params, losses, hlo = train.init_params(cfg, mesh), [], []
       for i, phase in enumerate(cfg.phases[:3]):
         params, _, ls = _steps(cfg, phase, params, mesh,
-                               batches[i * STEPS:(i + 1) * STEPS])
+                               batches[i * STEPS:(i + 1) * STEPS],
+                               hlo=hlo if shape[3] > 1 else None)
         losses += ls
       arrays = {k: np.asarray(v) for k, v in train.flatten(params).items()}
       arrays["idx"] = _indices(cfg, params, mesh, batches[0])
       np.savez(os.path.join(out_dir, name + ".npz"), **arrays)
-      out[name] = {"losses": losses,
+      out[name] = {"losses": losses, "collectives": hlo,
                    "embed_spec": str(params["embed"].sharding.spec)}
     out[name]["seconds"] = time.perf_counter() - t0
   with open(os.path.join(out_dir, "result.json"), "w") as f:
@@ -228,14 +251,14 @@ def meshes(tmp_path_factory):
   npz per mesh, wall seconds)."""
   t0 = time.perf_counter()
   key = lambda s: ",".join(map(str, s))  # noqa: E731
-  groups = [[key(s) for s in MESHES[:3]], [key(s) for s in MESHES[3:]] +
-            ["ckpt", "topk"]]
+  groups = [[key(s) for s in MESHES[:3]] + [key(MESHES[5])],
+            [key(s) for s in MESHES[3:5]] + ["ckpt", "topk"]]
   dirs = [tmp_path_factory.mktemp(f"meshes{i}") for i in range(len(groups))]
   procs = [_spawn([os.path.abspath(__file__), "meshes", str(d), *g],
                   devices=8) for d, g in zip(dirs, groups)]
   results, arrays = {}, {}
   for proc, d in zip(procs, dirs):
-    _wait(proc)
+    _wait(proc, timeout=600)  # four meshes a worker, two workers on two cores
     with open(d / "result.json") as f:
       results.update(json.load(f))
     for name in os.listdir(d):
@@ -274,6 +297,33 @@ def test_selected_indices_agree_on_every_mesh(meshes):
   for shape in MESHES[1:]:
     key = ",".join(map(str, shape))
     np.testing.assert_array_equal(arrays[key]["idx"], ref, err_msg=key)
+
+
+def test_context_parallel_steps_gather_only_the_latent_keys(meshes):
+  """On a ``sequence`` axis of n shards each phase's compiled step has one
+  all-gather of the latent keys [B_r, T, A] (A = C + R, + J with the
+  indexer; B_r the rows of one batch shard), its backward one
+  reduce-scatter [B_r, T / n, A], one all-gather of the segment ids [B_r,
+  T], and no collective-permute or all-to-all; the rest are all-reduces
+  (the gradients of the parameters over data and sequence)."""
+  cfg = _config().model
+  c_r, j = cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.indexer.head_dim
+  t = _config().data.seq_len
+  for shape in MESHES:
+    if shape[3] == 1:
+      continue
+    rows, n = 8 // shape[0], shape[3]
+    phases = meshes[0][",".join(map(str, shape))]["collectives"]
+    assert len(phases) == 3
+    for name, ops in zip(("pretrain", "warmup", "sparse"), phases):
+      a = c_r + (j if name != "pretrain" else 0)
+      shapes = sorted((op, re.sub(r"\{.*", "", ty)) for op, ty in ops
+                      if op != "all-reduce")
+      assert shapes == sorted([
+          ("all-gather", f"f32[{rows},{t},{a}]"),
+          ("all-gather", f"s32[{rows},{t}]"),
+          ("reduce-scatter", f"f32[{rows},{t // n},{a}]")]), (shape, name,
+                                                              ops)
 
 
 def test_checkpoint_from_four_devices_continues_on_two(meshes):
