@@ -147,6 +147,39 @@ def _topk_case():
   return out
 
 
+def _whole_rows_case(cfg, batch):
+  """Modes that dsax.context runs on whole rows (the local selection, dense
+  recall) on data 2 x sequence 4 against one device: the forward's logits,
+  indexer KL, recall and selected indices."""
+  params = train.init_params(cfg, _mesh((1, 1, 1, 1)))
+  mesh = _mesh((2, 1, 1, 4))
+  out = {}
+  for name, kind, flags in (
+      ("local", "sparse", {"selection": "local", "indices": True,
+                           "indexer_loss": True}),
+      ("recall", "dense", {"recall": True, "indexer_loss": True})):
+    mode = AttentionMode.of(cfg.model, kind, **flags)
+    fwd = lambda p, b, cp, mode=mode: model.forward(  # noqa: E731
+        p, b["inputs"], cfg.model, b["segment_ids"], mode=mode,
+        positions_BT=b["positions"], context_parallel=cp)
+    logits, aux = jax.jit(fwd, static_argnums=2)(params, batch, False)
+    with jax.set_mesh(mesh):
+      logits_cp, aux_cp = jax.jit(fwd, static_argnums=2)(
+          train.init_params(cfg, mesh),
+          train.place_batch(batch, train.data_sharding(cfg, mesh)), True)
+    got = {"logits": context.from_layout(np.asarray(logits_cp), 4)}
+    want = {"logits": np.asarray(logits)}
+    for k in ("indexer_kl", "recall"):
+      if getattr(aux, k) is not None:
+        got[k], want[k] = np.asarray(getattr(aux_cp, k)), np.asarray(
+            getattr(aux, k))
+    if aux.idx is not None:
+      got["idx"] = context.from_layout(np.asarray(aux_cp.idx), 4, axis=2)
+      want["idx"] = np.asarray(aux.idx)
+    out[name] = {k: float(np.max(np.abs(got[k] - want[k]))) for k in want}
+  return out
+
+
 def worker_meshes(out_dir, *shapes):
   """Every phase on each mesh ("d,f,t,s"; "ckpt": the checkpoint case);
   writes result.json and <mesh>.npz (final parameters, selected indices)."""
@@ -159,6 +192,8 @@ def worker_meshes(out_dir, *shapes):
       out[name] = _checkpoint_case(cfg, batches, out_dir)
     elif name == "topk":
       out[name] = _topk_case()
+    elif name == "whole_rows":
+      out[name] = _whole_rows_case(cfg, batches[0])
     else:
       shape = tuple(int(x) for x in name.split(","))
       mesh = _mesh(shape)
@@ -252,7 +287,7 @@ def meshes(tmp_path_factory):
   t0 = time.perf_counter()
   key = lambda s: ",".join(map(str, s))  # noqa: E731
   groups = [[key(s) for s in MESHES[:3]] + [key(MESHES[5])],
-            [key(s) for s in MESHES[3:5]] + ["ckpt", "topk"]]
+            [key(s) for s in MESHES[3:5]] + ["ckpt", "topk", "whole_rows"]]
   dirs = [tmp_path_factory.mktemp(f"meshes{i}") for i in range(len(groups))]
   procs = [_spawn([os.path.abspath(__file__), "meshes", str(d), *g],
                   devices=8) for d, g in zip(dirs, groups)]
@@ -324,6 +359,18 @@ def test_context_parallel_steps_gather_only_the_latent_keys(meshes):
           ("all-gather", f"s32[{rows},{t}]"),
           ("reduce-scatter", f"f32[{rows},{t // n},{a}]")]), (shape, name,
                                                               ops)
+
+
+def test_context_parallel_runs_other_modes_on_whole_rows(meshes):
+  """The local selection and dense recall (not per shard) on a sequence
+  mesh: the same logits, KL, recall and selected keys as one device."""
+  case = meshes[0]["whole_rows"]
+  assert set(case) == {"local", "recall"}
+  assert set(case["local"]) == {"logits", "indexer_kl", "idx"}
+  assert set(case["recall"]) == {"logits", "indexer_kl", "recall"}
+  for name, diffs in case.items():
+    for k, d in diffs.items():
+      assert d <= (0 if k == "idx" else 1e-5), (name, k, d)
 
 
 def test_checkpoint_from_four_devices_continues_on_two(meshes):
