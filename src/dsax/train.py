@@ -276,7 +276,13 @@ def make_train_step(cfg: ExperimentConfig, phase: PhaseConfig, tx,
 
 
 def data_sharding(cfg: ExperimentConfig, mesh) -> jax.sharding.NamedSharding:
-  return S.batch_sharding(mesh, cfg.data.batch_size, cfg.data.seq_len)
+  """The batch's sharding; ConfigError if the batch does not divide over the
+  mesh (or, with a ``sequence`` axis, into its zig-zag blocks)."""
+  sharding = S.batch_sharding(mesh, cfg.data.batch_size, cfg.data.seq_len)
+  n = mesh.shape.get(context.AXIS, 1)
+  if n > 1:
+    context.zigzag(cfg.data.seq_len, n)
+  return sharding
 
 
 def place_batch(batch: dict[str, np.ndarray],
