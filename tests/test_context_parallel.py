@@ -1,8 +1,9 @@
-"""Context parallelism (dsax.context): the zig-zag layout, and the attention
-pieces that take a query shard (causal_blocks, the reference top-k) against
-the whole-row computation on one device. The sharded train steps (losses,
-selected indices, collectives on 8 simulated devices) are in
-tests/test_sharding.py (meshes with ``sequence`` > 1, the "cp" case).
+"""Context parallelism (dsax.context): the zig-zag layout, and the pieces
+that take a query shard (causal_blocks attention and warm-up KL, the
+reference top-k, the local window) against the whole rows on one device.
+The sharded train steps (losses, selected indices, collectives on 8
+simulated devices) are in tests/test_sharding.py (the meshes with
+``sequence`` > 1 and the "modes" case).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsax import context
+from dsax import context, dsa
+from dsax.attention import QueryShard
 from dsax.config import ConfigError
 from dsax.kernels import causal_blocks
 from dsax.kernels.reference import indexer_topk_reference
@@ -169,3 +171,15 @@ def test_query_shards_need_their_index_among_the_keys():
   with pytest.raises(ValueError, match="S=32 keys for T=8 queries need "
                      "q_index_T"):
     indexer_topk_reference(q_i[:, :8], k_i, w[:, :8], 4)
+
+
+def test_local_window_of_query_shards_equals_whole_rows():
+  seg = _segments()
+  idx_w, valid_w = dsa.local_window(seg, B, T, 6, 2)
+  assert not bool(jnp.all(valid_w)) and bool(jnp.any(valid_w[:, -1]))
+  for d in range(SHARDS):
+    idx = _shard(d)
+    shard = QueryShard(jnp.asarray(idx, jnp.int32), seg, BLOCK)
+    got, valid = dsa.local_window(seg[:, idx], B, len(idx), 6, 2, shard)
+    np.testing.assert_array_equal(got, idx_w[:, idx])
+    np.testing.assert_array_equal(valid, valid_w[:, idx])

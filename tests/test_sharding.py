@@ -147,16 +147,18 @@ def _topk_case():
   return out
 
 
-def _whole_rows_case(cfg, batch):
-  """Modes that dsax.context runs on whole rows (the local selection, dense
-  recall) on data 2 x sequence 4 against one device: the forward's logits,
-  indexer KL, recall and selected indices."""
+def _other_modes_case(cfg, batch):
+  """The local selection (per shard) and the modes that dsax.context runs
+  on whole rows (the oracle selection, dense recall) on data 2 x sequence 4
+  against one device: the forward's logits, indexer KL, recall and
+  selected indices."""
   params = train.init_params(cfg, _mesh((1, 1, 1, 1)))
   mesh = _mesh((2, 1, 1, 4))
   out = {}
   for name, kind, flags in (
       ("local", "sparse", {"selection": "local", "indices": True,
                            "indexer_loss": True}),
+      ("oracle", "sparse", {"selection": "oracle", "indices": True}),
       ("recall", "dense", {"recall": True, "indexer_loss": True})):
     mode = AttentionMode.of(cfg.model, kind, **flags)
     fwd = lambda p, b, cp, mode=mode: model.forward(  # noqa: E731
@@ -192,8 +194,8 @@ def worker_meshes(out_dir, *shapes):
       out[name] = _checkpoint_case(cfg, batches, out_dir)
     elif name == "topk":
       out[name] = _topk_case()
-    elif name == "whole_rows":
-      out[name] = _whole_rows_case(cfg, batches[0])
+    elif name == "modes":
+      out[name] = _other_modes_case(cfg, batches[0])
     else:
       shape = tuple(int(x) for x in name.split(","))
       mesh = _mesh(shape)
@@ -287,7 +289,7 @@ def meshes(tmp_path_factory):
   t0 = time.perf_counter()
   key = lambda s: ",".join(map(str, s))  # noqa: E731
   groups = [[key(s) for s in MESHES[:3]] + [key(MESHES[5])],
-            [key(s) for s in MESHES[3:5]] + ["ckpt", "topk", "whole_rows"]]
+            [key(s) for s in MESHES[3:5]] + ["ckpt", "topk", "modes"]]
   dirs = [tmp_path_factory.mktemp(f"meshes{i}") for i in range(len(groups))]
   procs = [_spawn([os.path.abspath(__file__), "meshes", str(d), *g],
                   devices=8) for d, g in zip(dirs, groups)]
@@ -361,12 +363,14 @@ def test_context_parallel_steps_gather_only_the_latent_keys(meshes):
                                                               ops)
 
 
-def test_context_parallel_runs_other_modes_on_whole_rows(meshes):
-  """The local selection and dense recall (not per shard) on a sequence
-  mesh: the same logits, KL, recall and selected keys as one device."""
-  case = meshes[0]["whole_rows"]
-  assert set(case) == {"local", "recall"}
+def test_context_parallel_other_modes_match_one_device(meshes):
+  """The local selection (per shard), the oracle selection and dense recall
+  (on whole rows) on a sequence mesh: the same logits, KL, recall and
+  selected keys as one device."""
+  case = meshes[0]["modes"]
+  assert set(case) == {"local", "oracle", "recall"}
   assert set(case["local"]) == {"logits", "indexer_kl", "idx"}
+  assert set(case["oracle"]) == {"logits", "idx"}
   assert set(case["recall"]) == {"logits", "indexer_kl", "recall"}
   for name, diffs in case.items():
     for k, d in diffs.items():

@@ -25,10 +25,11 @@ context_parallel=True)``) runs ``dsa.attend`` in a ``jax.shard_map`` over
     ``causal_blocks`` over the local query blocks against every key with
     the causal skip (query block at natural block c sees key blocks <= c);
   - the indexer's top-k sees each local query's whole row of scores: no
-    cross-device merge; sparse attention gathers its k rows from the
-    gathered latent (the indices are natural key indices);
+    cross-device merge (the local window needs no scores); sparse attention
+    gathers its k rows from the gathered latent (the indices are natural
+    key indices);
   - per-layer scalars (the indexer KL) are averaged over the shards.
-Modes this does not cover (recall, the local / oracle / given selections)
+Modes this does not cover (recall, the oracle and given selections)
 run on the whole rows: the inputs are put back in natural order, the plain
 ``dsa.attend`` runs under GSPMD, and its outputs are laid out again.
 The dense path here is the jnp one (``causal_blocks``, the reference top-k)
@@ -109,7 +110,8 @@ def shard_index(d: jax.Array, n: int, t_local: int) -> jax.Array:
 
 def supported(mode: AttentionMode) -> bool:
   """Whether ``attend`` runs ``mode`` per shard (else on whole rows)."""
-  return not mode.recall and (not mode.sparse or mode.selection == "indexer")
+  return not mode.recall and (not mode.sparse
+                              or mode.selection in ("indexer", "local"))
 
 
 def _spec(*axes):

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsax import gqa, kernels, mla, rope, sharding
-from dsax.attention import AttentionMode, LayerAux, Projections
+from dsax.attention import AttentionMode, LayerAux, Projections, QueryShard
 from dsax.config import ModelConfig
 from dsax.kernels import causal_blocks, reference
 from dsax.kernels.query_chunks import map_query_chunks
@@ -172,15 +172,24 @@ def segment_starts(segment_ids_BT: jax.Array | None, b: int,
 
 
 def local_window(segment_ids_BT: jax.Array | None, b: int, t: int, topk: int,
-                 sinks: int):
+                 sinks: int, shard: QueryShard | None = None):
   """The "local" selection: per query t with segment start a_t and n_t =
   t - a_t + 1 visible keys, S_t = {a_t .. a_t + sinks - 1} (attention
   sinks) U {t - (k - sinks) + 1 .. t} when n_t > k, else every visible key
-  {a_t .. t}; K = min(topk, T) slots as ``select_topk`` lays them out
-  (invalid slots point at t). Built in O(T K): no scores, no top-k."""
-  kk = min(topk, t)
-  start_BT1 = segment_starts(segment_ids_BT, b, t)[:, :, None]
-  q_1T1 = jnp.arange(t, dtype=jnp.int32)[None, :, None]
+  {a_t .. t}; K = min(topk, S) slots as ``select_topk`` lays them out
+  (invalid slots point at t). Built in O(T K): no scores, no top-k.
+  A query shard (``shard``): t is each query's index among the S keys,
+  a_t from the keys' segment ids."""
+  if shard is None:
+    kk = min(topk, t)
+    start_BT1 = segment_starts(segment_ids_BT, b, t)[:, :, None]
+    q_1T1 = jnp.arange(t, dtype=jnp.int32)[None, :, None]
+  else:
+    s_len = shard.k_segment_ids_BS.shape[1]
+    kk = min(topk, s_len)
+    start_BT1 = jnp.take(segment_starts(shard.k_segment_ids_BS, b, s_len),
+                         shard.q_index_T, axis=1)[:, :, None]
+    q_1T1 = shard.q_index_T.astype(jnp.int32)[None, :, None]
   slot_11K = jnp.arange(kk, dtype=jnp.int32)[None, None, :]
   n_BT1 = q_1T1 - start_BT1 + 1
   # Slot j holds the j-th key of the segment (the sinks, or every key when
@@ -505,7 +514,10 @@ def select(a, proj: Projections, mode: AttentionMode, cfg: ModelConfig,
   """(idx_BTK, valid_BTK) of a sparse layer by ``mode.selection``: the
   indexer's top-k, the local window with sinks, the oracle top-k of the
   dense attention, or the given sets. A query shard (``shard``): the
-  indexer's top-k only, its indices among every key."""
+  indexer's top-k or the local window, indices among every key."""
+  if shard is not None and mode.selection == "local":
+    b, t = proj.q.shape[:2]
+    return local_window(segment_ids_BT, b, t, mode.topk, mode.sinks, shard)
   if shard is not None:
     if mode.selection != "indexer":
       raise ValueError(f"dsa: selection={mode.selection!r} is not computed "
