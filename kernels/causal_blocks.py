@@ -19,6 +19,15 @@ sees key blocks j <= i only: every loop over key blocks has trip count i + 1
 scored in each pass. Only [B,N,b,b] tiles and O(T) buffers exist; nothing
 of size T x S. Compile time does not depend on T (the loops are rolled).
 
+Query shards (context parallelism, dsax.context): the T queries may be a
+subset of the S keys, given by ``q_index_T``, each query's index among the
+keys (default arange(T), S = T). Every run of b queries must then be one
+aligned block of b consecutive keys (c_i = q_index[i b] / b), the blocks in
+ascending order; query block i sees key blocks j <= c_i (the backward: key
+block j is seen by the query blocks from the first with c_i >= j on), and
+the mask is s <= q_index[t] (and the segments of the query and of the key
+agree), never the array order.
+
 Forward (online softmax), query block i, over j = 0..i:
   m' = max(m, max_s s),  l <- l e^{m - m'} + sum_s e^{s - m'},
   acc <- acc e^{m - m'} + e^{s - m'} v,   then o = acc / l, lse = m + log l.
@@ -70,6 +79,12 @@ class _Grid(NamedTuple):
 def _grid(t: int, block: int) -> _Grid:
   b = max(1, min(block, t))
   return _Grid(t=t, n=-(-t // b), b=b)
+
+
+def _grids(t: int, s: int, block: int) -> tuple[_Grid, _Grid]:
+  """(query grid, key grid) with one block size b = min(block, T)."""
+  q = _grid(t, block)
+  return q, _Grid(t=s, n=-(-s // q.b), b=q.b)
 
 
 def _split(x, grid: _Grid):
@@ -145,11 +160,12 @@ def _grouped(x_BN_, g: int):
 # ----------------------------------------------------------------- tiles
 
 
-def _mask(i, j, seg_i_BT, seg_j_BS, grid: _Grid):
-  """[B, b, b] bool of tile (i, j): key <= query < T, same segment."""
-  q_pos = i * grid.b + jnp.arange(grid.b)
+def _mask(i, j, seg_i_BT, seg_j_BS, pos_i_T, grid: _Grid):
+  """[B, b, b] bool of tile (i, j): key index <= the query's (``pos_i_T``,
+  its index among the keys), a real query row (< T), same segment."""
+  real_T = i * grid.b + jnp.arange(grid.b) < grid.t
   k_pos = j * grid.b + jnp.arange(grid.b)
-  ok_TS = (k_pos[None, :] <= q_pos[:, None]) & (q_pos[:, None] < grid.t)
+  ok_TS = (k_pos[None, :] <= pos_i_T[:, None]) & real_T[:, None]
   return ok_TS[None] & (seg_i_BT[:, :, None] == seg_j_BS[:, None, :])
 
 
@@ -166,41 +182,52 @@ def _scores(q_i, k_j, mask_BTS, scale):
 
 
 class _Blocked(NamedTuple):
-  qs: tuple       # [n,B,G,M,b,X] per part
-  ks: tuple       # [n,B,G,b,X] per part
-  seg: jax.Array  # [n,B,b]
+  qs: tuple         # [n,B,G,M,b,X] per part
+  ks: tuple         # [n_k,B,G,b,X] per part
+  seg: jax.Array    # [n,B,b] of the queries
+  seg_k: jax.Array  # [n_k,B,b] of the keys
+  pos: jax.Array    # [n,b] each query's index among the keys
+  top: jax.Array    # [n] the last key block that query block i sees
+  first: jax.Array  # [n_k] the first query block that sees key block j
 
 
-def _blocked(qs, ks, seg_BT, grid: _Grid) -> _Blocked:
+def _blocked(qs, ks, seg_BT, seg_k_BS, q_index_T, grid: _Grid,
+             kgrid: _Grid) -> _Blocked:
+  pos = _split(q_index_T[None], grid)[:, 0]
+  top = pos[:, 0] // grid.b
+  first = jnp.sum(top[None, :] < jnp.arange(kgrid.n)[:, None], axis=1)
   return _Blocked(
       qs=tuple(_q_blocks(q, k.shape[2], grid) for q, k in zip(qs, ks)),
-      ks=tuple(_k_blocks(k, grid) for k in ks), seg=_split(seg_BT, grid))
+      ks=tuple(_k_blocks(k, kgrid) for k in ks), seg=_split(seg_BT, grid),
+      seg_k=_split(seg_k_BS, kgrid), pos=pos, top=top, first=first)
 
 
 def _rows(blk: _Blocked, i):
-  """The q parts and segment ids of block i (query side of a tile)."""
-  return tuple(_at(x, i) for x in blk.qs), _at(blk.seg, i)
+  """The q parts, segment ids and key indices of query block i (the query
+  side of a tile)."""
+  return (tuple(_at(x, i) for x in blk.qs), _at(blk.seg, i),
+          _at(blk.pos, i))
 
 
 def _cols(blk: _Blocked, j):
-  """The k parts and segment ids of block j (key side of a tile)."""
-  return tuple(_at(x, j) for x in blk.ks), _at(blk.seg, j)
+  """The k parts and segment ids of key block j (key side of a tile)."""
+  return tuple(_at(x, j) for x in blk.ks), _at(blk.seg_k, j)
 
 
 def _tile(rows, cols, i, j, grid: _Grid, scale):
   """(mask_BTS, masked s_BNTS) of tile (i, j)."""
-  (q_i, seg_i), (k_j, seg_j) = rows, cols
-  mask_BTS = _mask(i, j, seg_i, seg_j, grid)
+  (q_i, seg_i, pos_i), (k_j, seg_j) = rows, cols
+  mask_BTS = _mask(i, j, seg_i, seg_j, pos_i, grid)
   return mask_BTS, _scores(q_i, k_j, mask_BTS, scale)
 
 
 # ------------------------------------------------------------- attention
 
 
-def _attention_fwd_impl(qs, ks, v, seg_BT, scale, block):
-  grid = _grid(qs[0].shape[1], block)
-  blk = _blocked(qs, ks, seg_BT, grid)
-  v_b = _k_blocks(v, grid)
+def _attention_fwd_impl(qs, ks, v, seg_BT, seg_k_BS, q_index_T, scale, block):
+  grid, kgrid = _grids(qs[0].shape[1], ks[0].shape[1], block)
+  blk = _blocked(qs, ks, seg_BT, seg_k_BS, q_index_T, grid, kgrid)
+  v_b = _k_blocks(v, kgrid)
   bsz, heads = qs[0].shape[0], qs[0].shape[2]
   gv, e = v.shape[2], v.shape[3]
 
@@ -222,7 +249,8 @@ def _attention_fwd_impl(qs, ks, v, seg_BT, scale, block):
     init = (jnp.full((bsz, heads, grid.b), NEG_INF, F32),
             jnp.zeros((bsz, heads, grid.b), F32),
             jnp.zeros((bsz, gv, heads // gv, grid.b, e), F32))
-    m_BNT, l_BNT, acc = jax.lax.fori_loop(0, i + 1, col, init)
+    m_BNT, l_BNT, acc = jax.lax.fori_loop(0, _at(blk.top, i) + 1, col,
+                                          init)
     o_buf, lse_buf = bufs
     return (_put(o_buf, acc / _grouped(l_BNT, gv)[..., None], i),
             _put(lse_buf, m_BNT + jnp.log(l_BNT), i))
@@ -233,22 +261,24 @@ def _attention_fwd_impl(qs, ks, v, seg_BT, scale, block):
   return _q_join(o_buf, grid), _row_join(lse_buf, grid)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attention(qs, ks, v, seg_BT, scale, block):
-  return _attention_fwd_impl(qs, ks, v, seg_BT, scale, block)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _attention(qs, ks, v, seg_BT, seg_k_BS, q_index_T, scale, block):
+  return _attention_fwd_impl(qs, ks, v, seg_BT, seg_k_BS, q_index_T, scale,
+                             block)
 
 
-def _attention_fwd(qs, ks, v, seg_BT, scale, block):
-  o, lse = _attention_fwd_impl(qs, ks, v, seg_BT, scale, block)
-  return (o, lse), (qs, ks, v, seg_BT, o, lse)
+def _attention_fwd(qs, ks, v, seg_BT, seg_k_BS, q_index_T, scale, block):
+  o, lse = _attention_fwd_impl(qs, ks, v, seg_BT, seg_k_BS, q_index_T, scale,
+                               block)
+  return (o, lse), (qs, ks, v, seg_BT, seg_k_BS, q_index_T, o, lse)
 
 
 def _attention_bwd(scale, block, res, cts):
-  qs, ks, v, seg_BT, o, lse_BTN = res
+  qs, ks, v, seg_BT, seg_k_BS, q_index_T, o, lse_BTN = res
   do, dlse_BTN = cts
-  grid = _grid(qs[0].shape[1], block)
-  blk = _blocked(qs, ks, seg_BT, grid)
-  v_b = _k_blocks(v, grid)
+  grid, kgrid = _grids(qs[0].shape[1], ks[0].shape[1], block)
+  blk = _blocked(qs, ks, seg_BT, seg_k_BS, q_index_T, grid, kgrid)
+  v_b = _k_blocks(v, kgrid)
   gv = v.shape[2]
   do_b = _q_blocks(do, gv, grid)
   lse_b = _row_blocks(lse_BTN, grid)
@@ -283,7 +313,7 @@ def _attention_bwd(scale, block, res, cts):
 
     dk0 = tuple(jnp.zeros(x.shape[1:], F32) for x in blk.ks)
     dv0 = jnp.zeros(v_b.shape[1:], F32)
-    dks, dv, dq_bufs = jax.lax.fori_loop(j, grid.n, row,
+    dks, dv, dq_bufs = jax.lax.fori_loop(_at(blk.first, j), grid.n, row,
                                          (dk0, dv0, dq_bufs))
     return (dq_bufs, tuple(_put(buf, dk, j) for buf, dk in zip(dk_bufs, dks)),
             _put(dv_buf, dv, j))
@@ -291,34 +321,37 @@ def _attention_bwd(scale, block, res, cts):
   bufs = (tuple(jnp.zeros(x.shape, F32) for x in blk.qs),
           tuple(jnp.zeros(x.shape, F32) for x in blk.ks),
           jnp.zeros(v_b.shape, F32))
-  dq_bufs, dk_bufs, dv_buf = jax.lax.fori_loop(0, grid.n, col, bufs)
+  dq_bufs, dk_bufs, dv_buf = jax.lax.fori_loop(0, kgrid.n, col, bufs)
   dqs = tuple(_q_join(x, grid).astype(q.dtype) for x, q in zip(dq_bufs, qs))
-  dks = tuple(_k_join(x, grid).astype(k.dtype) for x, k in zip(dk_bufs, ks))
-  return dqs, dks, _k_join(dv_buf, grid).astype(v.dtype), None
+  dks = tuple(_k_join(x, kgrid).astype(k.dtype) for x, k in zip(dk_bufs, ks))
+  return (dqs, dks, _k_join(dv_buf, kgrid).astype(v.dtype), None, None,
+          None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _check(qs, ks, v_BSGE=None):
+def _check(qs, ks, v_BSGE=None, s=None):
+  """Shapes of the score parts; ``s`` the number of keys (None: S = T)."""
   if len(qs) != len(ks) or not qs:
     raise ValueError(f"need one key part per query part, got {len(qs)} "
                      f"query and {len(ks)} key parts")
   b, t, n = qs[0].shape[:3]
+  s = t if s is None else s
   for i, (q, k) in enumerate(zip(qs, ks)):
     if q.ndim != 4 or k.ndim != 4:
       raise ValueError(f"part {i}: q must be [B,T,N,X] and k [B,S,G,X], got "
                        f"{q.shape} and {k.shape}")
-    if q.shape[:3] != (b, t, n) or k.shape[:2] != (b, t):
+    if q.shape[:3] != (b, t, n) or k.shape[:2] != (b, s):
       raise ValueError(f"part {i}: q {q.shape} and k {k.shape} must share "
-                       f"B={b} and T=S={t} (and q N={n})")
+                       f"B={b} and have T={t}, S={s} (and q N={n})")
     if n % k.shape[2] or q.shape[3] != k.shape[3]:
       raise ValueError(f"part {i}: kv heads G={k.shape[2]} must divide N={n} "
                        f"and the dims must match, got q {q.shape}, k "
                        f"{k.shape}")
-  if v_BSGE is not None and (v_BSGE.ndim != 4 or v_BSGE.shape[:2] != (b, t)
+  if v_BSGE is not None and (v_BSGE.ndim != 4 or v_BSGE.shape[:2] != (b, s)
                              or n % v_BSGE.shape[2]):
-    raise ValueError(f"v must be [B={b}, S={t}, G, E] with G dividing N={n}, "
+    raise ValueError(f"v must be [B={b}, S={s}, G, E] with G dividing N={n}, "
                      f"got {v_BSGE.shape}")
 
 
@@ -327,16 +360,41 @@ def _segments(segment_ids_BT, b, t):
           else segment_ids_BT.astype(jnp.int32))
 
 
+def _shard(q_index_T, k_segment_ids_BS, segment_ids_BT, b, t, s):
+  """(q segments [B,T], key segments [B,S], q_index_T [T]) of a query
+  shard (``q_index_T`` given) or of self-attention (S = T)."""
+  if q_index_T is None:
+    if s != t:
+      raise ValueError(f"S={s} keys for T={t} queries need q_index_T, each "
+                       "query's index among the keys")
+    q_index_T = jnp.arange(t, dtype=jnp.int32)
+  elif q_index_T.shape != (t,):
+    raise ValueError(f"q_index_T must be [T={t}], got {q_index_T.shape}")
+  if k_segment_ids_BS is None:
+    if segment_ids_BT is not None and s != t:
+      raise ValueError("segment ids of T queries among S != T keys need "
+                       "k_segment_ids_BS")
+    k_segment_ids_BS = segment_ids_BT
+  return (_segments(segment_ids_BT, b, t), _segments(k_segment_ids_BS, b, s),
+          q_index_T.astype(jnp.int32))
+
+
 def attention(q_parts, k_parts, v_BSGE, scale: float,
-              segment_ids_BT=None, block: int = 256):
+              segment_ids_BT=None, block: int = 256, *, q_index_T=None,
+              k_segment_ids_BS=None):
   """Causal, in-segment self-attention over the lower-triangle blocks.
   ``q_parts`` [B,T,N,X_i] and ``k_parts`` [B,S,G_i,X_i] (score parts, see
   the module docstring), ``v_BSGE`` [B,S,G,E]. Returns (o_BTNE in q's dtype,
-  lse_BTN f32); differentiable w.r.t. q, k, v (and through lse)."""
+  lse_BTN f32); differentiable w.r.t. q, k, v (and through lse).
+  A query shard: ``q_index_T`` (int32 [T], each query's index among the S
+  keys, ascending aligned blocks of b) and the keys' ``k_segment_ids_BS``."""
   qs, ks = tuple(q_parts), tuple(k_parts)
-  _check(qs, ks, v_BSGE)
   b, t = qs[0].shape[:2]
-  return _attention(qs, ks, v_BSGE, _segments(segment_ids_BT, b, t),
+  s = ks[0].shape[1] if ks and ks[0].ndim == 4 else t
+  _check(qs, ks, v_BSGE, s)
+  seg_BT, seg_k_BS, q_index_T = _shard(q_index_T, k_segment_ids_BS,
+                                       segment_ids_BT, b, t, s)
+  return _attention(qs, ks, v_BSGE, seg_BT, seg_k_BS, q_index_T,
                     float(scale), int(block))
 
 
@@ -357,12 +415,12 @@ def _kl_tile(rows, blk, ib, i, j, grid, scale):
   return p_BTS, logits_BTS, mask_BTS, vjp
 
 
-def _kl_fwd_impl(qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT, scale,
-                 block):
-  grid = _grid(qs[0].shape[1], block)
-  blk = _blocked(qs, ks, seg_BT, grid)
+def _kl_fwd_impl(qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT,
+                 seg_k_BS, q_index_T, scale, block):
+  grid, kgrid = _grids(qs[0].shape[1], ks[0].shape[1], block)
+  blk = _blocked(qs, ks, seg_BT, seg_k_BS, q_index_T, grid, kgrid)
   lse_b = _row_blocks(lse_BTN, grid)
-  ib = tuple(_split(x, grid) for x in (q_i_BTIJ, k_i_BSJ, w_BTI))
+  ib = (_split(q_i_BTIJ, grid), _split(k_i_BSJ, kgrid), _split(w_BTI, grid))
   bsz = qs[0].shape[0]
 
   def row(i, bufs):
@@ -382,7 +440,8 @@ def _kl_fwd_impl(qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT, scale,
 
     zero = jnp.zeros((bsz, grid.b), F32)
     z_BT, a_BT, m_BT, l_BT = jax.lax.fori_loop(
-        0, i + 1, col, (zero, zero, jnp.full_like(zero, NEG_INF), zero))
+        0, _at(blk.top, i) + 1, col,
+        (zero, zero, jnp.full_like(zero, NEG_INF), zero))
     z_BT = jnp.maximum(z_BT, 1e-30)
     lse_i_BT = m_BT + jnp.log(l_BT)
     kl_buf, lse_i_buf, z_buf = bufs
@@ -394,26 +453,28 @@ def _kl_fwd_impl(qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT, scale,
   return _join(kl_b, grid), (lse_i_b, z_b)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _warmup_kl(qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT, scale,
-               block):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
+def _warmup_kl(qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT, seg_k_BS,
+               q_index_T, scale, block):
   return _kl_fwd_impl(qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT,
-                      scale, block)[0]
+                      seg_k_BS, q_index_T, scale, block)[0]
 
 
-def _warmup_kl_fwd(qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT, scale,
-                   block):
+def _warmup_kl_fwd(qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT,
+                   seg_k_BS, q_index_T, scale, block):
   kl_BT, rows = _kl_fwd_impl(qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI,
-                             seg_BT, scale, block)
-  return kl_BT, (qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT, rows)
+                             seg_BT, seg_k_BS, q_index_T, scale, block)
+  return kl_BT, (qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT, seg_k_BS,
+                 q_index_T, rows)
 
 
 def _warmup_kl_bwd(scale, block, res, g_BT):
-  qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT, (lse_i_b, z_b) = res
-  grid = _grid(qs[0].shape[1], block)
-  blk = _blocked(qs, ks, seg_BT, grid)
+  (qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT, seg_k_BS, q_index_T,
+   (lse_i_b, z_b)) = res
+  grid, kgrid = _grids(qs[0].shape[1], ks[0].shape[1], block)
+  blk = _blocked(qs, ks, seg_BT, seg_k_BS, q_index_T, grid, kgrid)
   lse_b = _row_blocks(lse_BTN, grid)
-  ib = tuple(_split(x, grid) for x in (q_i_BTIJ, k_i_BSJ, w_BTI))
+  ib = (_split(q_i_BTIJ, grid), _split(k_i_BSJ, kgrid), _split(w_BTI, grid))
   g_b = _split(g_BT.astype(F32), grid)
 
   def row(i, bufs):
@@ -434,37 +495,42 @@ def _warmup_kl_bwd(scale, block, res, g_BT):
     dq_buf, dk_buf, dw_buf = bufs
     init = (jnp.zeros(ib[0].shape[1:], F32), jnp.zeros(ib[2].shape[1:], F32),
             dk_buf)
-    dq, dw, dk_buf = jax.lax.fori_loop(0, i + 1, col, init)
+    dq, dw, dk_buf = jax.lax.fori_loop(0, _at(blk.top, i) + 1, col, init)
     return _put(dq_buf, dq, i), dk_buf, _put(dw_buf, dw, i)
 
   bufs = tuple(jnp.zeros(x.shape, F32) for x in ib)
   dq_b, dk_b, dw_b = jax.lax.fori_loop(0, grid.n, row, bufs)
-  grads = tuple(_join(d, grid).astype(x.dtype)
-                for d, x in zip((dq_b, dk_b, dw_b),
-                                (q_i_BTIJ, k_i_BSJ, w_BTI)))
-  return (None, None, None) + grads + (None,)
+  grads = tuple(_join(d, g).astype(x.dtype)
+                for d, g, x in zip((dq_b, dk_b, dw_b), (grid, kgrid, grid),
+                                   (q_i_BTIJ, k_i_BSJ, w_BTI)))
+  return (None, None, None) + grads + (None, None, None)
 
 
 _warmup_kl.defvjp(_warmup_kl_fwd, _warmup_kl_bwd)
 
 
 def warmup_kl(q_parts, k_parts, lse_BTN, q_I_BTIJ, k_I_BSJ, w_BTI,
-              scale: float, segment_ids_BT=None, block: int = 256):
+              scale: float, segment_ids_BT=None, block: int = 256, *,
+              q_index_T=None, k_segment_ids_BS=None):
   """The DSA dense warm-up KL_BT (f32) of causal self-attention given by
   its score parts and the lse that ``attention`` returned, against the
   indexer logits of (q_I, k_I, w), over the lower-triangle blocks. q, k and
-  lse are detached: the gradient reaches q_I, k_I, w only."""
+  lse are detached: the gradient reaches q_I, k_I, w only. A query shard:
+  ``q_index_T`` and ``k_segment_ids_BS`` as in ``attention``."""
   qs, ks = tuple(q_parts), tuple(k_parts)
-  _check(qs, ks)
   b, t, n = qs[0].shape[:3]
+  s = ks[0].shape[1] if ks and ks[0].ndim == 4 else t
+  _check(qs, ks, s=s)
   if lse_BTN.shape != (b, t, n):
     raise ValueError(f"lse must be [B,T,N] = {(b, t, n)}, got "
                      f"{lse_BTN.shape}")
-  if (q_I_BTIJ.shape[:2] != (b, t) or k_I_BSJ.shape[:2] != (b, t)
+  if (q_I_BTIJ.shape[:2] != (b, t) or k_I_BSJ.shape[:2] != (b, s)
       or w_BTI.shape != q_I_BTIJ.shape[:3]):
     raise ValueError(f"indexer q [B,T,I,J], k [B,S,J], w [B,T,I] must share "
-                     f"B={b}, T=S={t}; got {q_I_BTIJ.shape}, {k_I_BSJ.shape}, "
-                     f"{w_BTI.shape}")
+                     f"B={b}, T={t}, S={s}; got {q_I_BTIJ.shape}, "
+                     f"{k_I_BSJ.shape}, {w_BTI.shape}")
+  seg_BT, seg_k_BS, q_index_T = _shard(q_index_T, k_segment_ids_BS,
+                                       segment_ids_BT, b, t, s)
   qs, ks, lse_BTN = jax.lax.stop_gradient((qs, ks, lse_BTN))
-  return _warmup_kl(qs, ks, lse_BTN, q_I_BTIJ, k_I_BSJ, w_BTI,
-                    _segments(segment_ids_BT, b, t), float(scale), int(block))
+  return _warmup_kl(qs, ks, lse_BTN, q_I_BTIJ, k_I_BSJ, w_BTI, seg_BT,
+                    seg_k_BS, q_index_T, float(scale), int(block))

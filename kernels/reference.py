@@ -113,29 +113,46 @@ def indexer_logits(q_BTIJ: jax.Array, k_BSJ: jax.Array,
 def indexer_topk_reference(q_BTIJ: jax.Array, k_BSJ: jax.Array,
                            w_BTI: jax.Array, topk: int,
                            segment_ids_BT: jax.Array | None = None,
-                           q_chunk: int = 256):
+                           q_chunk: int = 256, *,
+                           q_index_T: jax.Array | None = None,
+                           k_segment_ids_BS: jax.Array | None = None):
   """Causal, in-segment top-k keys of the indexer scores.
 
   Returns (idx_BTK int32, valid_BTK bool) with K = min(topk, S). For query t
   only min(K, #visible keys) entries are valid; invalid entries point at t
   itself (a visible key), so a gather with them is always safe.
+  A query shard (context parallelism): ``q_index_T`` int32 [T] is each
+  query's index among the S keys (the mask is key index <= it) and
+  ``k_segment_ids_BS`` the keys' segment ids; default arange(T), S = T.
   """
   # Selection is not differentiable; without this the backward would keep
   # each chunk's [chunk, S] scores as residuals.
   q_BTIJ, k_BSJ, w_BTI = jax.lax.stop_gradient((q_BTIJ, k_BSJ, w_BTI))
-  b, s_len = k_BSJ.shape[:2]
+  b, t = q_BTIJ.shape[:2]
+  s_len = k_BSJ.shape[1]
   kk = min(topk, s_len)
-  seg_BS = (jnp.zeros((b, s_len), jnp.int32) if segment_ids_BT is None
+  if q_index_T is None:
+    if s_len != t:
+      raise ValueError(f"indexer top-k: S={s_len} keys for T={t} queries "
+                       "need q_index_T")
+    q_index_T = jnp.arange(t, dtype=jnp.int32)
+    k_segment_ids_BS = segment_ids_BT
+  seg_BT = (jnp.zeros((b, t), jnp.int32) if segment_ids_BT is None
             else segment_ids_BT)
+  seg_BS = (jnp.zeros((b, s_len), jnp.int32) if k_segment_ids_BS is None
+            else k_segment_ids_BS)
   k_index = jnp.arange(s_len)
+  q_index_BT = jnp.broadcast_to(q_index_T.astype(jnp.int32), (b, t))
 
-  def chunk_fn(start, q_BTIJ, w_BTI, seg_BT):
-    q_index_T = start + jnp.arange(q_BTIJ.shape[1])
+  def chunk_fn(start, q_BTIJ, w_BTI, seg_BT, q_index_BT):
+    del start
+    q_index_T = q_index_BT[0]
     mask_BTS = causal_segment_mask(q_index_T, k_index, seg_BT, seg_BS)
     return select_topk(indexer_logits(q_BTIJ, k_BSJ, w_BTI), mask_BTS, kk,
                        q_index_T)
 
-  return map_query_chunks(chunk_fn, q_chunk, q_BTIJ, w_BTI, seg_BS)
+  return map_query_chunks(chunk_fn, q_chunk, q_BTIJ, w_BTI, seg_BT,
+                          q_index_BT)
 
 
 def select_topk(scores_BTS: jax.Array, mask_BTS: jax.Array, topk: int,

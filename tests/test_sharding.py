@@ -6,13 +6,17 @@ file is also the worker: ``python tests/test_sharding.py WORKER``); one
 subprocess compiles every mesh in turn. Reference: the same steps on one device.
 Tolerance (f32; sharded reductions add in another order): losses within
 1e-5 relative + 1e-6 absolute, final parameters within 1e-5 absolute; the
-selected indices of the trained indexer are identical.
+selected indices of the trained indexer are identical. Meshes with a
+``sequence`` axis run context parallel (dsax.context: zig-zag batch, one
+all-gather of the latent keys per layer); their compiled steps' collectives
+are checked too.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -27,7 +31,7 @@ import pytest  # noqa: E402
 from jax.sharding import AbstractMesh, PartitionSpec as PS  # noqa: E402
 
 from configs.tiny_run import get_config  # noqa: E402
-from dsax import checkpoint, data, model, train  # noqa: E402
+from dsax import checkpoint, context, data, model, train  # noqa: E402
 from dsax.attention import AttentionMode  # noqa: E402
 from dsax import params as P  # noqa: E402
 from dsax import sharding as S  # noqa: E402
@@ -36,7 +40,9 @@ LOSS_RTOL, LOSS_ATOL = 1e-5, 1e-6
 PARAM_ATOL = 1e-5
 # (data, fsdp, tensor, sequence); the first is the one-device reference.
 MESHES = [(1, 1, 1, 1), (8, 1, 1, 1), (2, 2, 2, 1), (1, 4, 2, 1),
-          (2, 1, 1, 4)]
+          (2, 1, 1, 4), (1, 1, 1, 8)]
+OPS = ("all-gather", "all-reduce", "collective-permute", "all-to-all",
+       "reduce-scatter")
 STEPS = 3  # per phase (the phase lengths set the lr schedules)
 FAST = ["data.seq_len=64", "data.batch_size=8", "data.max_docs=12",
         "eval.every=0", "model.indexer.topk=8", "compare=false",
@@ -66,26 +72,43 @@ def _mesh(shape):
                                 expert=e), jax.devices()[:d * f * t * s * e])
 
 
-def _steps(cfg, phase, params, mesh, batches, state=None):
-  """Runs len(batches) steps of a phase; (params, state, losses)."""
+def _collectives(hlo):
+  """[op, result type] of every collective in a compiled step's HLO."""
+  found = (re.search(r"= (.*?) (" + "|".join(OPS) + r")(?:-start)?\(", line)
+           for line in hlo.splitlines())
+  return [[m.group(2), m.group(1)] for m in found if m]
+
+
+def _steps(cfg, phase, params, mesh, batches, state=None, hlo=None):
+  """Runs len(batches) steps of a phase; (params, state, losses). With a
+  list ``hlo``, the collectives of the compiled step are appended to it."""
   state, frozen, tx, sched = train.init_state(cfg, phase, params, mesh, state)
   step = train.make_train_step(cfg, phase, tx, sched, mesh)
   bsh = train.data_sharding(cfg, mesh)
   losses = []
-  for batch in batches:
-    state, out = step(state, frozen, S.global_batch(batch, bsh))
-    losses.append(float(out["loss"]))
+  with jax.set_mesh(mesh):
+    for batch in batches:
+      batch = train.place_batch(batch, bsh)
+      if hlo is not None and not losses:
+        step = step.jitted.lower(state, frozen, batch).compile()
+        hlo.append(_collectives(step.as_text()))
+      state, out = step(state, frozen, batch)
+      losses.append(float(out["loss"]))
   return train.unflatten({**frozen, **state["trainable"]}), state, losses
 
 
 def _indices(cfg, params, mesh, batch):
-  """Selected keys of every layer (sparse forward), gathered whole."""
+  """Selected keys of every layer (sparse forward, context parallel on a
+  ``sequence`` axis), gathered whole, in natural order [L, B, T, K]."""
   mode = AttentionMode.of(cfg.model, "sparse", indices=True)
   fwd = jax.jit(lambda p, b: model.forward(
       p, b["inputs"], cfg.model, b["segment_ids"], positions_BT=b["positions"],
-      mode=mode)[1].idx, out_shardings=S.replicated(mesh))
-  return np.asarray(fwd(params, S.global_batch(batch,
-                                               train.data_sharding(cfg, mesh))))
+      mode=mode, context_parallel=True)[1].idx,
+      out_shardings=S.replicated(mesh))
+  with jax.set_mesh(mesh):
+    idx = np.asarray(fwd(params, train.place_batch(
+        batch, train.data_sharding(cfg, mesh))))
+  return context.from_layout(idx, mesh.shape["sequence"], axis=2)
 
 
 def _checkpoint_case(cfg, batches, out_dir):
@@ -126,6 +149,41 @@ def _topk_case():
   return out
 
 
+def _other_modes_case(cfg, batch):
+  """The local selection (per shard) and the modes that dsax.context runs
+  on whole rows (the oracle selection, dense recall) on data 2 x sequence 4
+  against one device: the forward's logits, indexer KL, recall and
+  selected indices."""
+  params = train.init_params(cfg, _mesh((1, 1, 1, 1)))
+  mesh = _mesh((2, 1, 1, 4))
+  out = {}
+  for name, kind, flags in (
+      ("local", "sparse", {"selection": "local", "indices": True,
+                           "indexer_loss": True}),
+      ("oracle", "sparse", {"selection": "oracle", "indices": True}),
+      ("recall", "dense", {"recall": True, "indexer_loss": True})):
+    mode = AttentionMode.of(cfg.model, kind, **flags)
+    fwd = lambda p, b, cp, mode=mode: model.forward(  # noqa: E731
+        p, b["inputs"], cfg.model, b["segment_ids"], mode=mode,
+        positions_BT=b["positions"], context_parallel=cp)
+    logits, aux = jax.jit(fwd, static_argnums=2)(params, batch, False)
+    with jax.set_mesh(mesh):
+      logits_cp, aux_cp = jax.jit(fwd, static_argnums=2)(
+          train.init_params(cfg, mesh),
+          train.place_batch(batch, train.data_sharding(cfg, mesh)), True)
+    got = {"logits": context.from_layout(np.asarray(logits_cp), 4)}
+    want = {"logits": np.asarray(logits)}
+    for k in ("indexer_kl", "recall"):
+      if getattr(aux, k) is not None:
+        got[k], want[k] = np.asarray(getattr(aux_cp, k)), np.asarray(
+            getattr(aux, k))
+    if aux.idx is not None:
+      got["idx"] = context.from_layout(np.asarray(aux_cp.idx), 4, axis=2)
+      want["idx"] = np.asarray(aux.idx)
+    out[name] = {k: float(np.max(np.abs(got[k] - want[k]))) for k in want}
+  return out
+
+
 def worker_meshes(out_dir, *shapes):
   """Every phase on each mesh ("d,f,t,s"; "ckpt": the checkpoint case);
   writes result.json and <mesh>.npz (final parameters, selected indices)."""
@@ -138,18 +196,21 @@ def worker_meshes(out_dir, *shapes):
       out[name] = _checkpoint_case(cfg, batches, out_dir)
     elif name == "topk":
       out[name] = _topk_case()
+    elif name == "modes":
+      out[name] = _other_modes_case(cfg, batches[0])
     else:
       shape = tuple(int(x) for x in name.split(","))
       mesh = _mesh(shape)
-      params, losses = train.init_params(cfg, mesh), []
+      params, losses, hlo = train.init_params(cfg, mesh), [], []
       for i, phase in enumerate(cfg.phases[:3]):
         params, _, ls = _steps(cfg, phase, params, mesh,
-                               batches[i * STEPS:(i + 1) * STEPS])
+                               batches[i * STEPS:(i + 1) * STEPS],
+                               hlo=hlo if shape[3] > 1 else None)
         losses += ls
       arrays = {k: np.asarray(v) for k, v in train.flatten(params).items()}
       arrays["idx"] = _indices(cfg, params, mesh, batches[0])
       np.savez(os.path.join(out_dir, name + ".npz"), **arrays)
-      out[name] = {"losses": losses,
+      out[name] = {"losses": losses, "collectives": hlo,
                    "embed_spec": str(params["embed"].sharding.spec)}
     out[name]["seconds"] = time.perf_counter() - t0
   with open(os.path.join(out_dir, "result.json"), "w") as f:
@@ -230,14 +291,14 @@ def meshes(tmp_path_factory):
   npz per mesh, wall seconds)."""
   t0 = time.perf_counter()
   key = lambda s: ",".join(map(str, s))  # noqa: E731
-  groups = [[key(s) for s in MESHES[:3]], [key(s) for s in MESHES[3:]] +
-            ["ckpt", "topk"]]
+  groups = [[key(s) for s in MESHES[:3]] + [key(MESHES[5])],
+            [key(s) for s in MESHES[3:5]] + ["ckpt", "topk", "modes"]]
   dirs = [tmp_path_factory.mktemp(f"meshes{i}") for i in range(len(groups))]
   procs = [_spawn([os.path.abspath(__file__), "meshes", str(d), *g],
                   devices=8) for d, g in zip(dirs, groups)]
   results, arrays = {}, {}
   for proc, d in zip(procs, dirs):
-    _wait(proc)
+    _wait(proc, timeout=600)  # four meshes a worker, two workers on two cores
     with open(d / "result.json") as f:
       results.update(json.load(f))
     for name in os.listdir(d):
@@ -276,6 +337,48 @@ def test_selected_indices_agree_on_every_mesh(meshes):
   for shape in MESHES[1:]:
     key = ",".join(map(str, shape))
     np.testing.assert_array_equal(arrays[key]["idx"], ref, err_msg=key)
+
+
+def test_context_parallel_steps_gather_only_the_latent_keys(meshes):
+  """On a ``sequence`` axis of n shards each phase's compiled step has one
+  all-gather of the latent keys [B_r, T, A] (A = C + R, + J with the
+  indexer; B_r the rows of one batch shard), its backward one
+  reduce-scatter [B_r, T / n, A], one all-gather of the segment ids [B_r,
+  T], and no collective-permute or all-to-all; the rest are all-reduces
+  (the gradients of the parameters over data and sequence)."""
+  cfg = _config().model
+  c_r, j = cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.indexer.head_dim
+  t = _config().data.seq_len
+  for shape in MESHES:
+    if shape[3] == 1:
+      continue
+    rows, n = 8 // shape[0], shape[3]
+    phases = meshes[0][",".join(map(str, shape))]["collectives"]
+    assert len(phases) == 3
+    for name, ops in zip(("pretrain", "warmup", "sparse"), phases):
+      a = c_r + (j if name != "pretrain" else 0)
+      shapes = sorted((op, re.sub(r"\{.*", "", ty)) for op, ty in ops
+                      if op != "all-reduce")
+      assert shapes == sorted([
+          ("all-gather", f"f32[{rows},{t},{a}]"),
+          ("all-gather", f"s32[{rows},{t}]"),
+          ("reduce-scatter", f"f32[{rows},{t // n},{a}]")]), (shape, name,
+                                                              ops)
+
+
+def test_context_parallel_other_modes_match_one_device(meshes):
+  """The local selection (per shard), the oracle selection and dense recall
+  (on whole rows) on a sequence mesh: the same logits, KL, recall and
+  selected keys as one device."""
+  case = dict(meshes[0]["modes"])
+  del case["seconds"]
+  assert set(case) == {"local", "oracle", "recall"}
+  assert set(case["local"]) == {"logits", "indexer_kl", "idx"}
+  assert set(case["oracle"]) == {"logits", "idx"}
+  assert set(case["recall"]) == {"logits", "indexer_kl", "recall"}
+  for name, diffs in case.items():
+    for k, d in diffs.items():
+      assert d <= (0 if k == "idx" else 1e-5), (name, k, d)
 
 
 def test_checkpoint_from_four_devices_continues_on_two(meshes):

@@ -45,6 +45,7 @@ for are None.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 
@@ -146,6 +147,17 @@ class Projections:
   rows: tuple[jax.Array, jax.Array]
   q_rope: jax.Array | None = None
   cq: jax.Array | None = None
+
+
+class QueryShard(NamedTuple):
+  """A shard's queries among every key (context parallelism, dsax.context):
+  ``q_index_T`` int32 [T], each local query's index among the S keys (the
+  causal mask is key index <= it, never the local array order);
+  ``k_segment_ids_BS`` the keys' segment ids; ``block`` the dense blocks
+  (every run of ``block`` local queries is one aligned block of keys)."""
+  q_index_T: jax.Array
+  k_segment_ids_BS: jax.Array
+  block: int
 
 
 @jax.tree_util.register_dataclass

@@ -43,17 +43,18 @@ indexer's, a baseline's or a given selection).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dsax import gqa, kernels, mla, rope, sharding
-from dsax.attention import AttentionMode, LayerAux, Projections
+from dsax.attention import AttentionMode, LayerAux, Projections, QueryShard
 from dsax.config import ModelConfig
-from dsax.kernels import causal_blocks
+from dsax.kernels import causal_blocks, reference
 from dsax.kernels.query_chunks import map_query_chunks
 from dsax.kernels.reference import (NEG_INF, gather_rows, indexer_logits,
                                     kl_divergence, select_topk, sparse_scores)
@@ -171,15 +172,24 @@ def segment_starts(segment_ids_BT: jax.Array | None, b: int,
 
 
 def local_window(segment_ids_BT: jax.Array | None, b: int, t: int, topk: int,
-                 sinks: int):
+                 sinks: int, shard: QueryShard | None = None):
   """The "local" selection: per query t with segment start a_t and n_t =
   t - a_t + 1 visible keys, S_t = {a_t .. a_t + sinks - 1} (attention
   sinks) U {t - (k - sinks) + 1 .. t} when n_t > k, else every visible key
-  {a_t .. t}; K = min(topk, T) slots as ``select_topk`` lays them out
-  (invalid slots point at t). Built in O(T K): no scores, no top-k."""
-  kk = min(topk, t)
-  start_BT1 = segment_starts(segment_ids_BT, b, t)[:, :, None]
-  q_1T1 = jnp.arange(t, dtype=jnp.int32)[None, :, None]
+  {a_t .. t}; K = min(topk, S) slots as ``select_topk`` lays them out
+  (invalid slots point at t). Built in O(T K): no scores, no top-k.
+  A query shard (``shard``): t is each query's index among the S keys,
+  a_t from the keys' segment ids."""
+  if shard is None:
+    kk = min(topk, t)
+    start_BT1 = segment_starts(segment_ids_BT, b, t)[:, :, None]
+    q_1T1 = jnp.arange(t, dtype=jnp.int32)[None, :, None]
+  else:
+    s_len = shard.k_segment_ids_BS.shape[1]
+    kk = min(topk, s_len)
+    start_BT1 = jnp.take(segment_starts(shard.k_segment_ids_BS, b, s_len),
+                         shard.q_index_T, axis=1)[:, :, None]
+    q_1T1 = shard.q_index_T.astype(jnp.int32)[None, :, None]
   slot_11K = jnp.arange(kk, dtype=jnp.int32)[None, None, :]
   n_BT1 = q_1T1 - start_BT1 + 1
   # Slot j holds the j-th key of the segment (the sinks, or every key when
@@ -360,7 +370,8 @@ def attend(p: dict[str, Any], h_BTD: jax.Array, proj: Projections,
            mode: AttentionMode, cfg: ModelConfig,
            segment_ids_BT: jax.Array | None = None,
            ang_i_BTR: jax.Array | None = None,
-           given: tuple[jax.Array, jax.Array] | None = None):
+           given: tuple[jax.Array, jax.Array] | None = None,
+           keys: Callable[..., Any] | None = None):
   """One layer's core attention: ``(o_BTNE, LayerAux)``.
 
   ``p`` is the layer's parameters (attn, indexer), ``h_BTD`` its normalised
@@ -376,6 +387,10 @@ def attend(p: dict[str, Any], h_BTD: jax.Array, proj: Projections,
           router-style gate (``gate_delta``, zero in value).
   The indexer's inputs are detached: it learns only from its own loss, and
   from the LM loss through the gate when ``mode.indexer_gate``.
+  ``keys`` (context parallelism, dsax.context): ``keys(rows, k_I) ->
+  (rows_S, k_I_S, QueryShard)`` gathers every shard's latent rows and
+  indexer keys; the local queries then attend to all of them (jnp paths:
+  ``causal_blocks`` and the reference top-k, which take a query shard).
   """
   out: dict[str, Any] = {}
   indexer = ()
@@ -387,9 +402,15 @@ def attend(p: dict[str, Any], h_BTD: jax.Array, proj: Projections,
       out["index_k"] = indexer[1]
   if mode.cache:
     out["cache"] = proj.rows
+  shard = None
+  if keys is not None:
+    rows, k_i_BSJ, shard = keys(proj.rows, indexer[1] if indexer else None)
+    proj = dataclasses.replace(proj, rows=rows)
+    if indexer:
+      indexer = (indexer[0], k_i_BSJ, indexer[2])
   run = _sparse if mode.sparse else _dense
   o_BTNE, more = run(p["attn"], proj, mode, cfg, segment_ids_BT, indexer,
-                     given)
+                     given, shard)
   return o_BTNE, LayerAux(**out, **more)
 
 
@@ -404,9 +425,12 @@ def _recall(fam, a, proj, mode, cfg, segment_ids_BT, indexer):
   return layer_means(per_token)
 
 
-def _dense(a, proj, mode, cfg, segment_ids_BT, indexer, given):
+def _dense(a, proj, mode, cfg, segment_ids_BT, indexer, given, shard=None):
   del given
   fam = family(cfg)
+  if shard is not None:
+    return _dense_shard(fam, a, proj, mode, cfg, segment_ids_BT, indexer,
+                        shard)
   # Recall needs the probabilities: only the jnp path (a probe) has them.
   if kernels.resolve_impl(mode.impl) != "reference" and not mode.recall:
     q_BTNP, k_BSNP, v_BSNE = fam.flash_inputs(a, proj, cfg)
@@ -441,6 +465,25 @@ def _dense(a, proj, mode, cfg, segment_ids_BT, indexer, given):
   return o_BTNE, layer_means(per_token)
 
 
+def _dense_shard(fam, a, proj, mode, cfg, segment_ids_BT, indexer, shard):
+  """Dense attention (with the warm-up KL) of a query shard against every
+  key: ``causal_blocks`` from each query's index among the keys."""
+  if mode.recall:
+    raise ValueError("dsa: recall is not computed per query shard "
+                     "(dsax.context runs it on whole rows)")
+  at = {"q_index_T": shard.q_index_T,
+        "k_segment_ids_BS": shard.k_segment_ids_BS}
+  qs, ks, v = fam.score_inputs(a, proj, cfg)
+  scale = fam.softmax_scale(cfg)
+  o_BTNE, lse_BTN = causal_blocks.attention(qs, ks, v, scale, segment_ids_BT,
+                                            block=shard.block, **at)
+  if not mode.indexer_loss:
+    return o_BTNE, {}
+  kl_BT = causal_blocks.warmup_kl(qs, ks, lse_BTN, *indexer, scale,
+                                  segment_ids_BT, block=shard.block, **at)
+  return o_BTNE, {"indexer_kl": jnp.mean(kl_BT)}
+
+
 def _indexer_topk(q_i_BTIJ, k_i_BSJ, w_i_BTI, segment_ids_BT, *, topk, q_chunk,
                   impl):
   return kernels.indexer_topk(q_i_BTIJ, k_i_BSJ, w_i_BTI, topk, segment_ids_BT,
@@ -459,11 +502,34 @@ def _oracle(fam, a, proj, mode, cfg, segment_ids_BT):
   return idx_BTK, valid_BTK
 
 
+def _shard_topk(q_i_BTIJ, k_i_BSJ, w_i_BTI, segment_ids_BT, q_index_BT,
+                k_segment_ids_BS, *, topk, q_chunk):
+  return reference.indexer_topk_reference(
+      q_i_BTIJ, k_i_BSJ, w_i_BTI, topk, segment_ids_BT, q_chunk,
+      q_index_T=q_index_BT[0], k_segment_ids_BS=k_segment_ids_BS)
+
+
 def select(a, proj: Projections, mode: AttentionMode, cfg: ModelConfig,
-           segment_ids_BT, indexer, given):
+           segment_ids_BT, indexer, given, shard=None):
   """(idx_BTK, valid_BTK) of a sparse layer by ``mode.selection``: the
   indexer's top-k, the local window with sinks, the oracle top-k of the
-  dense attention, or the given sets."""
+  dense attention, or the given sets. A query shard (``shard``): the
+  indexer's top-k or the local window, indices among every key."""
+  if shard is not None and mode.selection == "local":
+    b, t = proj.q.shape[:2]
+    return local_window(segment_ids_BT, b, t, mode.topk, mode.sinks, shard)
+  if shard is not None:
+    if mode.selection != "indexer":
+      raise ValueError(f"dsa: selection={mode.selection!r} is not computed "
+                       "per query shard (dsax.context runs it on whole rows)")
+    b, t = indexer[0].shape[:2]
+    seg_BT = (jnp.zeros((b, t), jnp.int32) if segment_ids_BT is None
+              else segment_ids_BT)
+    topk_fn = functools.partial(_shard_topk, topk=mode.topk,
+                                q_chunk=cfg.indexer.q_chunk)
+    return sharding.batch_local(topk_fn)(
+        *indexer, seg_BT, jnp.broadcast_to(shard.q_index_T, (b, t)),
+        shard.k_segment_ids_BS)
   if mode.selection == "given":
     return given
   if mode.selection == "local":
@@ -521,11 +587,11 @@ def selection_mask(idx_BTK: jax.Array, valid_BTK: jax.Array,
       valid_BTK)
 
 
-def _sparse(a, proj, mode, cfg, segment_ids_BT, indexer, given):
+def _sparse(a, proj, mode, cfg, segment_ids_BT, indexer, given, shard=None):
   fam = family(cfg)
   chunk = cfg.indexer.q_chunk
   idx_BTK, valid_BTK = select(a, proj, mode, cfg, segment_ids_BT, indexer,
-                              given)
+                              given, shard)
   n_keys = proj.rows[0].shape[1]
   if use_masked(mode, n_keys):
     o_BTNE = fam.masked_attention(
@@ -545,6 +611,9 @@ def _sparse(a, proj, mode, cfg, segment_ids_BT, indexer, given):
         q_kl, rows_kl, idx_BTK, valid_BTK, fam.softmax_scale(cfg), q_i_BTIJ,
         k_i_BSJ, w_i_BTI, chunk))
   if mode.recall:
+    if shard is not None:
+      raise ValueError("dsa: recall is not computed per query shard "
+                       "(dsax.context runs it on whole rows)")
     out.update(_recall(fam, a, proj, mode, cfg, segment_ids_BT, indexer))
   if mode.indices:
     out["idx"], out["valid"] = idx_BTK, valid_BTK

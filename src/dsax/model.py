@@ -14,12 +14,13 @@ first k dense-MLP layers, then the MoE layers; see ``layer_segments``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from dsax import dsa, mla, moe
+from dsax import context, dsa, mla, moe
 from dsax import expert_parallel as EP
 from dsax.attention import AttentionMode
 from dsax.config import ModelConfig
@@ -110,7 +111,8 @@ def forward(params: dict[str, Any], tokens_BT: jax.Array, cfg: ModelConfig,
             positions_BT: jax.Array | None = None,
             embeddings_BTD: jax.Array | None = None,
             selection: tuple[jax.Array, jax.Array] | None = None,
-            experts_LBTK: jax.Array | None = None, head: bool = True):
+            experts_LBTK: jax.Array | None = None, head: bool = True,
+            context_parallel: bool = False):
   """Logits and aux: ``(logits_BTV, LayerAux)``; with ``head=False``,
   ``(h_BTD, LayerAux)``: the final-normed hidden state (``final_hidden``)
   instead of the logits (dsax.lm_loss forms them chunk by chunk).
@@ -128,6 +130,10 @@ def forward(params: dict[str, Any], tokens_BT: jax.Array, cfg: ModelConfig,
   id > 0 when ``segment_ids_BT`` is given (dsax.data: 0 is padding);
   ``experts_LBTK`` forces those layers' experts (keep routing: the ones a
   sampler recorded), their weights still from the current router.
+  ``context_parallel``: the rows are in the zig-zag layout of the traced
+  mesh's ``sequence`` axis (``dsax.context.layout_batch``) and every layer
+  attends per shard with the latent keys all-gathered (``context.attend``;
+  without a mesh or with one shard, the plain forward).
   """
   mode = AttentionMode.of(cfg) if mode is None else mode
   if (selection is None) != (mode.selection != "given"):
@@ -151,13 +157,18 @@ def forward(params: dict[str, Any], tokens_BT: jax.Array, cfg: ModelConfig,
   ang_BTR = fam.angles(positions_BT, cfg)
   ang_i_BTR = (dsa.indexer_angles(positions_BT, cfg) if mode.uses_indexer
                else None)
+  attend = dsa.attend
+  if context_parallel and context.shards() > 1:
+    attend = functools.partial(
+        context.attend,
+        key_segment_ids_BS=context.key_segments(segment_ids_BT))
 
   def layer(x_BTD, xs):
     p, given, experts_BTK = xs
     h_BTD = attention_input(p, x_BTD, cfg)
     proj = fam.project(p["attn"], h_BTD, ang_BTR, cfg)
-    o_BTNE, aux = dsa.attend(p, h_BTD, proj, mode, cfg, segment_ids_BT,
-                             ang_i_BTR, given)
+    o_BTNE, aux = attend(p, h_BTD, proj, mode, cfg, segment_ids_BT,
+                         ang_i_BTR, given)
     x_BTD, moe_aux = finish_layer(p, x_BTD, o_BTNE, cfg, experts_BTK,
                                   mask_BT)
     return x_BTD, (aux, moe_aux)

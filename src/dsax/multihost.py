@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dsax import data, sharding as S
+from dsax import context, data, sharding as S
 from dsax.config import ConfigError, DataConfig
 
 log = logging.getLogger("dsax")
@@ -137,6 +137,7 @@ class TrainStream:
                sharding: NamedSharding):
     self.shape = (cfg.batch_size, cfg.seq_len)
     self.sharding = sharding
+    self._n_seq = sharding.mesh.shape.get(context.AXIS, 1)
     self.group, self.groups, self._group_of, self._block = process_share(
         sharding, self.shape)
     self._it = data.make_train_iterator(cfg, tokenizer, train_docs,
@@ -152,7 +153,9 @@ class TrainStream:
     return self
 
   def __next__(self) -> dict[str, jax.Array]:
-    local = next(self._it)
+    # Whole rows in the zig-zag layout of context parallelism (the identity
+    # without a sequence axis), then this process's block of them.
+    local = context.layout_batch(next(self._it), self._n_seq)
     return S.global_batch({k: v[self._block] for k, v in local.items()},
                           self.sharding, self.shape)
 

@@ -231,7 +231,8 @@ def batch_local(fn):
   def wrapped(*args):
     mesh = jax.sharding.get_abstract_mesh()
     axes = () if mesh.empty else tuple(
-        a for a in RULES["batch"] if mesh.shape.get(a, 1) > 1)
+        a for a in RULES["batch"] if mesh.shape.get(a, 1) > 1
+        and a not in mesh.manual_axes)  # already per shard (dsax.context)
     if not axes:
       return fn(*args)
     spec = PartitionSpec(axes)

@@ -29,7 +29,9 @@ initialised under jit straight onto theirs. Several processes
 (``jax.distributed``) run the same loop, each reading its own share of the
 documents and feeding its devices' batch rows, and all stop after the same
 step on a signal to any of them (dsax.multihost); only process 0 writes logs,
-metrics and summaries.
+metrics and summaries. With a ``sequence`` mesh axis each row is placed in
+the zig-zag layout of context parallelism (``place_batch``; the train stream
+does the same) and the step's forward is context parallel (``dsax.context``).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ import numpy as np
 import optax
 import tqdm
 
-from dsax import checkpoint, lm_loss, model, moe, multihost
+from dsax import checkpoint, context, lm_loss, model, moe, multihost
 from dsax import params as P, sharding as S
 from dsax.checkpoint import CheckpointError, UnwritablePath  # noqa: F401
 from dsax.attention import AttentionMode
@@ -197,7 +199,7 @@ def batch_loss(params, batch, cfg: ExperimentConfig, mode: AttentionMode):
   """(LM loss, LayerAux) of one batch; params nested; no [B, T, V] logits."""
   h_BTD, aux = model.forward(
       params, batch["inputs"], cfg.model, batch["segment_ids"], mode=mode,
-      positions_BT=batch["positions"], head=False)
+      positions_BT=batch["positions"], head=False, context_parallel=True)
   return lm_loss.loss(params, h_BTD, batch["targets"], batch["weights"],
                       cfg.model), aux
 
@@ -217,7 +219,8 @@ def make_loss_fn(cfg: ExperimentConfig, phase: PhaseConfig) -> Callable:
     if phase.kind == "warmup":
       _, aux = model.forward(params, batch["inputs"], cfg.model,
                              batch["segment_ids"], mode=mode,
-                             positions_BT=batch["positions"])
+                             positions_BT=batch["positions"],
+                             context_parallel=True)
       loss = phase.loss.indexer_weight * jnp.sum(aux.indexer_kl)
       return loss, {"indexer_kl": jnp.mean(aux.indexer_kl), "loss": loss}
     lm, aux = batch_loss(params, batch, cfg, mode)
@@ -276,7 +279,22 @@ def make_train_step(cfg: ExperimentConfig, phase: PhaseConfig, tx,
 
 
 def data_sharding(cfg: ExperimentConfig, mesh) -> jax.sharding.NamedSharding:
-  return S.batch_sharding(mesh, cfg.data.batch_size, cfg.data.seq_len)
+  """The batch's sharding; ConfigError if the batch does not divide over the
+  mesh (or, with a ``sequence`` axis, into its zig-zag blocks)."""
+  sharding = S.batch_sharding(mesh, cfg.data.batch_size, cfg.data.seq_len)
+  n = mesh.shape.get(context.AXIS, 1)
+  if n > 1:
+    context.zigzag(cfg.data.seq_len, n)
+  return sharding
+
+
+def place_batch(batch: dict[str, np.ndarray],
+                sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+  """A host batch on the mesh as the step reads it: with a ``sequence``
+  axis of n > 1, each row in the zig-zag layout of context parallelism
+  (``dsax.context``; the step's attention undoes it, the loss is a mean)."""
+  n = sharding.mesh.shape.get(context.AXIS, 1)
+  return S.global_batch(context.layout_batch(batch, n), sharding)
 
 
 def flat_param_shardings(cfg: ExperimentConfig, mesh) -> dict[str, Any]:
@@ -430,7 +448,7 @@ def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
     for s in range(start_step + 1, phase.steps + 1):
       batch = next(data_iter)  # multihost.TrainStream: global arrays
       if isinstance(batch["inputs"], np.ndarray):
-        batch = S.global_batch(batch, batch_sh)
+        batch = place_batch(batch, batch_sh)
       state, out = step_fn(state, frozen, batch)
       if pending is not None:  # read the previous step's metrics now
         last_vals = emit(*pending)
