@@ -58,7 +58,7 @@ import json
 import re
 from typing import Sequence
 
-from dsax.chat.messages import (Assistant, ChatError, Message, System,
+from dsax.chat.messages import (Assistant, ChatError, Message, System, to_json,
                                 ToolCall, ToolResult, User, last_user_index,
                                 model_view, validate)
 from dsax.chat.tokens import Segment, check_text
@@ -94,13 +94,6 @@ _PARAM = re.compile(
     f"</{DSML}parameter>", re.DOTALL)
 
 
-def _json(value) -> str:
-  try:
-    return json.dumps(value, ensure_ascii=False)
-  except (TypeError, ValueError) as e:
-    raise ChatError(f"not a JSON value: {value!r:.60} ({e})") from None
-
-
 class DeepSeekV32:
   """The V3.2 format (``thinking``: the thinking mode)."""
 
@@ -125,7 +118,7 @@ class DeepSeekV32:
         if not isinstance(key, str) or '"' in key or "\n" in key:
           raise ChatError(f"{where}: argument name {key!r} of {c.name!r} "
                           "must be a str without quotes or line breaks")
-        text = value if isinstance(value, str) else _json(value)
+        text = value if isinstance(value, str) else to_json(value)
         check_text(text, SPECIAL_TOKENS, f"{where}: argument {key!r}")
         params.append(f"<{DSML}parameter name=\"{key}\" string=\""
                       f"{'true' if isinstance(value, str) else 'false'}\">"
@@ -145,7 +138,7 @@ class DeepSeekV32:
       if isinstance(m, System):
         text = m.content
         if m.tools:
-          schemas = "\n".join(_json(t.schema()) for t in m.tools)
+          schemas = "\n".join(to_json(t.schema()) for t in m.tools)
           check_text(schemas, SPECIAL_TOKENS, f"{where} tools")
           text += "\n\n" + TOOLS_BLOCK.replace("{schemas}", schemas)
         out.append(Segment(text))

@@ -25,12 +25,21 @@ and ends that.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Sequence, Union
 
 
 class ChatError(ValueError):
   """A conversation, message or generated text that cannot be encoded or
   parsed; the message is one line naming the bad value."""
+
+
+def to_json(value) -> str:
+  """``value`` as JSON text (non-ASCII kept); ChatError if it is not JSON."""
+  try:
+    return json.dumps(value, ensure_ascii=False)
+  except (TypeError, ValueError) as e:
+    raise ChatError(f"not a JSON value: {value!r:.60} ({e})") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
-from dsax.chat.messages import (Assistant, ChatError, Message, System,
+from dsax.chat.messages import (Assistant, ChatError, Message, System, to_json,
                                 ToolCall, ToolResult, User, model_view,
                                 validate)
 from dsax.chat.tokens import Segment, check_text
@@ -50,13 +50,6 @@ TOOLS_BLOCK = (
     "a message from the tool.\n<tools>\n{schemas}\n</tools>")
 
 
-def _json(value) -> str:
-  try:
-    return json.dumps(value, ensure_ascii=False)
-  except (TypeError, ValueError) as e:
-    raise ChatError(f"not a JSON value: {value!r:.60} ({e})") from None
-
-
 class SmolLM2:
   """SmolLM2-Instruct's template plus the think / tool_call convention."""
 
@@ -74,7 +67,7 @@ class SmolLM2:
     text = THINK_OPEN + m.reasoning + THINK_CLOSE if m.reasoning else ""
     text += m.content
     for c in m.tool_calls:
-      text += CALL_OPEN + _json({"name": c.name,
+      text += CALL_OPEN + to_json({"name": c.name,
                                  "arguments": c.arguments}) + CALL_CLOSE
     return text
 
@@ -96,7 +89,7 @@ class SmolLM2:
       text = m.content
       if isinstance(m, System) and m.tools:
         text += "\n\n" + TOOLS_BLOCK.replace(
-            "{schemas}", "\n".join(_json(t.schema()) for t in m.tools))
+            "{schemas}", "\n".join(to_json(t.schema()) for t in m.tools))
       check_text(text, SPECIAL_TOKENS, where)
       role = {System: "system", User: "user", ToolResult: "tool"}[type(m)]
       out.append(Segment(f"{IM_START}{role}\n{text}{IM_END}\n"))
