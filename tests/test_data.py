@@ -5,7 +5,9 @@ so every token names its document and the boundaries can be checked from the
 tokens alone.
 """
 
+import hashlib
 import json
+import os
 import string
 
 import numpy as np
@@ -212,6 +214,109 @@ def test_stdlib_source():
   assert data.load_documents(DataConfig(max_docs=5)) == docs[:5]
 
 
+# ------------------------------------------------------------- lazy reading
+
+
+def corpus(root):
+  """13 non-empty text files (doc04.txt is empty) and a JSONL file of 4
+  non-empty lines and an empty one: 17 documents, some non-ASCII."""
+  words = ["alpha", "beta", "gamma", "délta", "eps☃", "zeta", "eta", "theta"]
+  for i in range(14):
+    text = "" if i == 4 else f"doc {i}\n" + "\n".join(
+        " ".join(words[(i * j + k) % len(words)] for k in range(3 + i % 5))
+        for j in range(2 + i))
+    (root / f"doc{i:02d}.txt").write_text(text, encoding="utf-8")
+  lines = [json.dumps({"text": f"line {j} " + words[j % 8] * (j + 1)})
+           for j in range(4)] + [json.dumps({"text": ""})]
+  (root / "more.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+  return (str(root / "*.txt"), str(root / "*.jsonl"))
+
+
+def digest(batches):
+  h = hashlib.sha256()
+  for b in batches:
+    for k in sorted(b):
+      h.update(k.encode())
+      h.update(np.ascontiguousarray(b[k]).tobytes())
+  return h.hexdigest()[:16]
+
+
+@pytest.fixture
+def reads(monkeypatch):
+  """The paths whose text is read (data._read_text), in order."""
+  seen = []
+  real = data._read_text
+
+  def record(path):
+    seen.append(path)
+    return real(path)
+
+  monkeypatch.setattr(data, "_read_text", record)
+  return seen
+
+
+# main's output before documents were read lazily (eager lists of texts):
+# sizes of the splits, the BPE vocabulary, and digests of the first 3 train
+# batches and of 2 held-out batches.
+EAGER = {("bytes", 0): (13, 4, 256, "13ffce083115142d", "e0142dd1220ee166"),
+         ("bytes", 9): (7, 2, 256, "3d802a5a120d6cef", "3c50807e946b64c4"),
+         ("bpe", 0): (13, 4, 300, "4ffa24ad56a7b1cf", "7c1742736d153d27"),
+         ("bpe", 9): (7, 2, 295, "40ec140d8480ca56", "5cc5c7b3419f9d5e")}
+
+
+@pytest.mark.parametrize("kind, max_docs", sorted(EAGER))
+def test_lazy_documents_give_main_s_batches(kind, max_docs, tmp_path, reads):
+  cfg = DataConfig(source="files", paths=corpus(tmp_path), tokenizer=kind,
+                   bpe_vocab_size=300, val_fraction=0.25, seq_len=32,
+                   batch_size=4, seed=5, max_docs=max_docs)
+  tok, train, val = data.prepare(cfg, None)
+  n_files = len([p for p in train.paths() + val.paths() if p])
+  if kind == "bytes":
+    assert reads == []  # listing and splitting read no text
+  else:  # the BPE sample: here every train file, each once
+    assert sorted(reads) == sorted(p for p in train.paths() if p)
+  it = data.make_train_iterator(cfg, tok, train)
+  got = (len(train), len(val), tok.vocab_size,
+         digest([next(it) for _ in range(3)]),
+         digest(data.heldout_batches(cfg, tok, val, 2)))
+  assert got == EAGER[kind, max_docs]
+  assert n_files == (13 if max_docs == 0 else 9)
+
+
+def test_documents_read_on_use(tmp_path, reads):
+  corpus(tmp_path)
+  docs = data.load_documents(DataConfig(source="files",
+                                        paths=(str(tmp_path / "*"),)))
+  assert len(docs) == 17 and docs.in_memory() == 4  # doc04.txt is empty
+  assert docs.paths()[4] == str(tmp_path / "doc05.txt")
+  assert docs.size() == sum(os.path.getsize(p) for p in docs.paths() if p) + \
+      sum(len(docs[i]) for i in range(13, 17))  # in memory: no read
+  part = docs[1::2].take([2, 0])
+  assert part.paths() == [docs.paths()[5], docs.paths()[1]] and not reads
+  assert part[0] == (tmp_path / "doc06.txt").read_text() and part.has_text()
+  assert reads == [docs.paths()[5]]
+  assert part == [docs[5], docs[1]] and part != [docs[5]]
+  train, val = data.split_documents(docs, 0.25, seed=5)
+  assert isinstance(train, data.Documents) and len(val) == 4
+  assert (list(train), list(val)) == data.split_documents(list(docs), 0.25, 5)
+
+
+def test_stdlib_lazy_equals_eager(reads):
+  """The standard library read eagerly, as main did (every file, empty
+  ones dropped, the first 40), against the lazy listing."""
+  eager = [t for t in (open(p, encoding="utf-8", errors="replace").read()
+                       for p in data.stdlib_paths()[:60]) if t][:40]
+  cfg = DataConfig(max_docs=40, seq_len=64, batch_size=4, val_fraction=0.1)
+  tok, train, val = data.prepare(cfg, None)
+  assert reads == [] and val.paths()[0].endswith(".py")
+  want_train, want_val = data.split_documents(eager, cfg.val_fraction, cfg.seed)
+  assert list(train) == want_train and list(val) == want_val
+  lazy_it = data.make_train_iterator(cfg, tok, train)
+  eager_it = data.make_train_iterator(cfg, BYTES, want_train)
+  assert digest([next(lazy_it) for _ in range(4)]) == \
+      digest([next(eager_it) for _ in range(4)])
+
+
 # ----------------------------------------------------------------- tokenizers
 
 
@@ -233,7 +338,7 @@ def test_bpe_round_trip_and_cache_hit(tmp_path, monkeypatch):
   tok = tokenizer_lib.build_tokenizer(cfg, docs, tmp_path)
   assert tok.vocab_size == 512
   assert len(list((tmp_path / "tokenizers").glob("bpe-*.json"))) == 1
-  for text in TEXTS + docs[:3]:
+  for text in TEXTS + list(docs[:3]):  # Documents: texts read on use
     ids = tok.encode(text)
     assert all(0 <= i < tok.vocab_size for i in ids)
     assert tok.decode(ids) == text

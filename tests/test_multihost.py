@@ -33,6 +33,7 @@ from dsax.tokenizer import Tokenizer
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_sharding import (FAST, LOSS_ATOL, LOSS_RTOL, ROOT,  # noqa: E402
                            _config, _free_port, _spawn)
+from test_data import corpus, reads  # noqa: E402,F401  (a fixture)
 
 # --------------------------------------------------------- per-process data
 
@@ -100,6 +101,113 @@ def test_one_process_stream_is_the_plain_stream_with_its_state():
   assert stream.get_state() == plain.get_state()
   with pytest.raises(ConfigError, match="split over 2 process group"):
     stream.set_state({"groups": 2, "streams": [plain.get_state()] * 2})
+
+
+def test_each_share_reads_only_its_files(tmp_path, reads):
+  """In one process, share=(g, 2): listing, splitting and the tokenizer
+  read nothing; group g's stream reads its train files alone (each once),
+  the held-out batches the validation files alone."""
+  cfg = DataConfig(source="files", paths=corpus(tmp_path), seq_len=32,
+                   batch_size=4, val_fraction=0.25, seed=5)
+  tok, train, val = data.prepare(cfg, None)
+  assert reads == []
+  for g in range(2):
+    it = data.make_train_iterator(cfg, tok, train, share=(g, 2))
+    for _ in range(200):  # several epochs of the share
+      next(it)
+    share = [p for p in train.paths()[g::2] if p]
+    assert sorted(reads) == sorted(share), g
+    reads.clear()
+  # Two batches need only two of the three validation files; all of them,
+  # every file.
+  data.heldout_batches(cfg, tok, val, 2)
+  assert len(reads) == 2 and set(reads) < set(val.paths())
+  reads.clear()
+  data.heldout_batches(cfg, tok, val, 100)
+  assert sorted(reads) == sorted(p for p in val.paths() if p)
+
+
+def worker_reads(out_dir, port, pid, corpus_glob):
+  """One of two processes: multihost.prepare with a BPE tokenizer, this
+  process's stream for 30 batches and, on process 0, the held-out batches,
+  recording the files read (data._read_text) after each; writes
+  reads<pid>.json."""
+  import logging  # pylint: disable=import-outside-toplevel
+  logging.basicConfig(level=logging.INFO, force=True)
+  S.init_distributed(f"localhost:{port}", 2, int(pid))
+  seen = []
+  real = data._read_text
+  data._read_text = lambda path: seen.append(path) or real(path)
+  cfg = _reads_config(corpus_glob)
+  tok, train_docs, val = multihost.prepare(cfg, None)
+  out = {"prepare": list(seen), "train": train_docs.paths(),
+         "val": val.paths(), "tokenizer": tok.to_json()}
+  del seen[:]
+  mesh = S.make_mesh(MeshConfig(data=2))
+  stream = multihost.TrainStream(
+      cfg, tok, train_docs, S.batch_sharding(mesh, cfg.batch_size,
+                                             cfg.seq_len))
+  first = next(stream)
+  out["first_inputs"] = np.asarray(
+      first["inputs"].addressable_shards[0].data).tolist()
+  for _ in range(29):
+    next(stream)
+  out["stream"] = list(seen)
+  del seen[:]
+  if jax.process_index() == 0:
+    data.heldout_batches(cfg, tok, val, 100)  # runs out: every file
+  out["heldout"] = list(seen)
+  try:  # process 0 fails to build one: each process raises, none waits
+    multihost.shared_tokenizer(cfg, [""], None)
+  except Exception as e:  # pylint: disable=broad-except
+    out["failure"] = f"{type(e).__name__}: {e}"
+  with open(os.path.join(out_dir, f"reads{pid}.json"), "w") as f:
+    json.dump(out, f)
+
+
+def _reads_config(corpus_glob):
+  return DataConfig(source="files", paths=tuple(corpus_glob.split(",")),
+                    tokenizer="bpe", bpe_vocab_size=300, seq_len=32,
+                    batch_size=4, val_fraction=0.25, seed=5)
+
+
+def test_two_processes_read_only_their_share(tmp_path, reads):
+  """Two local processes: process 1 reads no text to prepare (process 0
+  reads the BPE sample, trains and sends the tokenizer: the same as one
+  process trains) and then only its share of the train files; process 0
+  its share and the validation files."""
+  paths = ",".join(corpus(tmp_path))
+  port = _free_port()
+  procs = [_spawn([os.path.abspath(__file__), "reads", str(tmp_path),
+                   str(port), str(p), paths]) for p in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs[1][1][-3000:]
+  r = []
+  for p in range(2):
+    with open(tmp_path / f"reads{p}.json") as f:
+      r.append(json.load(f))
+  # One process, in this one: the same split, sample and tokenizer.
+  cfg = _reads_config(paths)
+  tok, train_docs, val = data.prepare(cfg, None)
+  sample = list(reads)
+  assert sample and r[0]["prepare"] == sample and r[1]["prepare"] == []
+  assert r[0]["tokenizer"] == r[1]["tokenizer"] == tok.to_json()
+  assert r[0]["train"] == r[1]["train"] == train_docs.paths()
+  assert r[0]["val"] == r[1]["val"] == val.paths()
+  for g in range(2):
+    share = {p for p in train_docs.paths()[g::2] if p}
+    assert set(r[g]["stream"]) == share, g
+    assert len(r[g]["stream"]) == len(share), g  # each file read once
+    want = next(data.make_train_iterator(cfg, tok, train_docs, (g, 2)))
+    np.testing.assert_array_equal(r[g]["first_inputs"], want["inputs"])
+  assert sorted(r[0]["heldout"]) == sorted(p for p in val.paths() if p)
+  assert r[1]["heldout"] == []
+  assert r[0]["failure"] == ("ValueError: cannot train a BPE tokenizer: the "
+                             "train documents are empty")
+  assert r[1]["failure"].startswith("DataError: process 0 could not build")
+  # The JSONL lines are read in full by both, and each says so.
+  assert all("holds 4 documents read in full" in err for _, err in outs)
+  assert "BPE tokenizer: received from process 0" in outs[1][1]
 
 
 class _Device:
@@ -308,3 +416,5 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
 if __name__ == "__main__":
   if sys.argv[1] == "init":
     worker_init(*sys.argv[2:])
+  elif sys.argv[1] == "reads":
+    worker_reads(*sys.argv[2:])

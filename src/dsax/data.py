@@ -13,8 +13,16 @@ keeps the first ``max_docs`` in the source's own order:
   ``text_field``) from the local cache (set ``HF_DATASETS_OFFLINE=1`` to forbid
   downloads); ``datasets`` is imported only here.
 
+Reading. Files are listed with their sizes (``Documents``) and read only when
+their text is used: a file's text when the stream tokenises it, the validation
+files when the held-out batches are built, the BPE sample when the tokenizer is
+trained. A ``*.jsonl`` file and a Hugging Face dataset are read in full when
+listed (every process scans them; with several processes only file documents
+are read by share).
+
 Split: a permutation seeded by ``seed`` sends ``n_val = clip(round(val_fraction *
-n), 1, n - 1)`` documents to validation (none when ``val_fraction`` is 0 or n < 2).
+n), 1, n - 1)`` documents to validation (none when ``val_fraction`` is 0 or n < 2);
+it needs only n, so no text is read to decide it.
 
 Packing. Each epoch e permutes the train documents (grain ``shuffle``, the seed
 folded with e); they are tokenised and concatenated into one stream x, epoch after
@@ -45,7 +53,7 @@ Several processes (``share=(g, G)``, dsax.multihost.TrainStream): the G groups o
 processes that hold different batch rows each build their own stream, as above,
 from their share of the train documents (document i goes to group i % G), with
 their own shuffle and mixing seeds and B / G rows per batch; only that share is
-ever tokenised. ``share=(0, 1)`` is the single stream above.
+ever read (files) and tokenised. ``share=(0, 1)`` is the single stream above.
 """
 
 from __future__ import annotations
@@ -57,7 +65,7 @@ import json
 import logging
 import os
 import sysconfig
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import grain
 import numpy as np
@@ -120,6 +128,7 @@ def stdlib_paths() -> list[str]:
 
 
 def _read_text(path: str) -> str:
+  """A file's text (every read of a document's text goes through here)."""
   try:
     with open(path, encoding="utf-8", errors="replace") as f:
       return f.read()
@@ -127,9 +136,92 @@ def _read_text(path: str) -> str:
     raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
-def _stdlib_texts() -> Iterator[str]:
-  for path in tqdm.tqdm(stdlib_paths(), desc="stdlib files", disable=None):
-    yield _read_text(path)
+class _File(NamedTuple):
+  """A document that is a whole file, read when its text is needed."""
+  path: str
+  size: int  # bytes on disk when listed; 0 reads as the empty document
+
+
+def _file_doc(path: str) -> _File:
+  """The handle of a file: its size, and whether it can be read (no text
+  is read)."""
+  try:
+    size = os.stat(path).st_size
+  except OSError as e:
+    raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+  if not os.access(path, os.R_OK):
+    raise DataError(f"{path}: cannot be read (permission denied)")
+  return _File(path, size)
+
+
+class Documents(Sequence[str]):
+  """Documents whose text is read on first use.
+
+  Each item is a file (``_File``: path and size; its text is read, as UTF-8
+  with ``errors="replace"``, each time it is indexed) or a text already in
+  memory (a JSONL line, a Hugging Face row). Slicing and ``take`` give
+  Documents without reading anything, so the split, a process's share and
+  the sizes cost no reads; indexing or iterating reads. A file of n > 0
+  bytes is never the empty text (each byte decodes to at least one
+  character), so empty files are dropped by size alone. Compares equal to
+  any sequence of the same texts.
+  """
+
+  def __init__(self, items: Iterable[_File | str] = ()):
+    self._items = list(items)
+
+  def __len__(self) -> int:
+    return len(self._items)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return Documents(self._items[index])
+    item = self._items[index]
+    return item if isinstance(item, str) else _read_text(item.path)
+
+  def __iter__(self) -> Iterator[str]:
+    return (self[i] for i in range(len(self)))
+
+  def take(self, indices: Iterable[int]) -> "Documents":
+    """The documents at ``indices``, in that order (nothing is read)."""
+    return Documents(self._items[int(i)] for i in indices)
+
+  def paths(self) -> list[str | None]:
+    """Each document's file, None for a text held in memory."""
+    return [None if isinstance(d, str) else d.path for d in self._items]
+
+  def in_memory(self) -> int:
+    """How many documents are texts held in memory (read in full)."""
+    return sum(isinstance(d, str) for d in self._items)
+
+  def size(self) -> int:
+    """Bytes on disk of the files plus characters of the texts in memory
+    (nothing is read)."""
+    return sum(len(d) if isinstance(d, str) else d.size for d in self._items)
+
+  def has_text(self) -> bool:
+    """Whether any document is non-empty (nothing is read)."""
+    return any(d if isinstance(d, str) else d.size > 0 for d in self._items)
+
+  def __eq__(self, other) -> bool:
+    if not isinstance(other, Sequence) or isinstance(other, str):
+      return NotImplemented
+    return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+  __hash__ = None  # type: ignore[assignment]
+
+  def __repr__(self) -> str:
+    return (f"Documents({len(self)} documents, "
+            f"{len(self) - self.in_memory()} files)")
+
+
+def _has_text(docs: Sequence[str]) -> bool:
+  return docs.has_text() if isinstance(docs, Documents) else any(docs)
+
+
+def _stdlib_docs() -> Iterator[_File]:
+  for path in stdlib_paths():
+    yield _file_doc(path)
 
 
 def _file_paths(cfg: DataConfig) -> list[str]:
@@ -145,13 +237,14 @@ def _file_paths(cfg: DataConfig) -> list[str]:
   return sorted(found)
 
 
-def _file_texts(cfg: DataConfig) -> Iterator[str]:
-  for path in tqdm.tqdm(_file_paths(cfg), desc="files", disable=None):
+def _file_docs(cfg: DataConfig) -> Iterator[_File | str]:
+  for path in _file_paths(cfg):
     if not path.lower().endswith(".jsonl"):
-      yield _read_text(path)
+      yield _file_doc(path)
       continue
     with open(path, encoding="utf-8", errors="replace") as f:
-      for line_no, line in enumerate(f, 1):
+      for line_no, line in enumerate(
+          tqdm.tqdm(f, desc=os.path.basename(path), disable=None), 1):
         if not line.strip():
           continue
         try:
@@ -189,24 +282,32 @@ def _hf_texts(cfg: DataConfig) -> Iterator[str]:
     yield row[cfg.text_field]
 
 
-def load_documents(cfg: DataConfig) -> list[str]:
-  """The non-empty documents of ``cfg.source``, truncated to ``cfg.max_docs``."""
+def load_documents(cfg: DataConfig) -> Documents:
+  """The non-empty documents of ``cfg.source``, truncated to ``cfg.max_docs``.
+
+  Files (the standard library's, and ``data.paths`` other than ``*.jsonl``)
+  are listed with their sizes and read only when a document's text is used
+  (``Documents``). JSONL lines and Hugging Face rows are read in full here,
+  by every process that calls this.
+  """
   check_config(cfg)
   if cfg.source == "stdlib":
-    texts = _stdlib_texts()
+    items = _stdlib_docs()
     if cfg.paths:  # e.g. natural text beside the code
-      texts = itertools.chain(texts, _file_texts(cfg))
+      items = itertools.chain(items, _file_docs(cfg))
   elif cfg.source == "files":
-    texts = _file_texts(cfg)
+    items = _file_docs(cfg)
   else:
-    texts = _hf_texts(cfg)
-  nonempty = (t for t in texts if t)
-  return list(itertools.islice(nonempty, cfg.max_docs or None))
+    items = _hf_texts(cfg)
+  nonempty = (d for d in items if (d if isinstance(d, str) else d.size > 0))
+  return Documents(itertools.islice(nonempty, cfg.max_docs or None))
 
 
 def split_documents(docs: Sequence[str], val_fraction: float,
-                    seed: int) -> tuple[list[str], list[str]]:
-  """(train, val), disjoint by document, each in the original order."""
+                    seed: int) -> tuple[Sequence[str], Sequence[str]]:
+  """(train, val), disjoint by document, each in the original order; decided
+  by the documents' indices alone (``Documents`` in, ``Documents`` out,
+  nothing read; a list in, lists out)."""
   n = len(docs)
   n_val = 0
   if val_fraction > 0 and n >= 2:
@@ -214,6 +315,8 @@ def split_documents(docs: Sequence[str], val_fraction: float,
   order = np.random.default_rng(_stream_seed(seed, "split")).permutation(n)
   is_val = np.zeros(n, bool)
   is_val[order[:n_val]] = True
+  if isinstance(docs, Documents):
+    return docs.take(np.flatnonzero(~is_val)), docs.take(np.flatnonzero(is_val))
   train = [d for d, v in zip(docs, is_val) if not v]
   val = [d for d, v in zip(docs, is_val) if v]
   return train, val
@@ -224,10 +327,15 @@ def tokenizer_cache_dir(cfg: DataConfig, workdir: str) -> str:
   return cfg.cache_dir or os.path.join(workdir, "cache")
 
 
-def prepare(cfg: DataConfig, cache_dir: str | os.PathLike | None
-            ) -> tuple[Tokenizer, list[str], list[str]]:
-  """Loads, splits and builds the tokenizer: ``(tokenizer, train, val)``.
+def prepare(cfg: DataConfig, cache_dir: str | os.PathLike | None,
+            build: Callable[[DataConfig, Sequence[str], Any], Tokenizer]
+            = build_tokenizer) -> tuple[Tokenizer, Documents, Documents]:
+  """Lists, splits and builds the tokenizer: ``(tokenizer, train, val)``.
 
+  No text is read here but the BPE sample (``build``, by default
+  ``build_tokenizer``; ``multihost.prepare`` has process 0 alone read it)
+  and what ``load_documents`` reads in full (JSONL, Hugging Face): the
+  train and validation documents are read when they are tokenised.
   ``cache_dir`` holds trained BPE tokenizers (see ``tokenizer_cache_dir``).
   """
   docs = load_documents(cfg)
@@ -239,11 +347,11 @@ def prepare(cfg: DataConfig, cache_dir: str | os.PathLike | None
                     "needs at least 2 (one is held out for validation): add "
                     f"documents{more}")
   train, val = split_documents(docs, cfg.val_fraction, cfg.seed)
-  log.info("data %s: %d documents, %d characters; train %d docs / %d chars, "
-           "val %d docs / %d chars", cfg.source, len(docs),
-           sum(map(len, docs)), len(train), sum(map(len, train)), len(val),
-           sum(map(len, val)))
-  tokenizer = build_tokenizer(cfg, train, cache_dir)
+  log.info("data %s: %d documents, size %d (file bytes, in-memory "
+           "characters); train %d docs / %d, val %d docs / %d", cfg.source,
+           len(docs), docs.size(), len(train), train.size(), len(val),
+           val.size())
+  tokenizer = build(cfg, train, cache_dir)
   log.info("data tokenizer: %s", tokenizer)
   return tokenizer, train, val
 
@@ -411,7 +519,7 @@ class _TokenizedDocs(Sequence[np.ndarray]):
   so later epochs skip the tokenizer (BPE encodes ~1.5M characters/s here)."""
 
   def __init__(self, docs: Sequence[str], tokenizer: Tokenizer):
-    self._docs = list(docs)
+    self._docs = docs if isinstance(docs, Documents) else list(docs)
     self._tokenizer = tokenizer
     self._memo: dict[int, np.ndarray] = {}
     self._memo_tokens = 0
@@ -455,9 +563,10 @@ def train_dataset(cfg: DataConfig, tokenizer: Tokenizer,
     raise ConfigError(f"data.batch_size={cfg.batch_size} cannot be shared by "
                       f"{groups} process groups (group {group})")
   suffix = "" if groups == 1 else f"/{group}/{groups}"
-  if groups > 1:
-    train_docs = list(train_docs)[group::groups]
-  if not any(train_docs):
+  if groups > 1:  # Documents: a share of the handles, nothing read
+    train_docs = (train_docs if isinstance(train_docs, Documents)
+                  else list(train_docs))[group::groups]
+  if not _has_text(train_docs):
     where = "" if groups == 1 else (
         f" of process group {group} (document i goes to group i % {groups}); "
         "add documents or use fewer processes")
@@ -494,7 +603,7 @@ def heldout_batches(cfg: DataConfig, tokenizer: Tokenizer,
   seq_len = cfg.seq_len if seq_len is None else seq_len
   if seq_len <= 0:
     raise ConfigError(f"heldout_batches: seq_len must be > 0, got {seq_len}")
-  if not any(val_docs) or n_batches <= 0:
+  if n_batches <= 0 or not _has_text(val_docs):
     return []
   docs = _token_docs(val_docs, tokenizer, _stream_seed(cfg.seed, "heldout"),
                      repeat=False)

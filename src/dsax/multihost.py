@@ -13,7 +13,10 @@ once (the single-process behaviour).
 Data. The processes whose devices hold different rows of the global batch
 form G groups (``process_share``; the processes of one group hold the same
 rows, e.g. different positions over ``sequence`` or the same rows
-replicated over ``tensor``). Group g reads and tokenises only documents
+replicated over ``tensor``). ``prepare`` lists the documents on every
+process without reading them (``data.Documents``: the split needs only
+their number); a BPE tokenizer is trained by process 0 alone, on the sample
+it reads, and sent to the others. Group g reads and tokenises only documents
 g, g + G, ... of the train split and packs them into its own stream of
 B / G rows per batch (``data.make_train_iterator(share=(g, G))``);
 ``TrainStream`` hands each process's block of those rows to
@@ -22,7 +25,9 @@ state is every group's iterator state (gathered from all processes when
 saved), so a resume continues every stream exactly; it needs the same G. One
 group (one process, or every process holding every row) is the single stream
 of ``dsax.data``, with its plain state. Only process 0 builds the held-out
-batches (``train._run``): the others never tokenise the validation documents.
+batches (``train._run``): the others never read the validation documents.
+JSONL files and Hugging Face datasets are the exception: every process reads
+them in full when listing (``data.load_documents``), and says so.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dsax import context, data, sharding as S
-from dsax.config import ConfigError, DataConfig
+from dsax.config import ConfigError, DataConfig, DataError
+from dsax.tokenizer import Tokenizer, build_tokenizer
 
 log = logging.getLogger("dsax")
 
@@ -128,6 +134,51 @@ def process_share(sharding: NamedSharding, shape: tuple[int, int]
           (slice(0, me[1] - me[0]), slice(me[2], me[3])))
 
 
+def prepare(cfg: DataConfig, cache_dir
+            ) -> tuple[Tokenizer, data.Documents, data.Documents]:
+  """``data.prepare`` on every process, reading no text but what process 0
+  reads for a BPE tokenizer's sample (``shared_tokenizer``); one process:
+  ``data.prepare`` itself."""
+  if jax.process_count() == 1:
+    return data.prepare(cfg, cache_dir)
+  tok, train, val = data.prepare(cfg, cache_dir, build=shared_tokenizer)
+  held = train.in_memory() + val.in_memory()
+  if held:
+    log.info("data: process %d holds %d documents read in full (JSONL lines "
+             "or dataset rows: every process scans them; only files are "
+             "read by share)", jax.process_index(), held)
+  return tok, train, val
+
+
+def shared_tokenizer(cfg: DataConfig, train_docs, cache_dir) -> Tokenizer:
+  """``tokenizer.build_tokenizer``, but a BPE tokenizer is built (its sample
+  read, trained or loaded from ``cache_dir``) by process 0 alone and sent to
+  every process (two broadcasts: its JSON's length, then the JSON). A
+  failure on process 0 is raised there and a DataError on the others."""
+  if cfg.tokenizer != "bpe" or jax.process_count() == 1:
+    return build_tokenizer(cfg, train_docs, cache_dir)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  blob, error = b"", None
+  if jax.process_index() == 0:
+    try:
+      blob = build_tokenizer(cfg, train_docs, cache_dir).to_json().encode()
+    except Exception as e:  # pylint: disable=broad-except  # raised below
+      error = e
+  n = int(multihost_utils.broadcast_one_to_all(
+      np.int32(-1 if error is not None else len(blob))))
+  if error is not None:
+    raise error
+  if n < 0:
+    raise DataError("process 0 could not build the BPE tokenizer "
+                    "(data.tokenizer='bpe'); its log says why")
+  mine = (np.frombuffer(blob, np.uint8) if jax.process_index() == 0
+          else np.zeros(n, np.uint8))
+  got = np.asarray(multihost_utils.broadcast_one_to_all(mine), np.uint8)
+  if jax.process_index() != 0:
+    log.info("BPE tokenizer: received from process 0 (%d bytes)", n)
+  return Tokenizer.from_json("bpe", got.tobytes().decode())
+
+
 class TrainStream:
   """This process's group's train stream, as global batches on ``sharding``
   (see the module docstring); ``get_state`` is a collective when there are
@@ -140,6 +191,7 @@ class TrainStream:
     self._n_seq = sharding.mesh.shape.get(context.AXIS, 1)
     self.group, self.groups, self._group_of, self._block = process_share(
         sharding, self.shape)
+    # Documents: only this group's files are ever read.
     self._it = data.make_train_iterator(cfg, tokenizer, train_docs,
                                         (self.group, self.groups))
     if self.groups > 1:

@@ -133,8 +133,9 @@ def check_data(cfg: ExperimentConfig) -> None:
   documents, so that both splits are non-empty; a ``file:`` tokenizer loads
   and fits ``model.vocab_size``. A bad ``data.*`` value is a ConfigError; a
   missing, empty, unreadable or malformed source a DataError naming it.
-  Reads the documents once (the standard library: about 0.3 s); an HF
-  dataset only for its first rows."""
+  Lists the documents without reading their text (file sizes and read
+  permission; JSONL files are parsed); an HF dataset only for its first
+  rows."""
   from dsax import data, tokenizer  # pylint: disable=import-outside-toplevel
   dc = cfg.data
   data.check_config(dc)

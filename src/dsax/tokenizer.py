@@ -81,6 +81,17 @@ class Tokenizer:
       return bytes(ids).decode("utf-8", errors="replace")
     return self._bpe.decode(ids, skip_special_tokens=False)
 
+  def to_json(self) -> str:
+    """The ``tokenizers`` JSON of a ``bpe``/``file`` tokenizer ("" for
+    ``bytes``); ``from_json`` rebuilds it."""
+    return "" if self._bpe is None else self._bpe.to_str()
+
+  @classmethod
+  def from_json(cls, kind: str, text: str) -> "Tokenizer":
+    if not text:
+      return cls(kind)
+    return cls(kind, tokenizers.Tokenizer.from_str(text))
+
   def __repr__(self) -> str:
     return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
 

@@ -544,7 +544,8 @@ def _run(cfg: ExperimentConfig, workdir: str) -> dict:
   data_sharding(cfg, mesh)  # batch divisibility, before any data work
   log.info("run %s in %s; mesh %s", cfg.name, os.path.abspath(workdir),
            dict(mesh.shape))
-  tok, train_docs, val_docs = data.prepare(
+  # Lists the documents; each process reads only its share of the text.
+  tok, train_docs, val_docs = multihost.prepare(
       cfg.data, data.tokenizer_cache_dir(cfg.data, workdir))
   if tok.vocab_size > cfg.model.vocab_size:
     raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller "
@@ -552,7 +553,7 @@ def _run(cfg: ExperimentConfig, workdir: str) -> dict:
   data_iter = multihost.TrainStream(cfg.data, tok, train_docs,
                                     data_sharding(cfg, mesh))
   # Process 0 alone evaluates; the others only join its parameter gather
-  # (run_phase), so they never tokenise the validation documents.
+  # (run_phase), so they never read the validation documents.
   evaluator = heldout.Evaluator(cfg, tok, val_docs) if primary else None
   quick = None
   if cfg.eval.every:
