@@ -1,16 +1,20 @@
 """GRPO on 2-digit addition, CPU: a dense MLA policy and its DSA version.
 
-A byte-level MLA model with a lightning indexer is supervised briefly on
-lines "Q: 47+85= 132\\n" (one problem per document; the file is generated
-here, under work/grpo_arith_data/, without the held-out problems of seeds
-0-3), so that its greedy exact-match reward is low but not zero. Then:
+A byte-level MLA model with a lightning indexer is supervised on lines
+"Q: 47+85= 132\\n" (one problem per document; the file is generated here,
+under work/grpo_arith_data/, without the held-out problems of seeds 0-3):
+``pretrain`` (600 steps, 3e-3, cosine) then ``pretrain_more`` (300 steps,
+1e-3, cosine), so that its greedy exact-match reward is about 0.25: low,
+but most groups of 8 samples hold a correct answer. Then:
 
-  both    pretrain -> grpo_dense (dense attention); then, from the same
-          pretrained parameters, warmup (indexer only, dense attention) ->
-          sparse (top-k attention, all parameters) -> grpo_sparse
-          (rl.attention=sparse, top-8 keys of prompts of 9 bytes + up to 5
-          answer bytes, index replay on): one pretraining per seed
-  dense   pretrain -> grpo;  sparse  pretrain -> warmup -> sparse -> grpo
+  both    pretrain -> pretrain_more -> grpo_dense (dense attention); then,
+          from the same pretrained parameters, warmup (indexer only, dense
+          attention) -> sparse (top-k attention, all parameters) ->
+          grpo_sparse (rl.attention=sparse, top-8 keys of prompts of 9
+          bytes + up to 5 answer bytes, index replay on): one pretraining
+          per seed
+  dense   pretrain -> pretrain_more -> grpo;  sparse  pretrain ->
+          pretrain_more -> warmup -> sparse -> grpo
   ablate  one sparse grpo phase (ABLATE_STEPS) from the seed-0 ``both``
           run's sparse phase (``ABLATE_FROM``): the stabiliser sweep's
           base, experiments/grpo_ablation.py
@@ -18,13 +22,17 @@ here, under work/grpo_arith_data/, without the held-out problems of seeds
           (the smoke test, tests/test_grpo_experiment.py)
 
 Each grpo phase writes eval_reward (greedy answers to ``EVAL_PROMPTS``
-held-out problems) at its start and end: the before/after of the report.
+held-out problems) at its start and at its end: the before/after of the
+report. ``REVERSE`` (answers least significant digit
+first) is off: this model did not learn that format in 900 steps
+(docs/results/grpo_arith.md).
 
   for s in 0 1; do python launch.py experiments/grpo_arith.py:both \\
       --set seed=$s --set data.seed=$s --workdir work/grpo_arith/both_s$s; done
   python launch.py --sweep experiments/grpo_ablation.py
   python experiments/grpo_report.py work/grpo_arith \\
-      --ablation work/grpo_ablation                  # table + PNG
+      --ablation work/grpo_ablation \\
+      --png docs/results/grpo_arith.png           # tables + PNG
 
 The model is MLA (Q 32, C 32, H 16, R 8, E 16), width 96, 2 layers, 4
 heads; the indexer 4 heads of dim 32. Pretraining rows are 128 bytes,
@@ -58,16 +66,19 @@ HELDOUT_SEEDS = (0, 1, 2, 3)   # their held-out problems stay out of the file
 ABLATE_STEPS = 20
 # GRPO: Adam at 3e-4 after a 10-step warm-up, cosine to 3e-5. At a
 # constant 1e-3 the policy collapsed; at 1e-4 for 60 steps it barely moved.
-GRPO_LR, GRPO_WARMUP = 3e-4, 10
+GRPO_LR, GRPO_WARMUP = 1e-4, 10
 TOPK = 8                       # < 9 prompt bytes + up to 5 completion bytes
 # pretrain (3e-3, cosine) alone left a greedy held-out reward of 0.05-0.09:
 # too few groups of 8 samples hold a correct one. pretrain_more (1e-3,
 # cosine) brings it to about 0.25.
 PRETRAIN_STEPS, PRETRAIN_MORE_STEPS = 600, 300
+# Sampling at temperature 1 raised the rollout reward but not the greedy
+# held-out reward; at 0.5 the samples are closer to the greedy answer.
+SAMPLE_TEMPERATURE = 0.5
 WARMUP_STEPS, SPARSE_STEPS, GRPO_STEPS = 60, 60, 150
 RL = RLConfig(task="arithmetic", digits=DIGITS, ops=OPS, reverse=REVERSE,
               prompts=16,
-              group_size=8, max_new_tokens=5, temperature=1.0,
+              group_size=8, max_new_tokens=5, temperature=SAMPLE_TEMPERATURE,
               kl_coef=0.01, eval_prompts=EVAL_PROMPTS)
 
 
