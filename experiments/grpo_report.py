@@ -175,7 +175,7 @@ def plot(runs: dict, ablation: dict, path: str) -> None:
     ax.legend(fontsize=7)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=75)
 
 
 def main(argv=None) -> int:
