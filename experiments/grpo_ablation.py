@@ -5,8 +5,9 @@
   python experiments/grpo_report.py work/grpo_arith --ablation work/grpo_ablation
 
 Base: experiments/grpo_arith.py:ablate, one sparse grpo phase of 20 steps
-from the seed-0 sparse run's sparse phase (run experiments/grpo_arith.py:sparse
-with seed 0 first). Sampling is truncated (top_p 0.9) so that the sampling
+from the sparse phase of the seed-0 ``both`` run (run
+experiments/grpo_arith.py:both with seed 0 into work/grpo_arith/both_s0
+first). Sampling is truncated (top_p 0.9) so that the sampling
 mask has something to keep, and each rollout batch gets 4 updates so that
 pi_theta drifts from pi_old within a batch (with 1 update the ratio is 1,
 nothing is clipped and no sequence is masked). keep_routing is not swept: the

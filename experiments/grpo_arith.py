@@ -1,16 +1,20 @@
 """GRPO on 2-digit addition, CPU: a dense MLA policy and its DSA version.
 
-A byte-level MLA model with a lightning indexer is supervised briefly on
-lines "Q: 47+85= 132\\n" (one problem per document; the file is generated
-here, under work/grpo_arith_data/, without the held-out problems of seeds
-0-3), so that its greedy exact-match reward is low but not zero. Then:
+A byte-level MLA model with a lightning indexer is supervised on lines
+"Q: 47+85= 132\\n" (one problem per document; the file is generated here,
+under work/grpo_arith_data/, without the held-out problems of seeds 0-3):
+``pretrain`` (600 steps, 3e-3, cosine) then ``pretrain_more`` (300 steps,
+1e-3, cosine), so that its greedy exact-match reward is about 0.25: low,
+but most groups of 8 samples hold a correct answer. Then:
 
-  both    pretrain -> grpo_dense (dense attention); then, from the same
-          pretrained parameters, warmup (indexer only, dense attention) ->
-          sparse (top-k attention, all parameters) -> grpo_sparse
-          (rl.attention=sparse, top-8 keys of prompts of 9 bytes + up to 5
-          answer bytes, index replay on): one pretraining per seed
-  dense   pretrain -> grpo;  sparse  pretrain -> warmup -> sparse -> grpo
+  both    pretrain -> pretrain_more -> grpo_dense (dense attention); then,
+          from the same pretrained parameters, warmup (indexer only, dense
+          attention) -> sparse (top-k attention, all parameters) ->
+          grpo_sparse (rl.attention=sparse, top-8 keys of prompts of 9
+          bytes + up to 5 answer bytes, index replay on): one pretraining
+          per seed
+  dense   pretrain -> pretrain_more -> grpo;  sparse  pretrain ->
+          pretrain_more -> warmup -> sparse -> grpo
   ablate  one sparse grpo phase (ABLATE_STEPS) from the seed-0 ``both``
           run's sparse phase (``ABLATE_FROM``): the stabiliser sweep's
           base, experiments/grpo_ablation.py
@@ -18,13 +22,17 @@ here, under work/grpo_arith_data/, without the held-out problems of seeds
           (the smoke test, tests/test_grpo_experiment.py)
 
 Each grpo phase writes eval_reward (greedy answers to ``EVAL_PROMPTS``
-held-out problems) at its start and end: the before/after of the report.
+held-out problems) at its start and at its end: the before/after of the
+report. ``REVERSE`` (answers least significant digit
+first) is off: this model did not learn that format in 900 steps
+(docs/results/grpo_arith.md).
 
   for s in 0 1; do python launch.py experiments/grpo_arith.py:both \\
       --set seed=$s --set data.seed=$s --workdir work/grpo_arith/both_s$s; done
   python launch.py --sweep experiments/grpo_ablation.py
   python experiments/grpo_report.py work/grpo_arith \\
-      --ablation work/grpo_ablation                  # table + PNG
+      --ablation work/grpo_ablation \\
+      --png docs/results/grpo_arith.png           # tables + PNG
 
 The model is MLA (Q 32, C 32, H 16, R 8, E 16), width 96, 2 layers, 4
 heads; the indexer 4 heads of dim 32. Pretraining rows are 128 bytes,
@@ -49,50 +57,63 @@ ABLATE_FROM = os.path.join(ROOT, "work", "grpo_arith", "both_s0", "phases",
                            "sparse")
 
 DIGITS, OPS = 2, "+"
+# Answers least significant digit first (" 231" for 47+85): the order in
+# which the carries arrive.
+REVERSE = False
 TRAIN_PROBLEMS = 20000
 EVAL_PROMPTS = 256
 HELDOUT_SEEDS = (0, 1, 2, 3)   # their held-out problems stay out of the file
 ABLATE_STEPS = 20
-# Adam normalises: at 1e-3 the many all-zero-reward groups (KL gradient
-# only) moved the policy to KL ~1 in 10 steps and the reward fell.
-GRPO_LR = 1e-4
+# GRPO: Adam at 3e-4 after a 10-step warm-up, cosine to 3e-5. At a
+# constant 1e-3 the policy collapsed; at 1e-4 for 60 steps it barely moved.
+GRPO_LR, GRPO_WARMUP = 1e-4, 10
 TOPK = 8                       # < 9 prompt bytes + up to 5 completion bytes
-PRETRAIN_STEPS, WARMUP_STEPS, SPARSE_STEPS, GRPO_STEPS = 600, 60, 60, 60
-RL = RLConfig(task="arithmetic", digits=DIGITS, ops=OPS, prompts=16,
-              group_size=8, max_new_tokens=5, temperature=1.0,
+# pretrain (3e-3, cosine) alone left a greedy held-out reward of 0.05-0.09:
+# too few groups of 8 samples hold a correct one. pretrain_more (1e-3,
+# cosine) brings it to about 0.25.
+PRETRAIN_STEPS, PRETRAIN_MORE_STEPS = 600, 300
+# Sampling at temperature 1 raised the rollout reward but not the greedy
+# held-out reward; at 0.5 the samples are closer to the greedy answer.
+SAMPLE_TEMPERATURE = 0.5
+WARMUP_STEPS, SPARSE_STEPS, GRPO_STEPS = 60, 60, 150
+RL = RLConfig(task="arithmetic", digits=DIGITS, ops=OPS, reverse=REVERSE,
+              prompts=16,
+              group_size=8, max_new_tokens=5, temperature=SAMPLE_TEMPERATURE,
               kl_coef=0.01, eval_prompts=EVAL_PROMPTS)
 
 
 def heldout_lines(seeds=HELDOUT_SEEDS, n: int = EVAL_PROMPTS,
-                  digits: int = DIGITS, ops: str = OPS) -> set[str]:
+                  digits: int = DIGITS, ops: str = OPS,
+                  reverse: bool = REVERSE) -> set[str]:
   """The prompts the grpo phases score eval_reward on (dsax.rl.trainer
   draws them from default_rng([seed, HELDOUT_STREAM]))."""
   from dsax.rl import rewards, trainer  # pylint: disable=import-outside-toplevel
   out = set()
   for seed in seeds:
     rng = np.random.default_rng([seed, trainer.HELDOUT_STREAM])
-    out.update(rewards.arithmetic(rng, digits, ops).prompt for _ in range(n))
+    out.update(rewards.arithmetic(rng, digits, ops, reverse).prompt
+               for _ in range(n))
   return out
 
 
 def data_file(n: int = TRAIN_PROBLEMS, digits: int = DIGITS, ops: str = OPS,
-              data_dir: str | None = None) -> str:
+              data_dir: str | None = None, reverse: bool = REVERSE) -> str:
   """A JSONL of ``n`` problems with their answers, one document each
   ("Q: 47+85= 132\\n"), drawn with seed 12345 and without the held-out
   prompts; written once (atomically), then reused."""
   from dsax.rl import rewards  # pylint: disable=import-outside-toplevel
   name = f"arith_d{digits}_{''.join('asm'['+-*'.index(o)] for o in ops)}" \
-         f"_{n}.jsonl"
+         f"{'_rev' if reverse else ''}_{n}.jsonl"
   data_dir = data_dir or DATA_DIR
   path = os.path.join(data_dir, name)
   if os.path.isfile(path):
     return path
   os.makedirs(data_dir, exist_ok=True)
-  held = heldout_lines(digits=digits, ops=ops)
+  held = heldout_lines(digits=digits, ops=ops, reverse=reverse)
   rng = np.random.default_rng(12345)
   lines = []
   while len(lines) < n:
-    p = rewards.arithmetic(rng, digits, ops)
+    p = rewards.arithmetic(rng, digits, ops, reverse)
     if p.prompt not in held:
       lines.append(json.dumps({"text": p.prompt + p.data["answer"] + "\n"}))
   tmp = f"{path}.{os.getpid()}.tmp"
@@ -115,33 +136,42 @@ def const(lr: float, warm: int) -> OptimConfig:
   return OptimConfig(lr=lr, lr_warmup_steps=warm, schedule="constant")
 
 
-def phases(variant: str, pretrain: int, warmup: int, sparse: int, grpo: int,
-           rl: RLConfig = RL) -> tuple:
-  """dense: pretrain -> grpo; sparse: pretrain -> warmup -> sparse -> grpo
-  (sparse); both: pretrain -> grpo_dense, then from the same pretrained
-  parameters warmup -> sparse -> grpo_sparse (one pretraining per seed)."""
-  pre = PhaseConfig(name="pretrain", kind="pretrain", steps=pretrain,
-                    optim=OptimConfig(lr=3e-3, lr_warmup_steps=min(
-                        20, pretrain)))
-  grpo_optim = const(GRPO_LR, min(5, grpo))
+def grpo_optim(steps: int) -> OptimConfig:
+  return OptimConfig(lr=GRPO_LR, lr_warmup_steps=min(GRPO_WARMUP, steps),
+                     schedule="cosine")
+
+
+def phases(variant: str, pretrain: int, more: int, warmup: int, sparse: int,
+           grpo: int, rl: RLConfig = RL) -> tuple:
+  """dense: pretrain -> pretrain_more -> grpo; sparse: pretrain ->
+  pretrain_more -> warmup -> sparse -> grpo (sparse); both: pretrain ->
+  pretrain_more -> grpo_dense, then from the same pretrained parameters
+  warmup -> sparse -> grpo_sparse (one pretraining per seed)."""
+  pre = (PhaseConfig(name="pretrain", kind="pretrain", steps=pretrain,
+                     optim=OptimConfig(lr=3e-3, lr_warmup_steps=min(
+                         20, pretrain))),
+         PhaseConfig(name="pretrain_more", kind="pretrain", steps=more,
+                     optim=OptimConfig(lr=1e-3, lr_warmup_steps=min(
+                         10, more))))
   dense = PhaseConfig(name="grpo", kind="grpo", steps=grpo, rl=rl,
-                      optim=grpo_optim)
+                      optim=grpo_optim(grpo))
   dsa = (
       PhaseConfig(name="warmup", kind="warmup", steps=warmup,
                   optim=const(1e-3, min(5, warmup))),
       PhaseConfig(name="sparse", kind="sparse", steps=sparse,
                   optim=const(3e-4, min(5, sparse)),
                   indexer_optim=const(1e-3, min(5, sparse))),
-      PhaseConfig(name="grpo", kind="grpo", steps=grpo, optim=grpo_optim,
+      PhaseConfig(name="grpo", kind="grpo", steps=grpo,
+                  optim=grpo_optim(grpo),
                   rl=dataclasses.replace(rl, attention="sparse")),
   )
   if variant == "dense":
-    return (pre, dense)
+    return pre + (dense,)
   if variant == "sparse":
-    return (pre,) + dsa
-  return (pre, dataclasses.replace(dense, name="grpo_dense"),
-          dataclasses.replace(dsa[0], init_from="pretrain"), dsa[1],
-          dataclasses.replace(dsa[2], name="grpo_sparse"))
+    return pre + dsa
+  return pre + (dataclasses.replace(dense, name="grpo_dense"),
+                dataclasses.replace(dsa[0], init_from="pretrain_more"),
+                dsa[1], dataclasses.replace(dsa[2], name="grpo_sparse"))
 
 
 def get_config(arg=None) -> ExperimentConfig:
@@ -157,13 +187,14 @@ def get_config(arg=None) -> ExperimentConfig:
   model = model_config(32 if test else 96)
   if test:  # the ``both`` chain, a few steps of each phase
     rl = dataclasses.replace(RL, prompts=2, group_size=2, eval_prompts=8)
-    ph = phases("both", 4, 2, 2, 2, rl)
+    ph = phases("both", 4, 2, 2, 2, 2, rl)
   elif arg == "ablate":
     ph = (PhaseConfig(name="grpo", kind="grpo", steps=ABLATE_STEPS,
-                      optim=const(GRPO_LR, 5), init_from=ABLATE_FROM,
+                      optim=grpo_optim(ABLATE_STEPS), init_from=ABLATE_FROM,
                       rl=dataclasses.replace(RL, attention="sparse")),)
   else:
-    ph = phases(arg, PRETRAIN_STEPS, WARMUP_STEPS, SPARSE_STEPS, GRPO_STEPS)
+    ph = phases(arg, PRETRAIN_STEPS, PRETRAIN_MORE_STEPS, WARMUP_STEPS,
+                SPARSE_STEPS, GRPO_STEPS)
   return ExperimentConfig(
       name=f"grpo_arith_{arg}", model=model, data=data, phases=ph,
       eval=EvalConfig(every=0, batches=1, final_batches=1),

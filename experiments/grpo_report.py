@@ -5,10 +5,12 @@
 
 Reads each run directory's metrics.jsonl (runs named both_s<seed>: the
 phases grpo_dense and grpo_sparse are the dense and the DSA policy; or
-<model>_s<seed> with one phase named grpo) and prints, per model and seed, the held-out reward
-(eval_reward: greedy exact match on the held-out problems) at the start and
-the end of the ``grpo`` phase, then per model the mean over seeds and the
-spread (max - min) of the before and after values; with ``--ablation``, one
+<model>_s<seed> with one phase named grpo) and prints, per model and seed,
+the held-out reward (eval_reward: greedy exact match on the held-out
+problems) at the start and the end of the ``grpo`` phase, then per model the
+mean over seeds and the range (max - min) of the before and after values,
+the mean and the smallest per-seed gain, and the seed spread of the gain:
+its range (max - min over seeds) and its standard deviation; with ``--ablation``, one
 row per sweep run (before, after, and the means over the phase's steps of
 reward, kl, clip_frac, masked_frac, mismatch). The PNG: the rollout reward
 per grpo step (a moving average of 5) of every run, the held-out rewards as
@@ -49,6 +51,21 @@ def mean(xs) -> float:
   return sum(xs) / len(xs) if xs else math.nan
 
 
+def spread(xs) -> float:
+  """The seed spread: max - min (nan for no values)."""
+  xs = [x for x in xs if not math.isnan(x)]
+  return max(xs) - min(xs) if xs else math.nan
+
+
+def std(xs) -> float:
+  """The sample standard deviation (n - 1; nan below two values)."""
+  xs = [x for x in xs if not math.isnan(x)]
+  if len(xs) < 2:
+    return math.nan
+  m = sum(xs) / len(xs)
+  return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
 # Runs of the ``both`` variant hold both models: phase -> model.
 BOTH = {"grpo_dense": "dense", "grpo_sparse": "dsa"}
 
@@ -76,16 +93,18 @@ def main_table(root: str) -> tuple[list[str], dict]:
     for seed, b, a, n, *_ in sorted(rs):
       lines.append(f"| {model} | {seed} | {n} | {b:.3f} | {a:.3f} | "
                    f"{a - b:+.3f} |")
-  lines += ["", "| model | seeds | before: mean (spread) | after: mean "
-            "(spread) | gain: mean (min) |", "|---|---|---|---|---|"]
+  lines += ["", "| model | seeds | before: mean (range) | after: mean "
+            "(range) | gain: mean | gain: min | seed spread of the gain: "
+            "range (std) | mean gain > range? |", "|---|---|---|---|---|---|---|---|"]
   for model, rs in runs.items():
     bs = [r[1] for r in rs]
     as_ = [r[2] for r in rs]
     gains = [a - b for b, a in zip(bs, as_)]
-    spread = lambda xs: (max(xs) - min(xs)) if xs else math.nan  # noqa: E731
     lines.append(f"| {model} | {len(rs)} | {mean(bs):.3f} ({spread(bs):.3f})"
                  f" | {mean(as_):.3f} ({spread(as_):.3f}) | "
-                 f"{mean(gains):+.3f} ({min(gains):+.3f}) |")
+                 f"{mean(gains):+.3f} | {min(gains):+.3f} | "
+                 f"{spread(gains):.3f} ({std(gains):.3f}) | "
+                 f"{'yes' if mean(gains) > spread(gains) else 'no'} |")
   return lines, runs
 
 
@@ -156,7 +175,7 @@ def plot(runs: dict, ablation: dict, path: str) -> None:
     ax.legend(fontsize=7)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=75)
 
 
 def main(argv=None) -> int:

@@ -52,7 +52,7 @@ def test_the_test_variant_runs_end_to_end(tmp_path):
   cfg = grpo_arith.get_config("test")
   train.run(cfg, str(tmp_path / "run"))
   rows = metrics.read_metrics(str(tmp_path / "run"))
-  for phase in ("grpo_dense", "grpo"):
+  for phase in ("grpo_dense", "grpo_sparse"):
     got = [r for r in rows if r["phase"] == phase]
     evals = [r["eval_reward"] for r in got if "eval_reward" in r]
     assert len(evals) == 2 and all(0 <= e <= 1 for e in evals), phase

@@ -34,6 +34,24 @@ def test_arithmetic():
     rewards.arithmetic(rng, ops="/")
 
 
+def test_arithmetic_reversed():
+  """``reverse``: the same prompts (same draws), the answer's digits least
+  significant first after the sign; exact match on that spelling."""
+  a_rng, b_rng = np.random.default_rng(3), np.random.default_rng(3)
+  for _ in range(60):
+    plain = rewards.arithmetic(a_rng, digits=2, ops="+-")
+    rev = rewards.arithmetic(b_rng, digits=2, ops="+-", reverse=True)
+    assert rev.prompt == plain.prompt
+    want = int(plain.data["answer"])
+    digits = str(abs(want))[::-1]
+    assert rev.data["answer"] == " " + ("-" if want < 0 else "") + digits
+    assert rev.score(rev.data["answer"]) == 1.0
+    if digits != digits[::-1]:
+      assert rev.score(plain.data["answer"]) == 0.0
+  assert rewards.spell(132, True) == "231" and rewards.spell(-40, True) == "-04"
+  assert rewards.spell(7, True) == "7" and rewards.spell(120) == "120"
+
+
 def test_passkey_exact_match():
   p = rewards.retrieval(np.random.default_rng(1), "passkey", 400,
                         count_bytes)

@@ -236,6 +236,7 @@ class RLConfig:
   task: str = "arithmetic"     # "arithmetic" | a dsax.tasks.TASKS name
   digits: int = 2              # arithmetic: d-digit operands
   ops: str = "+"               # arithmetic: operators drawn from "+-*"
+  reverse: bool = False        # arithmetic: answers least significant first
   length: int = 256            # retrieval: tokens per example
   prompts: int = 4             # prompts per step
   group_size: int = 4          # G samples per prompt

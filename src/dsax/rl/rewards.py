@@ -8,7 +8,8 @@ its reward. Generators:
   arithmetic  "Q: 0347+0512=" -> " 859" : a +, - or * of two zero-padded
               d-digit numbers (every prompt of one setting has the same
               length in any tokenizer that spells digits alike); reward
-              ``exact_match`` of the completion's first line.
+              ``exact_match`` of the completion's first line. ``reverse``:
+              the answer's digits least significant first (" 958").
   retrieval   a ``dsax.tasks`` example (passkey, MQAR, ...) at a target
               length: long-context RL on the DSA model. passkey is scored
               by ``dsax.tasks.score`` (exact match); MQAR by the exact
@@ -59,9 +60,19 @@ OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b,
        "*": lambda a, b: a * b}
 
 
+def spell(n: int, reverse: bool = False) -> str:
+  """``n`` in decimal; ``reverse``: its digits least significant first,
+  after the sign (132 -> "231", -40 -> "-04")."""
+  digits = str(abs(n))
+  return ("-" if n < 0 else "") + (digits[::-1] if reverse else digits)
+
+
 def arithmetic(rng: np.random.Generator, digits: int = 2,
-               ops: str = "+") -> Problem:
-  """``Q: a<op>b=`` with a, b uniform d-digit numbers, zero-padded."""
+               ops: str = "+", reverse: bool = False) -> Problem:
+  """``Q: a<op>b=`` with a, b uniform d-digit numbers, zero-padded; the
+  answer is the result in decimal, its digits least significant first when
+  ``reverse`` (the order in which addition produces them: a small
+  transformer learns the carries far sooner that way)."""
   bad = set(ops) - set(OPS)
   if bad or not ops:
     raise ValueError(f"arithmetic ops must be drawn from {''.join(OPS)!r}, "
@@ -71,7 +82,7 @@ def arithmetic(rng: np.random.Generator, digits: int = 2,
   a, b = (int(x) for x in rng.integers(0, 10 ** digits, size=2))
   op = ops[int(rng.integers(len(ops)))]
   prompt = f"Q: {a:0{digits}d}{op}{b:0{digits}d}="
-  answer = f" {OPS[op](a, b)}"
+  answer = " " + spell(OPS[op](a, b), reverse)
   return Problem(prompt, {"task": "arithmetic", "answer": answer},
                  exact_match)
 

@@ -105,7 +105,8 @@ def problems(phase: PhaseConfig, tok, rng: np.random.Generator,
              n: int) -> list[rewards.Problem]:
   r = phase.rl
   if r.task == "arithmetic":
-    return [rewards.arithmetic(rng, r.digits, r.ops) for _ in range(n)]
+    return [rewards.arithmetic(rng, r.digits, r.ops, r.reverse)
+            for _ in range(n)]
   count = lambda text: len(tok.encode(text))  # noqa: E731
   return [rewards.retrieval(rng, r.task, r.length, count) for _ in range(n)]
 
