@@ -15,7 +15,7 @@ from conftest import init, tiny
 from dsax.attention import AttentionMode
 from dsax.chat import Assistant, Chat, SmolLM2, ToolCall, User
 from dsax.rl import agent as A
-from dsax.rl import policy, sampling
+from dsax.rl import grpo, policy, sampling
 from dsax.rl.grpo import GRPOConfig
 from dsax.tokenizer import Tokenizer
 
@@ -187,6 +187,22 @@ def test_segment_logprobs_equal_training_forward(params, forced, sparse):
     gap = float(jnp.max(jnp.abs(jnp.where(ro.mask, lp - ro.logp, 0.0))))
     assert gap < 1e-5
     assert bool(jnp.all(jnp.isfinite(jnp.where(ro.mask, lp, 0.0))))
+  if not sparse:   # the GRPO loss on them at theta = theta_old
+    ro, adv = A.grpo_batch(trajs + forced["drop_reasoning"], 1,
+                           std_normalise=False)
+    assert ro.tokens.shape[0] == 5 and float(jnp.abs(adv).max()) == 0.0
+    ro, adv = A.grpo_batch(forced["drop_reasoning"] + trajs, 2,
+                           std_normalise=False)
+    np.testing.assert_allclose(adv, [-0.25, -0.25, 0.25, 0.25, 0.25])
+
+    def loss_fn(p):
+      logp, _ = policy.completion_logprobs(p, ro, cfg, GRPOConfig(), FULL)
+      return grpo.loss(logp, ro.logp, ro.logp, adv, ro.mask, GRPOConfig())
+
+    (val, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    assert float(metrics["mismatch"]) < 1e-5
+    assert float(metrics["clip_frac"]) == 0.0 and np.isfinite(float(val))
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g))
   # The records are the context's: the same tokens scored in another
   # context (the segment's first token dropped) give other log-probs.
   g = segs[1]

@@ -66,7 +66,7 @@ from dsax.chat import (Assistant, BudgetError, Chat, ChatError, System,
                        ToolCall, ToolResult, ToolSpec, User,
                        discard_all_tool_history)
 from dsax.config import ModelConfig
-from dsax.rl import sampling
+from dsax.rl import grpo, sampling
 from dsax.rl.rollout import Rollout
 
 POLICIES = ("keep_all", "drop_reasoning", "discard_tools")
@@ -520,7 +520,20 @@ def to_rollout(segments: Sequence[Segment], pad_to: int | None = None,
                  prompt_len=1)
 
 
-def sft_samples(chat: Chat, conv: Sequence) -> list:
-  """Supervised samples of a trace: ``chat.turn_samples`` (one per user
-  turn, mask on that turn's assistant tokens)."""
-  return chat.turn_samples(conv)
+def grpo_batch(trajs: Sequence[Trajectory], group_size: int,
+               std_normalise: bool = True, pad_to: int | None = None):
+  """(Rollout, adv_B) for ``grpo.loss``: trajectories are prompt-major
+  groups of ``group_size`` runs of one episode; each trajectory's reward
+  gives its group-relative advantage, which every one of its segments (one
+  row each) carries. ``grpo.loss`` averages tokens per row, then rows: an
+  episode whose context was re-encoded more often has more rows."""
+  if len(trajs) % group_size:
+    raise AgentError(f"{len(trajs)} trajectories do not split into groups "
+                     f"of {group_size}")
+  adv_T = grpo.advantages(jnp.asarray([t.reward for t in trajs]), group_size,
+                          std_normalise)
+  segs, adv = [], []
+  for t, a in zip(trajs, np.asarray(adv_T)):
+    segs += t.segments
+    adv += [a] * len(t.segments)
+  return to_rollout(segs, pad_to), jnp.asarray(adv, jnp.float32)
