@@ -22,7 +22,10 @@ and each budget (prompt + reply <= budget tokens):
   drop_reasoning  V3.2's rule 1; over the budget fails
   discard_tools   rule 1, and over the budget all tool history is dropped
 
-Reported per model, policy and budget: accuracy (exact-match answers over
+The same rollouts with the scripted solver forced in place of the model
+(``oracle``: ``AgentSampler.run(force=agent.oracle)``) show what each
+policy allows a perfect solver within the budget. Reported per model,
+policy and budget: accuracy (exact-match answers over
 all questions), the mean peak context, generated and fed tokens per
 episode, and why episodes stopped; a table and a PNG in
 docs/results/agent_budget.md.
@@ -50,6 +53,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from dsax import model, params as P  # noqa: E402
+from dsax import train as train_lib  # noqa: E402
 from dsax.attention import AttentionMode  # noqa: E402
 from dsax.chat import Chat, SmolLM2, is_tool_history, user_turns  # noqa: E402
 from dsax.config import IndexerConfig, ModelConfig  # noqa: E402
@@ -59,8 +63,8 @@ from dsax.tokenizer import Tokenizer  # noqa: E402
 
 TURNS, HOPS = 3, 2
 TOPK = 64
-REPLY = 112           # reply room: a call with its reasoning is ~95 tokens
-FULL = dict(d_model=96, row_len=1024, batch=4, sft_steps=300, warmup_steps=30,
+REPLY = 128           # reply room: a call with its reasoning is 117 tokens
+FULL = dict(d_model=96, row_len=1024, batch=4, sft_steps=300, warmup_steps=60,
             sparse_steps=40, episodes=16, budgets=(640, 1024), seed=0)
 QUICK = dict(d_model=32, row_len=1024, batch=2, sft_steps=3, warmup_steps=2,
              sparse_steps=2, episodes=2, budgets=(640,), seed=0)
@@ -179,13 +183,14 @@ def train(params, cfg, kind, steps, lr, data, log):
 # -------------------------------------------------------------- evaluation
 
 
-def evaluate(params, cfg, mode, chat, keep, policy, budget, episodes):
-  acfg = A.AgentConfig(policy=policy, budget=budget, max_reply_tokens=REPLY,
+def evaluate(params, cfg, mode, chat, keep, policy, budget, episodes,
+             reply=REPLY, force=None):
+  acfg = A.AgentConfig(policy=policy, budget=budget, max_reply_tokens=reply,
                        max_calls=HOPS + 2,
                        sampling=sampling.SamplingConfig(0.0))
   sampler = A.AgentSampler(cfg, acfg, chat, keep, mode=mode)
   t0 = time.time()
-  trajs = sampler.run(params, episodes, jax.random.PRNGKey(0))
+  trajs = sampler.run(params, episodes, jax.random.PRNGKey(0), force=force)
   rew = np.array([t.rewards for t in trajs])
   return dict(
       policy=policy, budget=budget, accuracy=float(rew.mean()),
@@ -198,7 +203,11 @@ def evaluate(params, cfg, mode, chat, keep, policy, budget, episodes):
       seconds=round(time.time() - t0, 1))
 
 
-def run(opts: dict, workdir: str, log=print) -> list[dict]:
+def run(opts: dict, workdir: str, log=print, eval_only: bool = False,
+        resume: bool = False) -> list[dict]:
+  """Trains (``resume``: SFT continues from the dense model a previous run
+  saved in ``workdir``/params.npz; ``eval_only``: loads both models from
+  it) and evaluates."""
   chat, keep = chats()
   cfg = model_config(opts["d_model"], chat.tok.vocab_size)
   rng = np.random.default_rng(opts["seed"])
@@ -206,21 +215,43 @@ def run(opts: dict, workdir: str, log=print) -> list[dict]:
   def data(_):
     return rows(chat, keep, rng, opts["batch"], opts["row_len"])
 
-  params = P.init_params(cfg, jax.random.PRNGKey(opts["seed"]))
-  dense = train(params, cfg, "sft", opts["sft_steps"], 3e-3, data, log)
-  dsa = train(dense, cfg, "warmup", opts["warmup_steps"], 1e-3, data, log)
-  dsa = train(dsa, cfg, "sparse", opts["sparse_steps"], 3e-4, data, log)
+  saved = os.path.join(workdir, "params.npz")
+  if eval_only:
+    with np.load(saved) as f:
+      flat = {k: jnp.asarray(v) for k, v in f.items()}
+    dense = train_lib.unflatten({k[6:]: v for k, v in flat.items()
+                                 if k.startswith("dense/")})
+    dsa = train_lib.unflatten({k[4:]: v for k, v in flat.items()
+                               if k.startswith("dsa/")})
+  else:
+    params = P.init_params(cfg, jax.random.PRNGKey(opts["seed"]))
+    if resume:   # more SFT from a previous run's dense model (fresh Adam)
+      with np.load(saved) as f:
+        params = train_lib.unflatten({k[6:]: jnp.asarray(v)
+                                      for k, v in f.items()
+                                      if k.startswith("dense/")})
+      rng = np.random.default_rng([opts["seed"], 1])
+    dense = train(params, cfg, "sft", opts["sft_steps"], 3e-3, data, log)
+    dsa = train(dense, cfg, "warmup", opts["warmup_steps"], 3e-3, data, log)
+    dsa = train(dsa, cfg, "sparse", opts["sparse_steps"], 3e-4, data, log)
+    os.makedirs(workdir, exist_ok=True)
+    np.savez(saved, **{f"{name}/{k}": np.asarray(v)
+                       for name, p in (("dense", dense), ("dsa", dsa))
+                       for k, v in train_lib.flatten(p).items()})
   eval_rng = np.random.default_rng([opts["seed"], 7])
   episodes = [A.make_episode(eval_rng, TURNS, HOPS)
               for _ in range(opts["episodes"])]
   out = []
-  for name, p, mode in (("dense", dense, AttentionMode.of(cfg)),
+  for name, p, mode in (("oracle", dense, AttentionMode.of(cfg)),
+                        ("dense", dense, AttentionMode.of(cfg)),
                         ("dsa", dsa, AttentionMode.of(cfg, "sparse",
                                                       topk=TOPK))):
     for budget in opts["budgets"]:
       for policy in A.POLICIES:
-        row = dict(model=name, **evaluate(p, cfg, mode, chat, keep, policy,
-                                          budget, episodes))
+        row = dict(model=name, **evaluate(
+            p, cfg, mode, chat, keep, policy, budget, episodes,
+            opts.get("reply", REPLY),
+            force=A.oracle if name == "oracle" else None))
         log(json.dumps(row))
         out.append(row)
   os.makedirs(workdir, exist_ok=True)
@@ -250,9 +281,9 @@ def plot(rows_: list[dict], path: str) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), sharey=True)
+  fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), sharey=True)
   marks = dict(keep_all="o", drop_reasoning="s", discard_tools="^")
-  for ax, name in zip(axes, ("dense", "dsa")):
+  for ax, name in zip(axes, ("oracle", "dense", "dsa")):
     for pol, m in marks.items():
       rs = [r for r in rows_ if r["model"] == name and r["policy"] == pol]
       ax.plot([r["peak"] for r in rs], [r["accuracy"] for r in rs],
@@ -275,10 +306,19 @@ def main(argv=None):
   ap.add_argument("--workdir", default=os.path.join(ROOT, "work",
                                                     "agent_budget"))
   ap.add_argument("--png", default=None)
+  ap.add_argument("--eval-only", action="store_true",
+                  help="evaluate the parameters a previous run saved")
+  ap.add_argument("--resume", action="store_true",
+                  help="continue SFT from the dense model a previous run "
+                       "saved (then warm-up, sparse, evaluation)")
+  ap.add_argument("--sft-steps", type=int, default=None)
   args = ap.parse_args(argv)
-  opts = QUICK if args.quick else FULL
+  opts = dict(QUICK if args.quick else FULL)
+  if args.sft_steps is not None:
+    opts["sft_steps"] = args.sft_steps
   t0 = time.time()
-  out = run(opts, args.workdir)
+  out = run(opts, args.workdir, eval_only=args.eval_only,
+            resume=args.resume)
   print(table(out))
   if args.png:
     plot(out, args.png)

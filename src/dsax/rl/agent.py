@@ -161,6 +161,19 @@ def trace(ep: Episode, tools_in_system: bool = False) -> list:
   return conv
 
 
+def oracle(ctx: Sequence) -> Assistant:
+  """The scripted solver as a policy (``AgentSampler.run(force=)``): the
+  message ``trace`` would write next, read off the conversation as the
+  model sees it (a User message: call get on its key; a tool result that
+  is a key: call get on it; else answer with it)."""
+  last = ctx[-1]
+  key = last.content.split()[-1] if isinstance(last, User) else last.content
+  if key.startswith("k"):
+    return Assistant(reasoning=plan(key),
+                     tool_calls=(ToolCall("get", {"key": key}),))
+  return Assistant(content=key, reasoning="a value, not a key: done")
+
+
 def answer_of(reply: Assistant) -> str:
   return reply.content.strip()
 
