@@ -30,8 +30,16 @@ all questions), the mean peak context, generated and fed tokens per
 episode, and why episodes stopped; a table and a PNG in
 docs/results/agent_budget.md.
 
-  python experiments/agent_budget.py              # ~15 min on 2 loaded cores
+  python experiments/agent_budget.py --workdir work/agent_budget
+  python experiments/agent_budget.py --workdir work/agent_budget --resume \
+      --sft-steps 600                # 900 SFT steps in all, then DSA again
+  python experiments/agent_budget.py --workdir work/agent_budget \
+      --eval-only --png docs/results/agent_budget.png
   python experiments/agent_budget.py --quick      # the smoke test's size
+
+The page's run (docs/results/agent_budget.md) took ~9 + 16 + 6 min on two
+shared cores; its models do not copy keys yet (accuracy 0), the oracle
+rows carry the policy comparison.
 """
 from __future__ import annotations
 
