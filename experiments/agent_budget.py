@@ -83,11 +83,11 @@ def chats():
   return chat, Chat(SmolLM2(keep_reasoning=True), tokenizer=chat.tok)
 
 
-def model_config(d_model: int, vocab: int) -> ModelConfig:
+def model_config(d_model: int, vocab: int, rope: int = 8) -> ModelConfig:
   return ModelConfig(
       vocab_size=vocab, d_model=d_model, n_layers=2, n_heads=4,
       q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
-      qk_rope_head_dim=8, v_head_dim=16, d_ff=4 * d_model, attn_q_chunk=64,
+      qk_rope_head_dim=rope, v_head_dim=16, d_ff=4 * d_model, attn_q_chunk=64,
       indexer=IndexerConfig(n_heads=4, head_dim=32, rope_dim=16, topk=TOPK,
                             q_chunk=32))
 
@@ -217,7 +217,8 @@ def run(opts: dict, workdir: str, log=print, eval_only: bool = False,
   saved in ``workdir``/params.npz; ``eval_only``: loads both models from
   it) and evaluates."""
   chat, keep = chats()
-  cfg = model_config(opts["d_model"], chat.tok.vocab_size)
+  cfg = model_config(opts["d_model"], chat.tok.vocab_size,
+                     opts.get("rope", 8))
   rng = np.random.default_rng(opts["seed"])
 
   def data(_):
@@ -320,10 +321,14 @@ def main(argv=None):
                   help="continue SFT from the dense model a previous run "
                        "saved (then warm-up, sparse, evaluation)")
   ap.add_argument("--sft-steps", type=int, default=None)
+  ap.add_argument("--rope", type=int, default=None,
+                  help="qk_rope_head_dim (default 8)")
   args = ap.parse_args(argv)
   opts = dict(QUICK if args.quick else FULL)
   if args.sft_steps is not None:
     opts["sft_steps"] = args.sft_steps
+  if args.rope is not None:
+    opts["rope"] = args.rope
   t0 = time.time()
   out = run(opts, args.workdir, eval_only=args.eval_only,
             resume=args.resume)
