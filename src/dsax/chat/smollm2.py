@@ -57,6 +57,13 @@ class SmolLM2:
   special_tokens = SPECIAL_TOKENS
   end_token = IM_END
 
+  def __init__(self, keep_reasoning: bool = False):
+    """``keep_reasoning``: render every assistant's reasoning, also before
+    the last user message (no context rule 1: the keep-everything baseline
+    of a context experiment; within a conversation no prompt then rewrites
+    an earlier one)."""
+    self.keep_reasoning = keep_reasoning
+
   def body(self, m: Assistant, where: str = "assistant") -> str:
     """The assistant text between the opener and ``<|im_end|>``."""
     for field in ("content", "reasoning"):
@@ -73,7 +80,7 @@ class SmolLM2:
 
   def render(self, messages: Sequence[Message]) -> list[Segment]:
     validate(messages)
-    view = model_view(messages)
+    view = list(messages) if self.keep_reasoning else model_view(messages)
     out = []
     if not isinstance(view[0], System):
       out.append(Segment(f"{IM_START}system\n{DEFAULT_SYSTEM}{IM_END}\n"))

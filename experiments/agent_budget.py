@@ -1,0 +1,342 @@
+"""Context policies under a token budget on a multi-turn tool task, for a
+dense model and its DSA version (issue 15 item 5), on a CPU.
+
+Task (dsax.rl.agent): an episode asks TURNS questions, one per user turn,
+over one key-value store; each answer is the end of a pointer chain of
+HOPS ``get(key)`` calls (SmolLM2 chat format, tool calls as JSON, a short
+reasoning before each call). Final values are random letters reachable only
+through tool results.
+
+Model: a byte-level MLA model (vocab 256 + 2 chat tokens) supervised on the
+scripted solver's traces: every user turn's sample as the model sees it
+under each policy (rule 1, every reasoning kept, earlier tool history
+discarded), loss on the generated tokens only, samples packed into rows.
+The DSA version continues from it: a warm-up (indexer KL, dense attention,
+the rest frozen) and a sparse phase (top-TOPK attention, LM loss + KL).
+
+Evaluation: greedy rollouts (dsax.rl.agent.AgentSampler, the latent-cache
+decode, sparse for DSA) on held-out episodes under three context policies
+and each budget (prompt + reply <= budget tokens):
+
+  keep_all        every reasoning kept; a prompt over the budget fails
+  drop_reasoning  V3.2's rule 1; over the budget fails
+  discard_tools   rule 1, and over the budget all tool history is dropped
+
+The same rollouts with the scripted solver forced in place of the model
+(``oracle``: ``AgentSampler.run(force=agent.oracle)``) show what each
+policy allows a perfect solver within the budget. Reported per model,
+policy and budget: accuracy (exact-match answers over
+all questions), the mean peak context, generated and fed tokens per
+episode, and why episodes stopped; a table and a PNG in
+docs/results/agent_budget.md.
+
+  python experiments/agent_budget.py --workdir work/agent_budget
+  python experiments/agent_budget.py --workdir work/agent_budget --resume \
+      --sft-steps 600                # 900 SFT steps in all, then DSA again
+  python experiments/agent_budget.py --workdir work/agent_budget \
+      --eval-only --png docs/results/agent_budget.png
+  python experiments/agent_budget.py --quick      # the smoke test's size
+
+The page's run (docs/results/agent_budget.md) took ~9 + 16 + 6 min on two
+shared cores; its models do not copy keys yet (accuracy 0), the oracle
+rows carry the policy comparison.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "src"))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from dsax import model, params as P  # noqa: E402
+from dsax import train as train_lib  # noqa: E402
+from dsax.attention import AttentionMode  # noqa: E402
+from dsax.chat import Chat, SmolLM2, is_tool_history, user_turns  # noqa: E402
+from dsax.config import IndexerConfig, ModelConfig  # noqa: E402
+from dsax.rl import agent as A  # noqa: E402
+from dsax.rl import sampling  # noqa: E402
+from dsax.tokenizer import Tokenizer  # noqa: E402
+
+TURNS, HOPS = 3, 2
+TOPK = 64
+REPLY = 128           # reply room: a call with its reasoning is 117 tokens
+FULL = dict(d_model=96, row_len=1024, batch=4, sft_steps=300, warmup_steps=60,
+            sparse_steps=40, episodes=16, budgets=(640, 1024), seed=0)
+QUICK = dict(d_model=32, row_len=1024, batch=2, sft_steps=3, warmup_steps=2,
+             sparse_steps=2, episodes=2, budgets=(640,), seed=0)
+
+
+def chats():
+  chat = Chat(SmolLM2(), base=Tokenizer("bytes"))
+  return chat, Chat(SmolLM2(keep_reasoning=True), tokenizer=chat.tok)
+
+
+def model_config(d_model: int, vocab: int, rope: int = 8) -> ModelConfig:
+  return ModelConfig(
+      vocab_size=vocab, d_model=d_model, n_layers=2, n_heads=4,
+      q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+      qk_rope_head_dim=rope, v_head_dim=16, d_ff=4 * d_model, attn_q_chunk=64,
+      indexer=IndexerConfig(n_heads=4, head_dim=32, rope_dim=16, topk=TOPK,
+                            q_chunk=32))
+
+
+# ---------------------------------------------------------------- SFT data
+
+
+def views(chat, keep, ep):
+  """(ids, mask) samples of one trace: each user turn as the model sees it
+  under rule 1, with every reasoning kept, and with the earlier turns' tool
+  history discarded."""
+  conv = A.trace(ep)
+  out = [(s.ids_T, s.mask_T) for s in chat.turn_samples(conv)]
+  out += [(s.ids_T, s.mask_T) for s in keep.turn_samples(conv)[1:]]
+  for start, end in user_turns(conv)[1:]:
+    short = [m for i, m in enumerate(conv[:end])
+             if i >= start or not is_tool_history(m)]
+    s = chat.turn_samples(short)[-1]
+    out.append((s.ids_T, s.mask_T))
+  return out
+
+
+def rows(chat, keep, rng, n_rows: int, row_len: int):
+  """Samples packed into rows: inputs, targets, weights (generated targets),
+  segment ids, positions; samples longer than a row are skipped."""
+  arr = {k: np.zeros((n_rows, row_len), np.int32)
+         for k in ("inputs", "targets", "segment_ids", "positions")}
+  arr["weights"] = np.zeros((n_rows, row_len), np.float32)
+  r, col, seg, pending = 0, 0, 1, []
+  while r < n_rows:
+    if not pending:
+      pending = views(chat, keep, A.make_episode(rng, TURNS, HOPS))
+      rng.shuffle(pending)
+    ids, mask = pending.pop()
+    n = len(ids) - 1
+    if n > row_len:
+      continue
+    if col + n > row_len:
+      r, col = r + 1, 0
+      if r == n_rows:
+        break
+    sl = slice(col, col + n)
+    arr["inputs"][r, sl] = ids[:-1]
+    arr["targets"][r, sl] = ids[1:]
+    arr["weights"][r, sl] = mask[1:]
+    arr["segment_ids"][r, sl] = seg
+    arr["positions"][r, sl] = np.arange(n)
+    col, seg = col + n, seg + 1
+  return {k: jnp.asarray(v) for k, v in arr.items()}
+
+
+# ---------------------------------------------------------------- training
+
+
+def phase_mode(cfg, kind):
+  if kind == "sparse":
+    return AttentionMode.of(cfg, "sparse", topk=TOPK, indexer_loss=True)
+  return AttentionMode.of(cfg, "dense", topk=TOPK,
+                          indexer_loss=kind == "warmup")
+
+
+def train(params, cfg, kind, steps, lr, data, log):
+  """sft: LM loss; warmup: indexer KL, only the indexer moves; sparse: LM
+  loss + indexer KL (the indexer's inputs are detached in dsax.dsa)."""
+  mode = phase_mode(cfg, kind)
+  tx = optax.adam(optax.linear_schedule(lr, lr, 1) if steps < 10 else
+                  optax.warmup_constant_schedule(0.0, lr, 10))
+  opt = tx.init(params)
+
+  def loss_fn(p, b):
+    logits, aux = model.forward(p, b["inputs"], cfg, b["segment_ids"],
+                                mode=mode, positions_BT=b["positions"])
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    nll = -jnp.take_along_axis(lp, b["targets"][..., None], -1)[..., 0]
+    lm = jnp.sum(nll * b["weights"]) / jnp.maximum(jnp.sum(b["weights"]), 1)
+    kl = jnp.sum(aux.indexer_kl) if kind != "sft" else 0.0
+    loss = kl if kind == "warmup" else lm + kl
+    return loss, (lm, kl)
+
+  @jax.jit
+  def step(p, opt, b):
+    (loss, (lm, kl)), g = jax.value_and_grad(loss_fn, has_aux=True)(p, b)
+    if kind == "warmup":
+      g = {k: (v if k == "layers" else jax.tree.map(jnp.zeros_like, v))
+           for k, v in g.items()}
+      g["layers"] = {k: (v if k == "indexer" else
+                         jax.tree.map(jnp.zeros_like, v))
+                     for k, v in g["layers"].items()}
+    upd, opt = tx.update(g, opt, p)
+    return optax.apply_updates(p, upd), opt, lm, kl
+
+  t0 = time.time()
+  for s in range(steps):
+    params, opt, lm, kl = step(params, opt, data(s))
+    if s % 25 == 0 or s == steps - 1:
+      log(f"{kind} step {s}: lm {float(lm):.4f} kl {float(kl):.4f} "
+          f"({time.time() - t0:.0f}s)")
+  return params
+
+
+# -------------------------------------------------------------- evaluation
+
+
+def evaluate(params, cfg, mode, chat, keep, policy, budget, episodes,
+             reply=REPLY, force=None):
+  acfg = A.AgentConfig(policy=policy, budget=budget, max_reply_tokens=reply,
+                       max_calls=HOPS + 2,
+                       sampling=sampling.SamplingConfig(0.0))
+  sampler = A.AgentSampler(cfg, acfg, chat, keep, mode=mode)
+  t0 = time.time()
+  trajs = sampler.run(params, episodes, jax.random.PRNGKey(0), force=force)
+  rew = np.array([t.rewards for t in trajs])
+  return dict(
+      policy=policy, budget=budget, accuracy=float(rew.mean()),
+      by_turn=rew.mean(0).round(3).tolist(),
+      peak=float(np.mean([t.peak for t in trajs])),
+      generated=float(np.mean([t.generated for t in trajs])),
+      fed=float(np.mean([t.fed for t in trajs])),
+      budget_events=float(np.mean([t.budget_events for t in trajs])),
+      stops=dict(collections.Counter(t.stop for t in trajs)),
+      seconds=round(time.time() - t0, 1))
+
+
+def run(opts: dict, workdir: str, log=print, eval_only: bool = False,
+        resume: bool = False) -> list[dict]:
+  """Trains (``resume``: SFT continues from the dense model a previous run
+  saved in ``workdir``/params.npz; ``eval_only``: loads both models from
+  it) and evaluates."""
+  chat, keep = chats()
+  cfg = model_config(opts["d_model"], chat.tok.vocab_size,
+                     opts.get("rope", 8))
+  rng = np.random.default_rng(opts["seed"])
+
+  def data(_):
+    return rows(chat, keep, rng, opts["batch"], opts["row_len"])
+
+  saved = os.path.join(workdir, "params.npz")
+  if eval_only:
+    with np.load(saved) as f:
+      flat = {k: jnp.asarray(v) for k, v in f.items()}
+    dense = train_lib.unflatten({k[6:]: v for k, v in flat.items()
+                                 if k.startswith("dense/")})
+    dsa = train_lib.unflatten({k[4:]: v for k, v in flat.items()
+                               if k.startswith("dsa/")})
+  else:
+    params = P.init_params(cfg, jax.random.PRNGKey(opts["seed"]))
+    if resume:   # more SFT from a previous run's dense model (fresh Adam)
+      with np.load(saved) as f:
+        params = train_lib.unflatten({k[6:]: jnp.asarray(v)
+                                      for k, v in f.items()
+                                      if k.startswith("dense/")})
+      rng = np.random.default_rng([opts["seed"], 1])
+    dense = train(params, cfg, "sft", opts["sft_steps"], 3e-3, data, log)
+    dsa = train(dense, cfg, "warmup", opts["warmup_steps"], 3e-3, data, log)
+    dsa = train(dsa, cfg, "sparse", opts["sparse_steps"], 3e-4, data, log)
+    os.makedirs(workdir, exist_ok=True)
+    np.savez(saved, **{f"{name}/{k}": np.asarray(v)
+                       for name, p in (("dense", dense), ("dsa", dsa))
+                       for k, v in train_lib.flatten(p).items()})
+  eval_rng = np.random.default_rng([opts["seed"], 7])
+  episodes = [A.make_episode(eval_rng, TURNS, HOPS)
+              for _ in range(opts["episodes"])]
+  out = []
+  for name, p, mode in (("oracle", dense, AttentionMode.of(cfg)),
+                        ("dense", dense, AttentionMode.of(cfg)),
+                        ("dsa", dsa, AttentionMode.of(cfg, "sparse",
+                                                      topk=TOPK))):
+    for budget in opts["budgets"]:
+      for policy in A.POLICIES:
+        row = dict(model=name, **evaluate(
+            p, cfg, mode, chat, keep, policy, budget, episodes,
+            opts.get("reply", REPLY),
+            force=A.oracle if name == "oracle" else None))
+        log(json.dumps(row))
+        out.append(row)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(dict(opts=opts, rows=out), f, indent=1)
+  return out
+
+
+# ------------------------------------------------------------------ report
+
+
+def table(rows_: list[dict]) -> str:
+  head = ("| model | budget | policy | accuracy | by turn | peak context | "
+          "generated | fed | budget drops | stops |\n|" + "---|" * 10)
+  lines = [head]
+  for r in rows_:
+    stops = ", ".join(f"{k} {v}" for k, v in sorted(r["stops"].items()))
+    lines.append(
+        f"| {r['model']} | {r['budget']} | {r['policy']} | "
+        f"{r['accuracy']:.3f} | {' / '.join(f'{x:.2f}' for x in r['by_turn'])}"
+        f" | {r['peak']:.0f} | {r['generated']:.0f} | {r['fed']:.0f} | "
+        f"{r['budget_events']:.2f} | {stops} |")
+  return "\n".join(lines)
+
+
+def plot(rows_: list[dict], path: str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), sharey=True)
+  marks = dict(keep_all="o", drop_reasoning="s", discard_tools="^")
+  for ax, name in zip(axes, ("oracle", "dense", "dsa")):
+    for pol, m in marks.items():
+      rs = [r for r in rows_ if r["model"] == name and r["policy"] == pol]
+      ax.plot([r["peak"] for r in rs], [r["accuracy"] for r in rs],
+              marker=m, label=pol)
+      for r in rs:
+        ax.annotate(str(r["budget"]), (r["peak"], r["accuracy"]),
+                    fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_title(name)
+    ax.set_xlabel("mean peak context (tokens)")
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("accuracy")
+  axes[0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--workdir", default=os.path.join(ROOT, "work",
+                                                    "agent_budget"))
+  ap.add_argument("--png", default=None)
+  ap.add_argument("--eval-only", action="store_true",
+                  help="evaluate the parameters a previous run saved")
+  ap.add_argument("--resume", action="store_true",
+                  help="continue SFT from the dense model a previous run "
+                       "saved (then warm-up, sparse, evaluation)")
+  ap.add_argument("--sft-steps", type=int, default=None)
+  ap.add_argument("--rope", type=int, default=None,
+                  help="qk_rope_head_dim (default 8)")
+  args = ap.parse_args(argv)
+  opts = dict(QUICK if args.quick else FULL)
+  if args.sft_steps is not None:
+    opts["sft_steps"] = args.sft_steps
+  if args.rope is not None:
+    opts["rope"] = args.rope
+  t0 = time.time()
+  out = run(opts, args.workdir, eval_only=args.eval_only,
+            resume=args.resume)
+  print(table(out))
+  if args.png:
+    plot(out, args.png)
+  print(f"total {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+  main()
