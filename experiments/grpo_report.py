@@ -3,18 +3,20 @@
   python experiments/grpo_report.py work/grpo_arith \\
       [--ablation work/grpo_ablation] [--png docs/results/grpo_arith.png]
 
-Reads each run directory's metrics.jsonl (runs named both_s<seed>: the
-phases grpo_dense and grpo_sparse are the dense and the DSA policy; or
-<model>_s<seed> with one phase named grpo) and prints, per model and seed,
-the held-out reward (eval_reward: greedy exact match on the held-out
-problems) at the start and the end of the ``grpo`` phase, then per model the
-mean over seeds and the range (max - min) of the before and after values,
+Reads each run directory's metrics.jsonl (runs named both_s<seed> or
+grpo_s<seed>: the phases grpo_dense and grpo_sparse are the dense and the
+DSA policy; or <model>_s<seed> with one phase named grpo) and prints, per
+model and seed, the held-out rewards at the start and the end of the
+``grpo`` phase (eval_reward: greedy exact match on the held-out problems;
+eval_reward_sampled: the mean over samples at the rollout temperature, when
+the run has it), then per model and metric the mean over seeds and the
+range (max - min) of the before and after values,
 the mean and the smallest per-seed gain, and the seed spread of the gain:
 its range (max - min over seeds) and its standard deviation; with ``--ablation``, one
 row per sweep run (before, after, and the means over the phase's steps of
 reward, kl, clip_frac, masked_frac, mismatch). The PNG: the rollout reward
 per grpo step (a moving average of 5) of every run, the held-out rewards as
-markers.
+markers (circles greedy, squares sampled).
 """
 from __future__ import annotations
 
@@ -39,8 +41,9 @@ def grpo_rows(workdir: str, phase: str = "grpo") -> list[dict]:
                 key=lambda r: r["step"])
 
 
-def before_after(rows: list[dict]) -> tuple[float, float]:
-  evals = [r["eval_reward"] for r in rows if "eval_reward" in r]
+def before_after(rows: list[dict], key: str = "eval_reward"
+                 ) -> tuple[float, float]:
+  evals = [r[key] for r in rows if key in r]
   if not evals:
     return math.nan, math.nan
   return evals[0], (evals[-1] if len(evals) > 1 else math.nan)
@@ -76,35 +79,42 @@ def main_table(root: str) -> tuple[list[str], dict]:
     m = re.fullmatch(r"(.+)_s(\d+)", os.path.basename(d))
     if not (m and os.path.isdir(d)):
       continue
-    pairs = (BOTH.items() if m.group(1) in ("both", "test")
+    pairs = (BOTH.items() if m.group(1) in ("both", "grpo", "test")
              else [("grpo", m.group(1))])
     for phase, model in pairs:
       rows = grpo_rows(d, phase)
       if not rows:
         continue
       b, a = before_after(rows)
+      sb, sa = before_after(rows, "eval_reward_sampled")
       steps = [r for r in rows if "reward_mean" in r]
       n = steps[-1]["step"] - rows[0]["step"] if steps else 0
       runs.setdefault(model, []).append(
-          (int(m.group(2)), b, a, n, d, phase))
-  lines = ["| model | seed | grpo steps | eval_reward before | after | "
-           "after - before |", "|---|---|---|---|---|---|"]
+          (int(m.group(2)), b, a, n, d, phase, sb, sa))
+  lines = ["| model | seed | grpo steps | greedy before | after | gain | "
+           "sampled before | after | gain |", "|---|---|---|---|---|---|---|"
+           "---|---|"]
   for model, rs in runs.items():
-    for seed, b, a, n, *_ in sorted(rs):
+    for seed, b, a, n, _, _, sb, sa in sorted(rs):
       lines.append(f"| {model} | {seed} | {n} | {b:.3f} | {a:.3f} | "
-                   f"{a - b:+.3f} |")
-  lines += ["", "| model | seeds | before: mean (range) | after: mean "
-            "(range) | gain: mean | gain: min | seed spread of the gain: "
-            "range (std) | mean gain > range? |", "|---|---|---|---|---|---|---|---|"]
+                   f"{a - b:+.3f} | {sb:.3f} | {sa:.3f} | {sa - sb:+.3f} |")
+  lines += ["", "| model | metric | seeds | before: mean (range) | after: "
+            "mean (range) | gain: mean | gain: min | seed spread of the "
+            "gain: range (std) | mean gain > range? |",
+            "|---|---|---|---|---|---|---|---|---|"]
   for model, rs in runs.items():
-    bs = [r[1] for r in rs]
-    as_ = [r[2] for r in rs]
-    gains = [a - b for b, a in zip(bs, as_)]
-    lines.append(f"| {model} | {len(rs)} | {mean(bs):.3f} ({spread(bs):.3f})"
-                 f" | {mean(as_):.3f} ({spread(as_):.3f}) | "
-                 f"{mean(gains):+.3f} | {min(gains):+.3f} | "
-                 f"{spread(gains):.3f} ({std(gains):.3f}) | "
-                 f"{'yes' if mean(gains) > spread(gains) else 'no'} |")
+    for metric, (ib, ia) in (("greedy", (1, 2)), ("sampled", (6, 7))):
+      bs = [r[ib] for r in rs]
+      as_ = [r[ia] for r in rs]
+      gains = [a - b for b, a in zip(bs, as_)]
+      if all(math.isnan(g) for g in gains):
+        continue
+      lines.append(
+          f"| {model} | {metric} | {len(rs)} | {mean(bs):.3f} "
+          f"({spread(bs):.3f}) | {mean(as_):.3f} ({spread(as_):.3f}) | "
+          f"{mean(gains):+.3f} | {min(gains):+.3f} | "
+          f"{spread(gains):.3f} ({std(gains):.3f}) | "
+          f"{'yes' if mean(gains) > spread(gains) else 'no'} |")
   return lines, runs
 
 
@@ -148,7 +158,7 @@ def plot(runs: dict, ablation: dict, path: str) -> None:
   ax = axes[0][0]
   colours = {"dense": "tab:blue", "dsa": "tab:orange", "sparse": "tab:orange"}
   for model, rs in runs.items():
-    for seed, _, _, _, d, phase in sorted(rs):
+    for seed, _, _, _, d, phase, *_ in sorted(rs):
       rows = grpo_rows(d, phase)
       base = rows[0]["step"] if rows else 0
       st = [r for r in rows if "reward_mean" in r]
@@ -160,8 +170,13 @@ def plot(runs: dict, ablation: dict, path: str) -> None:
       ev = [r for r in rows if "eval_reward" in r]
       ax.plot([r["step"] - base for r in ev], [r["eval_reward"] for r in ev],
               "o", color=c, mfc="none" if ls == "--" else c)
+      ev = [r for r in rows if "eval_reward_sampled" in r]
+      ax.plot([r["step"] - base for r in ev],
+              [r["eval_reward_sampled"] for r in ev], "s", color=c,
+              mfc="none" if ls == "--" else c)
   ax.set(xlabel="grpo step", ylabel="reward (exact match)",
-         title="GRPO, 2-digit addition (markers: held-out greedy)")
+         title="GRPO, 2-digit addition (held-out: o greedy, "
+         "s sampled)")
   ax.legend(fontsize=7)
   if ablation:
     ax = axes[0][1]

@@ -25,10 +25,11 @@ def data_dir(tmp_path, monkeypatch):
 
 def test_variants_load_and_the_data_leaves_out_the_heldout_problems(
     data_dir):
-  for arg in ("both", "dense", "sparse", "ablate", "test"):
+  for arg in ("both", "dense", "sparse", "ablate", "grpo", "test"):
     cfg = grpo_arith.get_config(arg)
     grpo = [p for p in cfg.phases if p.kind == "grpo"]
     assert grpo and all(p.rl.eval_prompts > 0 for p in grpo)
+    assert all(p.rl.eval_samples > 0 for p in grpo)
     if arg in ("sparse", "ablate"):
       assert grpo[-1].rl.attention == "sparse"
       # top-k below the prompt (9 bytes) + completion length
@@ -56,9 +57,13 @@ def test_the_test_variant_runs_end_to_end(tmp_path):
     got = [r for r in rows if r["phase"] == phase]
     evals = [r["eval_reward"] for r in got if "eval_reward" in r]
     assert len(evals) == 2 and all(0 <= e <= 1 for e in evals), phase
+    sampled = [r["eval_reward_sampled"] for r in got
+               if "eval_reward_sampled" in r]
+    assert len(sampled) == 2 and all(0 <= e <= 1 for e in sampled), phase
     assert all(np.isfinite(r["loss"]) for r in got if "loss" in r)
   # The report reads the run (named like the experiment's runs).
   os.rename(tmp_path / "run", tmp_path / "both_s0")
   lines, runs = grpo_report.main_table(str(tmp_path))
   assert sorted(runs) == ["dense", "dsa"]
   assert any("| dsa | 0 |" in l for l in lines)
+  assert any("| dense | sampled | 1 |" in l for l in lines)
