@@ -116,7 +116,12 @@ def sampled_reward(reward_B: np.ndarray, n: int) -> tuple[float, float]:
   """(mean, standard error) of rewards of ``n`` samples per problem, rows
   problem-major: the SE is the std of the per-problem means over
   sqrt(problems) (0 with one problem)."""
-  per_O = np.asarray(reward_B, np.float64).reshape(-1, n).mean(axis=1)
+  return mean_se(np.asarray(reward_B, np.float64).reshape(-1, n).mean(axis=1))
+
+
+def mean_se(per_O: np.ndarray) -> tuple[float, float]:
+  """(mean, std / sqrt(O)) of per-problem values (SE 0 for one value)."""
+  per_O = np.asarray(per_O, np.float64)
   se = per_O.std(ddof=1) / np.sqrt(len(per_O)) if len(per_O) > 1 else 0.0
   return float(per_O.mean()), float(se)
 
@@ -258,13 +263,22 @@ class Stepper:
     out = {"eval_reward": float(np.mean(rewards.score(
         probs, np.asarray(ro.completion), 1, self.decode, rcfg.eos_id)))}
     if n:
-      rcfg = rollout_config(self.phase, self.tok, group_size=n)
-      ro = R.rollout(params, prompts_OT, heldout_key(self.cfg.seed),
-                     self.cfg.model, rcfg, self.mode)
-      mean, se = sampled_reward(rewards.score(
-          probs, np.asarray(ro.completion), n, self.decode, rcfg.eos_id), n)
+      mean, se = mean_se(self.sampled_per_problem(params))
       out.update(eval_reward_sampled=mean, eval_reward_sampled_se=se)
     return out
+
+  def sampled_per_problem(self, params) -> np.ndarray:
+    """f64 [O]: the mean reward of ``rl.eval_samples`` samples of each
+    held-out problem, drawn with ``heldout_key`` (eval_reward_sampled is
+    their mean)."""
+    probs, n = self.heldout_problems, self.phase.rl.eval_samples
+    rcfg = rollout_config(self.phase, self.tok, group_size=n)
+    ro = R.rollout(params, prompt_tokens(self.phase, self.tok, probs),
+                   heldout_key(self.cfg.seed), self.cfg.model, rcfg,
+                   self.mode)
+    reward_B = rewards.score(probs, np.asarray(ro.completion), n,
+                             self.decode, rcfg.eos_id)
+    return np.asarray(reward_B, np.float64).reshape(-1, n).mean(axis=1)
 
 
 def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
