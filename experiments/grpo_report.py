@@ -104,13 +104,14 @@ def main_table(root: str) -> tuple[list[str], dict]:
             "|---|---|---|---|---|---|---|---|---|"]
   for model, rs in runs.items():
     for metric, (ib, ia) in (("greedy", (1, 2)), ("sampled", (6, 7))):
-      bs = [r[ib] for r in rs]
-      as_ = [r[ia] for r in rs]
+      done = [r for r in rs if not math.isnan(r[ia])]  # finished runs only
+      bs = [r[ib] for r in done]
+      as_ = [r[ia] for r in done]
       gains = [a - b for b, a in zip(bs, as_)]
-      if all(math.isnan(g) for g in gains):
+      if not gains:
         continue
       lines.append(
-          f"| {model} | {metric} | {len(rs)} | {mean(bs):.3f} "
+          f"| {model} | {metric} | {len(done)} | {mean(bs):.3f} "
           f"({spread(bs):.3f}) | {mean(as_):.3f} ({spread(as_):.3f}) | "
           f"{mean(gains):+.3f} | {min(gains):+.3f} | "
           f"{spread(gains):.3f} ({std(gains):.3f}) | "
