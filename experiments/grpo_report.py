@@ -164,17 +164,18 @@ def plot(runs: dict, ablation: dict, path: str) -> None:
       base = rows[0]["step"] if rows else 0
       st = [r for r in rows if "reward_mean" in r]
       c = colours.get(model)
-      ls = "-" if seed == min(x[0] for x in rs) else "--"
+      order = sorted({x[0] for x in rs}).index(seed)
+      ls = ("-", "--", ":", "-.")[order % 4]
       ax.plot([r["step"] - base for r in st],
               smooth([r["reward_mean"] for r in st]), ls, color=c,
               label=f"{model} s{seed} rollout reward")
       ev = [r for r in rows if "eval_reward" in r]
       ax.plot([r["step"] - base for r in ev], [r["eval_reward"] for r in ev],
-              "o", color=c, mfc="none" if ls == "--" else c)
+              "o", color=c, mfc=c if order == 0 else "none")
       ev = [r for r in rows if "eval_reward_sampled" in r]
       ax.plot([r["step"] - base for r in ev],
               [r["eval_reward_sampled"] for r in ev], "s", color=c,
-              mfc="none" if ls == "--" else c)
+              mfc=c if order == 0 else "none")
   ax.set(xlabel="grpo step", ylabel="reward (exact match)",
          title="GRPO, 2-digit addition (held-out: o greedy, "
          "s sampled)")
