@@ -16,7 +16,9 @@ its range (max - min over seeds) and its standard deviation; with ``--ablation``
 row per sweep run (before, after, and the means over the phase's steps of
 reward, kl, clip_frac, masked_frac, mismatch). The PNG: the rollout reward
 per grpo step (a moving average of 5) of every run, the held-out rewards as
-markers (circles greedy, squares sampled).
+markers (circles greedy, squares sampled). With ``--paired LABEL=FILE``
+(outputs of experiments/grpo_heldout.py), a table of paired sampled gains
+and their standard errors.
 """
 from __future__ import annotations
 
@@ -146,6 +148,37 @@ def ablation_table(root: str) -> tuple[list[str], dict]:
   return lines, runs
 
 
+def paired_table(specs: list[str]) -> list[str]:
+  """The paired gains of experiments/grpo_heldout.py outputs, given as
+  LABEL=FILE (JSONL; in each seed and phase, the first line is the base):
+  per model, seed and label the base's sampled reward, the sampled gain
+  with its paired SE, and the greedy gain."""
+  import json  # pylint: disable=import-outside-toplevel
+  got: dict = {}
+  for spec in specs:
+    label, path = spec.split("=", 1)
+    with open(path, encoding="utf-8") as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+    base = {}
+    for r in rows:
+      key = (BOTH[r["phase"]], r["seed"])
+      if "sampled_gain" not in r:
+        base[key] = r
+        continue
+      b = base[key]
+      got.setdefault(key, []).append(
+          (label, b["eval_reward_sampled"], r["sampled_gain"],
+           r["sampled_gain_se"], r["eval_reward"] - b["eval_reward"]))
+  lines = ["| model | seed | run | sampled before | sampled gain (paired SE)"
+           " | gain / SE | greedy gain |", "|---|---|---|---|---|---|---|"]
+  for (model, seed), rs in sorted(got.items()):
+    for label, sb, g, se, gg in rs:
+      lines.append(f"| {model} | {seed} | {label} | {sb:.3f} | {g:+.3f} "
+                   f"({se:.3f}) | {g / se if se else math.nan:+.1f} | "
+                   f"{gg:+.3f} |")
+  return lines
+
+
 def smooth(xs: list[float], w: int = 5) -> list[float]:
   return [mean(xs[max(0, i - w + 1):i + 1]) for i in range(len(xs))]
 
@@ -199,6 +232,9 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("root", help="directory of the <model>_s<seed> runs")
   ap.add_argument("--ablation", default="", help="the sweep's directory")
+  ap.add_argument("--paired", action="append", default=[],
+                  metavar="LABEL=FILE",
+                  help="experiments/grpo_heldout.py output (repeatable)")
   ap.add_argument("--png", default=os.path.join(ROOT, "work", "grpo_arith",
                                                 "grpo_reward.png"))
   args = ap.parse_args(argv)
@@ -206,6 +242,8 @@ def main(argv=None) -> int:
   abl_lines, abl = ablation_table(args.ablation) if args.ablation else ([],
                                                                         {})
   print("\n".join(lines + ([""] + abl_lines if abl_lines else [])))
+  if args.paired:
+    print("\n" + "\n".join(paired_table(args.paired)))
   plot(runs, abl, args.png)
   print(f"\nreward curve: {args.png}")
   return 0
