@@ -67,3 +67,15 @@ def test_the_test_variant_runs_end_to_end(tmp_path):
   assert sorted(runs) == ["dense", "dsa"]
   assert any("| dsa | 0 |" in l for l in lines)
   assert any("| dense | sampled | 1 |" in l for l in lines)
+
+
+def test_the_paired_table_reads_grpo_heldout_output(tmp_path):
+  rows = [{"seed": 0, "phase": "grpo_sparse", "eval_reward": 0.25,
+           "eval_reward_sampled": 0.2},
+          {"seed": 0, "phase": "grpo_sparse", "eval_reward": 0.5,
+           "eval_reward_sampled": 0.3, "sampled_gain": 0.1,
+           "sampled_gain_se": 0.04}]
+  path = tmp_path / "h.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  lines = grpo_report.paired_table([f"rerun={path}"])
+  assert lines[-1] == "| dsa | 0 | rerun | 0.200 | +0.100 (0.040) | +2.5 | +0.250 |"
