@@ -15,6 +15,10 @@ but most groups of 8 samples hold a correct answer. Then:
           per seed
   dense   pretrain -> pretrain_more -> grpo;  sparse  pretrain ->
           pretrain_more -> warmup -> sparse -> grpo
+  grpo    grpo_dense and grpo_sparse alone, from copies of a ``both``
+          run's pretrain_more and sparse phases (``BASES``/s0; other
+          seeds: --set phases.grpo_dense.init_from=... and
+          phases.grpo_sparse.init_from=...)
   ablate  one sparse grpo phase (ABLATE_STEPS) from the seed-0 ``both``
           run's sparse phase (``ABLATE_FROM``): the stabiliser sweep's
           base, experiments/grpo_ablation.py
@@ -22,8 +26,9 @@ but most groups of 8 samples hold a correct answer. Then:
           (the smoke test, tests/test_grpo_experiment.py)
 
 Each grpo phase writes eval_reward (greedy answers to ``EVAL_PROMPTS``
-held-out problems) at its start and at its end: the before/after of the
-report. ``REVERSE`` (answers least significant digit
+held-out problems) and eval_reward_sampled (``EVAL_SAMPLES`` samples of
+each at the rollout temperature, the same sampling key every time) at its
+start and at its end: the before/after of the report. ``REVERSE`` (answers least significant digit
 first) is off: this model did not learn that format in 900 steps
 (docs/results/grpo_arith.md).
 
@@ -76,10 +81,17 @@ PRETRAIN_STEPS, PRETRAIN_MORE_STEPS = 600, 300
 # held-out reward; at 0.5 the samples are closer to the greedy answer.
 SAMPLE_TEMPERATURE = 0.5
 WARMUP_STEPS, SPARSE_STEPS, GRPO_STEPS = 60, 60, 150
+# eval_reward_sampled: 8 samples of each held-out problem at the rollout's
+# temperature (the policy's expected reward, what GRPO raises).
+EVAL_SAMPLES = 8
+# The grpo variant's bases: BASES/s<seed>/{pretrain_more,sparse}, copies of
+# a ``both`` run's phases/ (docs/results/grpo_arith.md, Reproduce).
+BASES = os.path.join(ROOT, "work", "grpo_bases")
 RL = RLConfig(task="arithmetic", digits=DIGITS, ops=OPS, reverse=REVERSE,
               prompts=16,
               group_size=8, max_new_tokens=5, temperature=SAMPLE_TEMPERATURE,
-              kl_coef=0.01, eval_prompts=EVAL_PROMPTS)
+              kl_coef=0.01, eval_prompts=EVAL_PROMPTS,
+              eval_samples=EVAL_SAMPLES)
 
 
 def heldout_lines(seeds=HELDOUT_SEEDS, n: int = EVAL_PROMPTS,
@@ -175,7 +187,7 @@ def phases(variant: str, pretrain: int, more: int, warmup: int, sparse: int,
 
 
 def get_config(arg=None) -> ExperimentConfig:
-  variants = ("both", "dense", "sparse", "ablate", "test")
+  variants = ("both", "dense", "sparse", "ablate", "grpo", "test")
   if arg not in variants:
     raise ConfigError(f"grpo_arith: ARG must be one of {variants}, "
                       f"got {arg!r}")
@@ -192,6 +204,12 @@ def get_config(arg=None) -> ExperimentConfig:
     ph = (PhaseConfig(name="grpo", kind="grpo", steps=ABLATE_STEPS,
                       optim=grpo_optim(ABLATE_STEPS), init_from=ABLATE_FROM,
                       rl=dataclasses.replace(RL, attention="sparse")),)
+  elif arg == "grpo":  # the two grpo phases of ``both``, from its bases
+    _, _, dense, _, _, sparse = phases("both", 0, 0, 0, 0, GRPO_STEPS)
+    base = os.path.join(BASES, "s0")  # --set ...init_from= for other seeds
+    ph = (dataclasses.replace(dense, init_from=os.path.join(
+              base, "pretrain_more")),
+          dataclasses.replace(sparse, init_from=os.path.join(base, "sparse")))
   else:
     ph = phases(arg, PRETRAIN_STEPS, PRETRAIN_MORE_STEPS, WARMUP_STEPS,
                 SPARSE_STEPS, GRPO_STEPS)

@@ -25,10 +25,11 @@ def data_dir(tmp_path, monkeypatch):
 
 def test_variants_load_and_the_data_leaves_out_the_heldout_problems(
     data_dir):
-  for arg in ("both", "dense", "sparse", "ablate", "test"):
+  for arg in ("both", "dense", "sparse", "ablate", "grpo", "test"):
     cfg = grpo_arith.get_config(arg)
     grpo = [p for p in cfg.phases if p.kind == "grpo"]
     assert grpo and all(p.rl.eval_prompts > 0 for p in grpo)
+    assert all(p.rl.eval_samples > 0 for p in grpo)
     if arg in ("sparse", "ablate"):
       assert grpo[-1].rl.attention == "sparse"
       # top-k below the prompt (9 bytes) + completion length
@@ -56,9 +57,25 @@ def test_the_test_variant_runs_end_to_end(tmp_path):
     got = [r for r in rows if r["phase"] == phase]
     evals = [r["eval_reward"] for r in got if "eval_reward" in r]
     assert len(evals) == 2 and all(0 <= e <= 1 for e in evals), phase
+    sampled = [r["eval_reward_sampled"] for r in got
+               if "eval_reward_sampled" in r]
+    assert len(sampled) == 2 and all(0 <= e <= 1 for e in sampled), phase
     assert all(np.isfinite(r["loss"]) for r in got if "loss" in r)
   # The report reads the run (named like the experiment's runs).
   os.rename(tmp_path / "run", tmp_path / "both_s0")
   lines, runs = grpo_report.main_table(str(tmp_path))
   assert sorted(runs) == ["dense", "dsa"]
   assert any("| dsa | 0 |" in l for l in lines)
+  assert any("| dense | sampled | 1 |" in l for l in lines)
+
+
+def test_the_paired_table_reads_grpo_heldout_output(tmp_path):
+  rows = [{"seed": 0, "phase": "grpo_sparse", "eval_reward": 0.25,
+           "eval_reward_sampled": 0.2},
+          {"seed": 0, "phase": "grpo_sparse", "eval_reward": 0.5,
+           "eval_reward_sampled": 0.3, "sampled_gain": 0.1,
+           "sampled_gain_se": 0.04}]
+  path = tmp_path / "h.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  lines = grpo_report.paired_table([f"rerun={path}"])
+  assert lines[-1] == "| dsa | 0 | rerun | 0.200 | +0.100 (0.040) | +2.5 | +0.250 |"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny
-from dsax import metrics, train
+from dsax import metrics, model, train
 from dsax import sharding as S
 from dsax.config import (ConfigError, DataConfig, EvalConfig,
                          ExperimentConfig, MoEConfig, OptimConfig,
@@ -156,3 +156,74 @@ def test_a_grpo_phase_resumes_from_its_checkpoint_identically(tmp_path,
     for k in ("loss", "kl", "reward_mean", "mismatch", "grad_norm"):
       assert rows["a"][s][k] == rows["b"][s][k], (s, k)
   assert rows["a"][3]["kl"] > 0
+
+
+def parity_reward(problems, completions_BT, group_size, decode, eos_id=-1):
+  """Reward 1 when the first completion token has the parity of its
+  problem's index: a reward that reads the samples and differs between
+  problems, whose expectation is a sum of known probabilities."""
+  del problems, decode, eos_id
+  first_B = np.asarray(completions_BT)[:, 0]
+  o_B = np.arange(len(first_B)) // group_size
+  return ((first_B + o_B) % 2 == 0).astype(np.float32)
+
+
+def heldout_stepper(rl):
+  cfg = rl_cfg(rl=rl)
+  phase = cfg.phases[0]
+  mesh = S.make_mesh(cfg.mesh)
+  params = train.init_params(cfg, mesh)
+  state, frozen, _, _ = train.init_state(cfg, phase, params, mesh)
+  stepper = trainer.Stepper(cfg, phase, Tokenizer("bytes"),
+                            trainer.reference_copy(params,
+                                                   state["trainable"]))
+  return cfg, params, stepper, state, frozen
+
+
+def test_sampled_heldout_reward_at_temperature_zero_is_the_greedy_one(
+    monkeypatch):
+  monkeypatch.setattr(trainer.rewards, "score", parity_reward)
+  rl = dataclasses.replace(RL, temperature=0.0, eval_prompts=6,
+                           eval_samples=3)
+  *_, stepper, state, frozen = heldout_stepper(rl)
+  ev = stepper.heldout(state, frozen)
+  assert 0 < ev["eval_reward"] < 1  # the reward tells prompts apart
+  assert ev["eval_reward_sampled"] == ev["eval_reward"]
+  assert ev["eval_reward_sampled_se"] > 0
+
+
+def test_sampled_heldout_reward_estimates_the_policy_expectation(monkeypatch):
+  """Temperature 1.3, top-16, one new token: E[reward] = the kept,
+  renormalised probability of the tokens of problem o's parity after
+  prompt o, from
+  model.forward; the estimate is within 4 standard errors of it, and a
+  second evaluation (the fixed key) repeats it exactly."""
+  monkeypatch.setattr(trainer.rewards, "score", parity_reward)
+  rl = dataclasses.replace(RL, temperature=1.3, top_k=16, max_new_tokens=1,
+                           eval_prompts=8, eval_samples=200)
+  cfg, params, stepper, state, frozen = heldout_stepper(rl)
+  ev = stepper.heldout(state, frozen)
+  prompts_OT = trainer.prompt_tokens(cfg.phases[0], stepper.tok,
+                                     stepper.heldout_problems)
+  logits_OV = np.asarray(model.forward(params, prompts_OT, cfg.model)[0],
+                         np.float64)[:, -1] / 1.3
+  kth_O = np.sort(logits_OV, axis=-1)[:, -16]
+  p_OV = np.where(logits_OV >= kth_O[:, None], np.exp(logits_OV), 0.0)
+  p_OV /= p_OV.sum(-1, keepdims=True)
+  p_O = np.array([p_OV[o, o % 2::2].sum() for o in range(len(p_OV))])
+  exact = p_O.mean()
+  assert 0.1 < exact < 0.9
+  # The sampling noise on these 8 problems (binomial, 200 samples each);
+  # the reported SE (over problems) also holds the problems' spread.
+  se_c = np.sqrt(np.mean(p_O * (1 - p_O)) / p_O.size / 200)
+  assert abs(ev["eval_reward_sampled"] - exact) < 4 * se_c, (ev, exact)
+  assert ev["eval_reward_sampled_se"] > se_c
+  assert stepper.heldout(state, frozen) == ev
+  # per-problem means 0.5 and 1: mean 0.75, SE std([0.5, 1]) / sqrt(2)
+  assert trainer.sampled_reward(np.array([1, 0, 1, 1.]), 2) == (0.75, 0.25)
+
+
+def test_eval_samples_is_checked():
+  with pytest.raises(ConfigError, match=r"phases.rl.rl.eval_samples must "
+                     r"be >= 0, got -1"):
+    override(rl_cfg(), ["phases.rl.rl.eval_samples=-1"])

@@ -232,7 +232,9 @@ class RLConfig:
   the previous phase's), frozen. The five stabilisers are switches
   (dsax.rl.grpo.GRPOConfig). ``eval_prompts`` held-out problems are
   answered greedily at the phase's start, every ``eval.every`` steps and at
-  its end (``eval_reward``)."""
+  its end (``eval_reward``); with ``eval_samples`` > 0 each is also sampled
+  that many times as the rollouts are, with a fixed key
+  (``eval_reward_sampled``: the policy's expected reward)."""
   task: str = "arithmetic"     # "arithmetic" | a dsax.tasks.TASKS name
   digits: int = 2              # arithmetic: d-digit operands
   ops: str = "+"               # arithmetic: operators drawn from "+-*"
@@ -257,6 +259,9 @@ class RLConfig:
   keep_sampling_mask: bool = True
   index_replay: bool = True
   eval_prompts: int = 0        # held-out problems (0: no eval_reward)
+  eval_samples: int = 0        # samples per held-out problem at the rollout's
+                               # temperature/top_k/top_p (eval_reward_sampled;
+                               # 0: off)
 
 
 @dataclasses.dataclass(frozen=True)

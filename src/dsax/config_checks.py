@@ -195,7 +195,7 @@ def rl(r: Any, key: str) -> None:
     raise ConfigError(f"{key}.ops={r.ops!r} must be drawn from '+-*'")
   for name, low in (("digits", 1), ("length", 1), ("prompts", 1),
                     ("max_new_tokens", 1), ("epochs", 1), ("top_k", 0),
-                    ("eval_prompts", 0)):
+                    ("eval_prompts", 0), ("eval_samples", 0)):
     if getattr(r, name) < low:
       raise ConfigError(f"{key}.{name} must be >= {low}, "
                         f"got {getattr(r, name)}")

@@ -26,7 +26,14 @@ ratio, masked_frac (means over the step's updates), mismatch (the first
 update's mean |log pi_old - log pi_theta|: the train/rollout mismatch),
 grad_norm, lr (first update), samples_per_s; eval_reward: the held-out
 reward (``rl.eval_prompts`` problems from a separate stream, answered
-greedily) at the phase's start, every ``eval.every`` steps and at its end.
+greedily) at the phase's start, every ``eval.every`` steps and at its end;
+with ``rl.eval_samples`` = n > 0, also eval_reward_sampled: the mean reward
+of n samples per held-out problem drawn as the rollouts are (temperature,
+top-k, top-p), i.e. an estimate of the policy's expected reward, the
+quantity GRPO raises, and eval_reward_sampled_se, its standard error (the
+std of the per-problem means / sqrt(problems)). Its key is fixed
+(``heldout_key``), so every evaluation of a phase draws with the same
+seeds: before and after differ by the policy only.
 The optimizer's schedule runs over steps x epochs updates.
 
 Gaps: one process (the rollout and the updates are jitted without explicit
@@ -61,7 +68,8 @@ from dsax.rl import rollout as R
 log = logging.getLogger("dsax")
 
 HELDOUT_STREAM = 1 << 30  # the held-out problems' seed, far from any step
-SHOWN = ("reward_mean", "kl", "clip_frac", "response_len", "eval_reward")
+SHOWN = ("reward_mean", "kl", "clip_frac", "response_len", "eval_reward",
+         "eval_reward_sampled")
 # train's loop helpers, so both loops stop, report and resume alike.
 _Signals, _check_finite, _phase_init = (  # pylint: disable=protected-access
     train._Signals, train._check_finite, train._phase_init)
@@ -82,18 +90,40 @@ def sampling_config(phase: PhaseConfig) -> sampling.SamplingConfig:
   return sampling.SamplingConfig(r.temperature, r.top_k, r.top_p)
 
 
-def rollout_config(phase: PhaseConfig, tok, greedy: bool = False
-                   ) -> R.RolloutConfig:
+def rollout_config(phase: PhaseConfig, tok, greedy: bool = False,
+                   group_size: int | None = None) -> R.RolloutConfig:
   """Samples of a phase; ``greedy``: one greedy answer per prompt (the
-  held-out reward). EOS is the newline token (the reward reads the first
+  held-out reward); ``group_size``: samples per prompt (default
+  ``rl.group_size``). EOS is the newline token (the reward reads the first
   line) when it is one token; padding is token 0."""
   r = phase.rl
   nl = tok.encode("\n")
   scfg = sampling.SamplingConfig(0.0) if greedy else sampling_config(phase)
-  return R.RolloutConfig(group_size=1 if greedy else r.group_size,
+  g = 1 if greedy else (r.group_size if group_size is None else group_size)
+  return R.RolloutConfig(group_size=g,
                          max_new_tokens=r.max_new_tokens,
                          eos_id=nl[0] if len(nl) == 1 else -1, pad_id=0,
                          sampling=scfg)
+
+
+def heldout_key(seed: int) -> jax.Array:
+  """The sampling key of eval_reward_sampled: one per run seed, the same at
+  every evaluation."""
+  return jax.random.fold_in(jax.random.PRNGKey(seed), HELDOUT_STREAM)
+
+
+def sampled_reward(reward_B: np.ndarray, n: int) -> tuple[float, float]:
+  """(mean, standard error) of rewards of ``n`` samples per problem, rows
+  problem-major: the SE is the std of the per-problem means over
+  sqrt(problems) (0 with one problem)."""
+  return mean_se(np.asarray(reward_B, np.float64).reshape(-1, n).mean(axis=1))
+
+
+def mean_se(per_O: np.ndarray) -> tuple[float, float]:
+  """(mean, std / sqrt(O)) of per-problem values (SE 0 for one value)."""
+  per_O = np.asarray(per_O, np.float64)
+  se = per_O.std(ddof=1) / np.sqrt(len(per_O)) if len(per_O) > 1 else 0.0
+  return float(per_O.mean()), float(se)
 
 
 def attention_mode(cfg: ExperimentConfig, phase: PhaseConfig) -> AttentionMode:
@@ -170,7 +200,8 @@ def reference_copy(ref: Any, trainable: dict[str, Any]) -> dict[str, Any]:
 
 class Stepper:
   """One grpo step (module docstring): ``step(state, frozen, s)`` ->
-  (state, metrics as floats); ``heldout(state, frozen)`` -> mean reward."""
+  (state, metrics as floats); ``heldout(state, frozen)`` -> the held-out
+  metrics (eval_reward, eval_reward_sampled and its _se)."""
 
   def __init__(self, cfg: ExperimentConfig, phase: PhaseConfig, tok,
                ref_flat: dict[str, Any]):
@@ -219,15 +250,35 @@ class Stepper:
                                                 1e-9)
     return state, vals
 
-  def heldout(self, state, frozen) -> float:
-    """Mean reward of greedy answers to the held-out problems."""
-    probs = self.heldout_problems
+  def heldout(self, state, frozen) -> dict[str, float]:
+    """eval_reward: the mean reward of greedy answers to the held-out
+    problems; with ``rl.eval_samples`` = n, eval_reward_sampled (and _se):
+    that of n samples each, drawn with ``heldout_key``."""
+    probs, n = self.heldout_problems, self.phase.rl.eval_samples
     params = train.unflatten({**frozen, **state["trainable"]})
+    prompts_OT = prompt_tokens(self.phase, self.tok, probs)
     rcfg = rollout_config(self.phase, self.tok, greedy=True)
+    ro = R.rollout(params, prompts_OT, self.key, self.cfg.model, rcfg,
+                   self.mode)
+    out = {"eval_reward": float(np.mean(rewards.score(
+        probs, np.asarray(ro.completion), 1, self.decode, rcfg.eos_id)))}
+    if n:
+      mean, se = mean_se(self.sampled_per_problem(params))
+      out.update(eval_reward_sampled=mean, eval_reward_sampled_se=se)
+    return out
+
+  def sampled_per_problem(self, params) -> np.ndarray:
+    """f64 [O]: the mean reward of ``rl.eval_samples`` samples of each
+    held-out problem, drawn with ``heldout_key`` (eval_reward_sampled is
+    their mean)."""
+    probs, n = self.heldout_problems, self.phase.rl.eval_samples
+    rcfg = rollout_config(self.phase, self.tok, group_size=n)
     ro = R.rollout(params, prompt_tokens(self.phase, self.tok, probs),
-                   self.key, self.cfg.model, rcfg, self.mode)
-    return float(np.mean(rewards.score(probs, np.asarray(ro.completion), 1,
-                                       self.decode, rcfg.eos_id)))
+                   heldout_key(self.cfg.seed), self.cfg.model, rcfg,
+                   self.mode)
+    reward_B = rewards.score(probs, np.asarray(ro.completion), n,
+                             self.decode, rcfg.eos_id)
+    return np.asarray(reward_B, np.float64).reshape(-1, n).mean(axis=1)
 
 
 def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
@@ -256,7 +307,7 @@ def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
     due = s in (0, phase.steps) or (cfg.eval.every and s % cfg.eval.every == 0)
     if not (due and phase.rl.eval_prompts and S.is_primary()):
       return {}
-    return {"eval_reward": stepper.heldout(state, frozen)}
+    return stepper.heldout(state, frozen)
 
   def save(s):
     meta.update(phase_step=s)
