@@ -52,6 +52,23 @@ def test_arithmetic_reversed():
   assert rewards.spell(7, True) == "7" and rewards.spell(120) == "120"
 
 
+def test_digit_max():
+  rng = np.random.default_rng(5)
+  probs = [rewards.digit_max(rng, digits=6) for _ in range(200)]
+  assert {len(p.prompt) for p in probs} == {len("M: 123456=")}
+  for p in probs:
+    s = p.prompt[3:-1]
+    assert p.prompt == f"M: {s}=" and len(s) == 6 and s.isdigit()
+    assert p.data["answer"] == " " + max(s)
+    assert p.score(" " + max(s) + "\nM: 1") == 1.0
+    if min(s) != max(s):
+      assert p.score(" " + min(s)) == 0.0
+    assert p.score(" " + max(s) + "0") == 0.0
+  assert {p.data["answer"] for p in probs} >= {" 9", " 8", " 7"}
+  with pytest.raises(ValueError, match="digits"):
+    rewards.digit_max(rng, digits=0)
+
+
 def test_passkey_exact_match():
   p = rewards.retrieval(np.random.default_rng(1), "passkey", 400,
                         count_bytes)

@@ -235,8 +235,10 @@ class RLConfig:
   its end (``eval_reward``); with ``eval_samples`` > 0 each is also sampled
   that many times as the rollouts are, with a fixed key
   (``eval_reward_sampled``: the policy's expected reward)."""
-  task: str = "arithmetic"     # "arithmetic" | a dsax.tasks.TASKS name
-  digits: int = 2              # arithmetic: d-digit operands
+  task: str = "arithmetic"     # "arithmetic" | "digit_max" | a
+                               # dsax.tasks.TASKS name
+  digits: int = 2              # arithmetic: d-digit operands; digit_max:
+                               # digits in the string
   ops: str = "+"               # arithmetic: operators drawn from "+-*"
   reverse: bool = False        # arithmetic: answers least significant first
   length: int = 256            # retrieval: tokens per example

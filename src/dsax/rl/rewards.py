@@ -10,6 +10,8 @@ its reward. Generators:
               length in any tokenizer that spells digits alike); reward
               ``exact_match`` of the completion's first line. ``reverse``:
               the answer's digits least significant first (" 958").
+  digit_max   "M: 382719=" -> " 9" : the largest of d uniform random
+              digits; reward ``exact_match``.
   retrieval   a ``dsax.tasks`` example (passkey, MQAR, ...) at a target
               length: long-context RL on the DSA model. passkey is scored
               by ``dsax.tasks.score`` (exact match); MQAR by the exact
@@ -84,6 +86,18 @@ def arithmetic(rng: np.random.Generator, digits: int = 2,
   prompt = f"Q: {a:0{digits}d}{op}{b:0{digits}d}="
   answer = " " + spell(OPS[op](a, b), reverse)
   return Problem(prompt, {"task": "arithmetic", "answer": answer},
+                 exact_match)
+
+
+def digit_max(rng: np.random.Generator, digits: int = 6) -> Problem:
+  """``M: <s>=`` with ``s`` a string of ``digits`` uniform decimal digits;
+  the answer is the largest of them (every prompt of one setting has the
+  same length)."""
+  if digits < 1:
+    raise ValueError(f"digit_max digits must be >= 1, got {digits}")
+  d = rng.integers(0, 10, digits)
+  return Problem(f"M: {''.join(str(int(x)) for x in d)}=",
+                 {"task": "digit_max", "answer": f" {int(d.max())}"},
                  exact_match)
 
 

@@ -137,15 +137,21 @@ def problems(phase: PhaseConfig, tok, rng: np.random.Generator,
   if r.task == "arithmetic":
     return [rewards.arithmetic(rng, r.digits, r.ops, r.reverse)
             for _ in range(n)]
+  if r.task == "digit_max":
+    return [rewards.digit_max(rng, r.digits) for _ in range(n)]
   count = lambda text: len(tok.encode(text))  # noqa: E731
   return [rewards.retrieval(rng, r.task, r.length, count) for _ in range(n)]
+
+
+# Tasks whose prompts of one setting all have one length (no padding to 64).
+SHORT_TASKS = ("arithmetic", "digit_max")
 
 
 def prompt_tokens(phase: PhaseConfig, tok, probs) -> jax.Array:
   """int32 [O, P], left-padded with token 0 (retrieval: P a multiple of
   64, so prompts of varying length share few compiled programs)."""
   out_OT = rewards.batch_prompts([tok.encode(p.prompt) for p in probs], 0)
-  if phase.rl.task != "arithmetic":
+  if phase.rl.task not in SHORT_TASKS:
     pad = -out_OT.shape[1] % 64
     out_OT = np.pad(out_OT, ((0, 0), (pad, 0)))
   return jnp.asarray(out_OT)
