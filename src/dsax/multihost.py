@@ -2,7 +2,7 @@
 
 Stopping. A SIGTERM or Ctrl-C reaches one process, or all of them at
 different moments. Each process's signal handler only sets a local flag
-(``train._Signals``); ``StopVote`` turns the flags into one decision: after
+(``Signals``); ``StopVote`` turns the flags into one decision: after
 every train step each process dispatches a tiny jitted max over one value per
 device (its flag on each of its devices), and reads the result one step later,
 so the host never waits for the step. Every process reads the same value of
@@ -33,6 +33,8 @@ them in full when listing (``data.load_documents``), and says so.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from typing import Any, Callable, Sequence
 
 import jax
@@ -232,3 +234,43 @@ class TrainStream:
           "processes and mesh batch axes that saved it")
     self._it.set_state(state["streams"][self.group] if "streams" in state
                        else state)
+
+
+class Signals:
+  """Turns SIGTERM and SIGINT into a flag the loop checks between steps (with
+  several processes, through a multihost.StopVote); a second signal acts as
+  if none were caught (stops at once)."""
+
+  def __init__(self):
+    self.caught: int | None = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.caught is not None:
+      self.__exit__()
+      os.kill(os.getpid(), signum)
+      return
+    self.caught = signum
+    log.warning("%s: saving at the end of this step (again to stop at once)",
+                self.name)
+
+  @property
+  def name(self) -> str:
+    """The signal caught here, or what stopped another process."""
+    if self.caught is None:
+      return "a signal to another process"
+    return signal.Signals(self.caught).name
+
+  def vote(self, mesh) -> StopVote:
+    return StopVote(mesh, lambda: self.caught is not None)
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    self._old = {}

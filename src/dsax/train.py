@@ -41,7 +41,6 @@ import functools
 import logging
 import os
 import re
-import signal
 import time
 from typing import Any, Callable
 
@@ -353,46 +352,6 @@ def init_state(cfg: ExperimentConfig, phase: PhaseConfig, params: Any, mesh,
 # --------------------------------------------------------------- the loop
 
 
-class _Signals:
-  """Turns SIGTERM and SIGINT into a flag the loop checks between steps (with
-  several processes, through a multihost.StopVote); a second signal acts as
-  if none were caught (stops at once)."""
-
-  def __init__(self):
-    self.caught: int | None = None
-    self._old = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._old[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.caught is not None:
-      self.__exit__()
-      os.kill(os.getpid(), signum)
-      return
-    self.caught = signum
-    log.warning("%s: saving at the end of this step (again to stop at once)",
-                self.name)
-
-  @property
-  def name(self) -> str:
-    """The signal caught here, or what stopped another process."""
-    if self.caught is None:
-      return "a signal to another process"
-    return signal.Signals(self.caught).name
-
-  def vote(self, mesh) -> multihost.StopVote:
-    return multihost.StopVote(mesh, lambda: self.caught is not None)
-
-  def __exit__(self, *exc):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
-    self._old = {}
-
-
 def _check_finite(phase: PhaseConfig, step: int, out: dict[str, Any],
                   kept: Callable[[], str]) -> dict[str, float]:
   vals = {k: float(v) for k, v in out.items()}
@@ -407,7 +366,7 @@ def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
               data_iter, ckpts: checkpoint.RunCheckpoints, meta: dict,
               writer, evaluate: Callable[[Any, str], dict] | None,
               start_step: int = 0, state: Any = None, mesh=None,
-              sigs: _Signals | None = None) -> Any:
+              sigs: multihost.Signals | None = None) -> Any:
   """Trains one phase from ``params`` (or a restored ``state``); returns the
   phase's final parameters. ``meta["global_base"]`` is the global step of
   the phase's step 0. A signal (``sigs``, else caught here) to any process
@@ -443,7 +402,7 @@ def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
     return ckpts.save(base + s, state, data_iter.get_state(), meta)
 
   last_vals: dict[str, float] = {}
-  with contextlib.nullcontext(sigs) if sigs else _Signals() as sigs:
+  with contextlib.nullcontext(sigs) if sigs else multihost.Signals() as sigs:
     stop = sigs.vote(mesh)
     for s in range(start_step + 1, phase.steps + 1):
       batch = next(data_iter)  # multihost.TrainStream: global arrays
@@ -571,7 +530,7 @@ def _run(cfg: ExperimentConfig, workdir: str) -> dict:
              meta["phase"], meta["phase_step"])
   params = None
   try:
-    with _Signals() as sigs:
+    with multihost.Signals() as sigs:
       for phase in cfg.phases:
         if phase.name in meta["done"]:
           continue

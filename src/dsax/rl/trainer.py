@@ -59,7 +59,7 @@ import optax
 import tqdm
 
 from dsax import sharding as S
-from dsax import train
+from dsax import multihost, train
 from dsax.attention import AttentionMode
 from dsax.config import ExperimentConfig, PhaseConfig
 from dsax.rl import grpo, policy, rewards, sampling
@@ -71,8 +71,8 @@ HELDOUT_STREAM = 1 << 30  # the held-out problems' seed, far from any step
 SHOWN = ("reward_mean", "kl", "clip_frac", "response_len", "eval_reward",
          "eval_reward_sampled")
 # train's loop helpers, so both loops stop, report and resume alike.
-_Signals, _check_finite, _phase_init = (  # pylint: disable=protected-access
-    train._Signals, train._check_finite, train._phase_init)
+_check_finite, _phase_init = (  # pylint: disable=protected-access
+    train._check_finite, train._phase_init)
 
 
 def grpo_config(phase: PhaseConfig) -> grpo.GRPOConfig:
@@ -323,7 +323,7 @@ def run_phase(cfg: ExperimentConfig, phase: PhaseConfig, params: Any,
     writer.write(phase.name, base, ev)
     shown.update(ev)
   vals: dict[str, float] = {}
-  with contextlib.nullcontext(sigs) if sigs else _Signals() as sigs:
+  with contextlib.nullcontext(sigs) if sigs else multihost.Signals() as sigs:
     stop = sigs.vote(mesh)  # several processes: all stop at the same step
     for s in range(start_step + 1, phase.steps + 1):
       state, vals = stepper.step(state, frozen, base + s)
