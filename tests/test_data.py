@@ -13,7 +13,7 @@ import string
 import numpy as np
 import pytest
 
-from dsax import data
+from dsax import data, documents
 from dsax import tokenizer as tokenizer_lib
 from dsax.config import ConfigError, DataConfig
 from dsax.tokenizer import Tokenizer
@@ -243,15 +243,15 @@ def digest(batches):
 
 @pytest.fixture
 def reads(monkeypatch):
-  """The paths whose text is read (data._read_text), in order."""
+  """The paths whose text is read (documents.read_text), in order."""
   seen = []
-  real = data._read_text
+  real = documents.read_text
 
   def record(path):
     seen.append(path)
     return real(path)
 
-  monkeypatch.setattr(data, "_read_text", record)
+  monkeypatch.setattr(documents, "read_text", record)
   return seen
 
 

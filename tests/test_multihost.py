@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import pytest
 
-from dsax import data, metrics, multihost, train
+from dsax import data, documents, metrics, multihost, train
 from dsax import params as P
 from dsax import sharding as S
 from dsax.config import ConfigError, DataConfig, MeshConfig
@@ -130,14 +130,14 @@ def test_each_share_reads_only_its_files(tmp_path, reads):
 def worker_reads(out_dir, port, pid, corpus_glob):
   """One of two processes: multihost.prepare with a BPE tokenizer, this
   process's stream for 30 batches and, on process 0, the held-out batches,
-  recording the files read (data._read_text) after each; writes
+  recording the files read (documents.read_text) after each; writes
   reads<pid>.json."""
   import logging  # pylint: disable=import-outside-toplevel
   logging.basicConfig(level=logging.INFO, force=True)
   S.init_distributed(f"localhost:{port}", 2, int(pid))
   seen = []
-  real = data._read_text
-  data._read_text = lambda path: seen.append(path) or real(path)
+  real = documents.read_text
+  documents.read_text = lambda path: seen.append(path) or real(path)
   cfg = _reads_config(corpus_glob)
   tok, train_docs, val = multihost.prepare(cfg, None)
   out = {"prepare": list(seen), "train": train_docs.paths(),
