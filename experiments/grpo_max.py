@@ -19,11 +19,11 @@ Chain, per seed (``--set seed=S --set data.seed=S``; each seed pretrains
 its own base):
 
   both    pretrain -> grpo_dense (dense attention); from the same
-          pretrained parameters warmup (indexer only) -> sparse (top-8
-          attention, all parameters) -> grpo_sparse (top-8 DSA sampling and
+          pretrained parameters warmup (indexer only) -> sparse (top-4
+          attention, all parameters) -> grpo_sparse (top-4 DSA sampling and
           training, index replay on). Prompts are 10 bytes, so the answer
-          token attends to 8 of 11 keys: the indexer must keep the largest
-          digit.
+          digit's query sees 4 of its 11 keys, fewer than the 6 digits: the
+          indexer has to keep the large ones.
   test    the same chain with a handful of steps on a width-32 model (the
           smoke test, tests/test_grpo_max.py)
 
@@ -37,7 +37,7 @@ Each grpo phase writes eval_reward (greedy) and eval_reward_sampled
 (``EVAL_SAMPLES`` samples of each held-out prompt at the rollout
 temperature, one fixed key) at its start, every ``eval.every`` steps and at
 its end. Model: as grpo_arith.py (byte-level MLA, width 96, 2 layers, 4
-heads, indexer 4 x 32, top-8).
+heads, indexer 4 x 32) with top-4 selection.
 """
 from __future__ import annotations
 
@@ -61,7 +61,10 @@ MAX_SHARE = 0.25
 TRAIN_PROBLEMS = 40000
 EVAL_PROMPTS = 256
 HELDOUT_SEEDS = (0, 1, 2, 3)
-PRETRAIN_STEPS, WARMUP_STEPS, SPARSE_STEPS, GRPO_STEPS = 1000, 60, 60, 100
+PRETRAIN_STEPS, WARMUP_STEPS, SPARSE_STEPS, GRPO_STEPS = 1000, 60, 60, 200
+# Keys each DSA query attends to: fewer than the digits, so the indexer has
+# to keep the large ones.
+TOPK = 4
 GRPO_LR, GRPO_WARMUP = 3e-4, 10
 EVAL_SAMPLES = 8
 RL = RLConfig(task="digit_max", digits=DIGITS, prompts=16,
@@ -134,6 +137,13 @@ def phases(pretrain: int, warmup: int, sparse: int, grpo: int,
   )
 
 
+def model_config(d_model: int):
+  """grpo_arith's model with a top-``TOPK`` indexer."""
+  cfg = grpo_arith.model_config(d_model)
+  return dataclasses.replace(
+      cfg, indexer=dataclasses.replace(cfg.indexer, topk=TOPK))
+
+
 def get_config(arg=None) -> ExperimentConfig:
   variants = ("both", "test")
   if arg not in variants:
@@ -151,8 +161,7 @@ def get_config(arg=None) -> ExperimentConfig:
   else:
     ph = phases(PRETRAIN_STEPS, WARMUP_STEPS, SPARSE_STEPS, GRPO_STEPS)
   return ExperimentConfig(
-      name=f"grpo_max_{arg}", model=grpo_arith.model_config(
-          32 if test else 96),
+      name=f"grpo_max_{arg}", model=model_config(32 if test else 96),
       data=data, phases=ph, eval=EvalConfig(every=0 if test else 25, batches=1,
                                             final_batches=1),
       log_every=1 if test else 5, save_every=0, compare=False)

@@ -1,7 +1,10 @@
-"""The GRPO experiment's table and reward curve (experiments/grpo_arith.py).
+"""The GRPO experiments' tables and reward curves (experiments/grpo_arith.py,
+experiments/grpo_max.py).
 
   python experiments/grpo_report.py work/grpo_arith \\
       [--ablation work/grpo_ablation] [--png docs/results/grpo_arith.png]
+  python experiments/grpo_report.py work/grpo_max --task "largest of 6 digits" \\
+      --png docs/results/grpo_max.png
 
 Reads each run directory's metrics.jsonl (runs named both_s<seed> or
 grpo_s<seed>: the phases grpo_dense and grpo_sparse are the dense and the
@@ -183,7 +186,8 @@ def smooth(xs: list[float], w: int = 5) -> list[float]:
   return [mean(xs[max(0, i - w + 1):i + 1]) for i in range(len(xs))]
 
 
-def plot(runs: dict, ablation: dict, path: str) -> None:
+def plot(runs: dict, ablation: dict, path: str,
+         task: str = "2-digit addition") -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -210,8 +214,7 @@ def plot(runs: dict, ablation: dict, path: str) -> None:
               [r["eval_reward_sampled"] for r in ev], "s", color=c,
               mfc=c if order == 0 else "none")
   ax.set(xlabel="grpo step", ylabel="reward (exact match)",
-         title="GRPO, 2-digit addition (held-out: o greedy, "
-         "s sampled)")
+         title=f"GRPO, {task} (held-out: o greedy, s sampled)")
   ax.legend(fontsize=7)
   if ablation:
     ax = axes[0][1]
@@ -237,6 +240,8 @@ def main(argv=None) -> int:
                   help="experiments/grpo_heldout.py output (repeatable)")
   ap.add_argument("--png", default=os.path.join(ROOT, "work", "grpo_arith",
                                                 "grpo_reward.png"))
+  ap.add_argument("--task", default="2-digit addition",
+                  help="the task's name in the plot's title")
   args = ap.parse_args(argv)
   lines, runs = main_table(args.root)
   abl_lines, abl = ablation_table(args.ablation) if args.ablation else ([],
@@ -244,7 +249,7 @@ def main(argv=None) -> int:
   print("\n".join(lines + ([""] + abl_lines if abl_lines else [])))
   if args.paired:
     print("\n" + "\n".join(paired_table(args.paired)))
-  plot(runs, abl, args.png)
+  plot(runs, abl, args.png, args.task)
   print(f"\nreward curve: {args.png}")
   return 0
 

@@ -14,7 +14,7 @@ from dsax import metrics, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from experiments import grpo_max  # noqa: E402  pylint: disable=wrong-import-position
+from experiments import grpo_max, grpo_max_answers  # noqa: E402  pylint: disable=wrong-import-position
 
 
 @pytest.fixture(autouse=True)
@@ -29,8 +29,8 @@ def test_config_and_data_file(data_dir):
   assert [p.rl.attention for p in grpo] == ["dense", "sparse"]
   assert all(p.rl.task == "digit_max" and p.rl.eval_samples > 0
              for p in grpo)
-  # top-k below the prompt (10 bytes) + answer: real sparsity
-  assert cfg.model.indexer.topk < 10 + 1
+  # top-k below the 6 digits: the indexer has to choose among them
+  assert cfg.model.indexer.topk < grpo_max.DIGITS
   with pytest.raises(Exception, match="ARG must be one of"):
     grpo_max.get_config("dense")
   path = grpo_max.data_file(2000)
@@ -60,3 +60,17 @@ def test_the_test_chain_runs_end_to_end(tmp_path):
     evals = [r["eval_reward"] for r in got if "eval_reward" in r]
     assert len(evals) == 2 and all(0 <= e <= 1 for e in evals), phase
     assert all(np.isfinite(r["loss"]) for r in got if "loss" in r)
+  # What the policies answer, by the largest digit (grpo_max_answers.py).
+  os.rename(tmp_path / "run", tmp_path / "both_s0")
+  out = tmp_path / "answers.json"
+  assert grpo_max_answers.main([str(tmp_path), "--variant", "test",
+                                "--out", str(out)]) == 0
+  got = json.loads(out.read_text())
+  assert list(got) == [name for name, _, _ in grpo_max_answers.POLICIES]
+  for rows in got.values():
+    assert len(rows) == 8   # the test variant's eval_prompts
+    assert all(0 <= lo <= hi <= 9 for hi, lo, _ in rows)
+  lines = grpo_max_answers.table({"x": [(9, 1, "9"), (8, 0, "0"),
+                                        (5, 2, "7"), (9, 3, "9")]})
+  assert lines[-1] == ("| x | 4 | 0.50 | 0.25 | 0.25 | 1.00 (2) | 0.00 (1) | "
+                       "- (0) | 0.00 (1) |")
