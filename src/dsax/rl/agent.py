@@ -75,6 +75,7 @@ GET = ToolSpec("get", "the value stored under a key", {
     "required": ["key"]})
 SYSTEM = "Answer with the value at the end of the chain; call get(key)."
 LETTERS = "abcdefghijmnopqrstuvwxyz"   # final values: no 'k', no digits
+UPPER = "BCDEFGHIJKLMNOPQRSTUVWXYZ"   # no 'A' (the system prompt's)
 
 
 class AgentError(ValueError):
@@ -114,17 +115,24 @@ class PointerStore:
 
 
 def make_episode(rng: np.random.Generator, turns: int = 3, hops: int = 2,
-                 n_keys: int = 100, value_len: int = 4) -> Episode:
+                 n_keys: int = 100, value_len: int = 4,
+                 letters: str = LETTERS) -> Episode:
   """A random store of ``turns`` disjoint chains of ``hops`` lookups (keys
-  ``k00`` .. ``k{n_keys-1}``), plus distractor keys holding other values."""
+  ``k00`` .. ``k{n_keys-1}``), plus distractor keys holding other values
+  (``value_len`` characters drawn from ``letters``)."""
   if turns * hops > n_keys or hops < 1 or turns < 1:
     raise AgentError(f"make_episode needs 1 <= turns * hops <= n_keys, got "
                      f"turns={turns} hops={hops} n_keys={n_keys}")
+  if not letters or "k" in letters or any(c.isdigit() or c.isspace()
+                                          for c in letters):
+    raise AgentError(f"make_episode: letters must be non-empty, without "
+                     f"'k', digits or spaces (values must not look like "
+                     f"keys), got {letters!r}")
   width = len(str(n_keys - 1))
   keys = [f"k{i:0{width}d}" for i in rng.permutation(n_keys)]
 
   def value():
-    return "".join(rng.choice(list(LETTERS), value_len))
+    return "".join(rng.choice(list(letters), value_len))
 
   store, starts, answers = {}, [], []
   for u in range(turns):
@@ -144,6 +152,12 @@ def plan(key: str) -> str:
   return f"{key} may point on; look it up"
 
 
+def settle(value: str) -> str:
+  """The scripted reasoning before the answer. Like ``plan`` it opens with
+  what the last message ended with, so one copy rule writes both."""
+  return f"{value} is a value, not a key: done"
+
+
 def trace(ep: Episode, tools_in_system: bool = False) -> list:
   """The scripted solver's conversation: per question, one ``get`` per hop
   (reasoning: ``plan``), then the answer (reasoning: where it was read)."""
@@ -157,7 +171,7 @@ def trace(ep: Episode, tools_in_system: bool = False) -> list:
       conv.append(Assistant(reasoning=plan(key), tool_calls=(call,)))
       conv.append(ToolResult(env(call)))
       key = conv[-1].content
-    conv.append(Assistant(content=key, reasoning="a value, not a key: done"))
+    conv.append(Assistant(content=key, reasoning=settle(key)))
   return conv
 
 
@@ -171,7 +185,7 @@ def oracle(ctx: Sequence) -> Assistant:
   if key.startswith("k"):
     return Assistant(reasoning=plan(key),
                      tool_calls=(ToolCall("get", {"key": key}),))
-  return Assistant(content=key, reasoning="a value, not a key: done")
+  return Assistant(content=key, reasoning=settle(key))
 
 
 def answer_of(reply: Assistant) -> str:
