@@ -87,8 +87,8 @@ REPLY = 128           # reply room: a call with its reasoning is 117 tokens
 # every copy the model makes is one character of a kind the template never
 # writes (module docstring).
 TASK = dict(n_keys=10, value_len=1, letters=A.UPPER)
-FULL = dict(d_model=96, row_len=1024, batch=4, copy_steps=300, sft_steps=600,
-            warmup_steps=60, sparse_steps=60, short=0.5, copy_weight=5.0,
+FULL = dict(d_model=96, row_len=1024, batch=4, copy_steps=300, sft_steps=900,
+            warmup_steps=200, sparse_steps=300, short=0.5, copy_weight=5.0,
             episodes=16, budgets=(640, 1024), seed=0, **TASK)
 QUICK = dict(d_model=32, row_len=1024, batch=2, copy_steps=2, sft_steps=3,
              warmup_steps=2, sparse_steps=2, short=0.5, copy_weight=5.0,

@@ -5,11 +5,14 @@ training samples, and context-budget policies.
 Environment (``PointerStore``): a key-value store whose values are either
 another key or a final value, and one tool, ``get(key)``. A question names
 a start key; its answer is the final value at the end of the key's pointer
-chain (``hops`` lookups). Final values are random letters that occur
-nowhere but in the store, so the answer reaches the model only through tool
-results. An ``Episode`` asks ``turns`` such questions, one per user turn,
-over one store. ``trace(episode)`` is the scripted solver's conversation
-(supervised traces; reasoning is a short plan before each call).
+chain (``hops`` lookups). Final values are random letters (``letters``:
+lower case, or ``UPPER`` so that no value character occurs in the chat
+template) that occur nowhere but in the store, so the answer reaches the
+model only through tool results. An ``Episode`` asks ``turns`` such
+questions, one per user turn, over one store. ``trace(episode)`` is the
+scripted solver's conversation (supervised traces; reasoning is a short
+plan before each call and before the answer, each opening with the key or
+value just read: ``plan``, ``settle``).
 
 Sampler (``AgentSampler``): B rows, one episode each, stepped together one
 token per row and step by a jitted decode step vmapped over rows, so each
