@@ -4,15 +4,27 @@ dense model and its DSA version (issue 15 item 5), on a CPU.
 Task (dsax.rl.agent): an episode asks TURNS questions, one per user turn,
 over one key-value store; each answer is the end of a pointer chain of
 HOPS ``get(key)`` calls (SmolLM2 chat format, tool calls as JSON, a short
-reasoning before each call). Final values are random letters reachable only
-through tool results.
+reasoning before each call and before the answer, opening with the key or
+value just read). Keys are ``k0``..``k9``, final values one upper-case
+letter (``A.UPPER``), reachable only through tool results: every
+character the model must copy is of a kind the template never writes.
 
 Model: a byte-level MLA model (vocab 256 + 2 chat tokens) supervised on the
 scripted solver's traces: every user turn's sample as the model sees it
 under each policy (rule 1, every reasoning kept, earlier tool history
 discarded), loss on the generated tokens only, samples packed into rows.
-The DSA version continues from it: a warm-up (indexer KL, dense attention,
-the rest frozen) and a sparse phase (top-TOPK attention, LM loss + KL).
+Training runs in stages:
+
+  copy     COPY_STEPS on short windows (one generated message with only
+           the message before it as context), loss on the copied
+           characters only (``copy_mask``): forms the copy heads, which
+           SFT on whole traces alone does not (its loss sat at the copy
+           characters' chance level for 900 steps)
+  sft      SFT_STEPS on whole traces, half the samples cut to windows
+           (``short``), the copied characters weighted COPY_WEIGHT
+  warmup   DSA indexer warm-up (indexer KL, dense attention, the rest
+           frozen)
+  sparse   top-TOPK attention, LM loss (as sft) + indexer KL
 
 Evaluation: greedy rollouts (dsax.rl.agent.AgentSampler, the latent-cache
 decode, sparse for DSA) on held-out episodes under three context policies
@@ -30,16 +42,14 @@ all questions), the mean peak context, generated and fed tokens per
 episode, and why episodes stopped; a table and a PNG in
 docs/results/agent_budget.md.
 
-  python experiments/agent_budget.py --workdir work/agent_budget
-  python experiments/agent_budget.py --workdir work/agent_budget --resume \
-      --sft-steps 600                # 900 SFT steps in all, then DSA again
   python experiments/agent_budget.py --workdir work/agent_budget \
-      --eval-only --png docs/results/agent_budget.png
+      --png docs/results/agent_budget.png        # the page's table
+  python experiments/agent_budget.py --workdir work/agent_budget \
+      --eval-only                    # re-evaluate the saved parameters
   python experiments/agent_budget.py --quick      # the smoke test's size
 
-The page's run (docs/results/agent_budget.md) took ~9 + 16 + 6 min on two
-shared cores; its models do not copy keys yet (accuracy 0), the oracle
-rows carry the policy comparison.
+Logged every 25 steps: the LM loss and its parts on the key characters,
+the value characters and the template (nats per token).
 """
 from __future__ import annotations
 
@@ -49,6 +59,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import sys
 import time
 
@@ -72,10 +83,16 @@ from dsax.tokenizer import Tokenizer  # noqa: E402
 TURNS, HOPS = 3, 2
 TOPK = 64
 REPLY = 128           # reply room: a call with its reasoning is 117 tokens
-FULL = dict(d_model=96, row_len=1024, batch=4, sft_steps=300, warmup_steps=60,
-            sparse_steps=40, episodes=16, budgets=(640, 1024), seed=0)
-QUICK = dict(d_model=32, row_len=1024, batch=2, sft_steps=3, warmup_steps=2,
-             sparse_steps=2, episodes=2, budgets=(640,), seed=0)
+# Task: keys k0..k9 and one-letter values (upper case, no 'A'), so that
+# every copy the model makes is one character of a kind the template never
+# writes (module docstring).
+TASK = dict(n_keys=10, value_len=1, letters=A.UPPER)
+FULL = dict(d_model=96, row_len=1024, batch=4, copy_steps=300, sft_steps=900,
+            warmup_steps=200, sparse_steps=300, short=0.5, copy_weight=5.0,
+            episodes=16, budgets=(640, 1024), seed=0, **TASK)
+QUICK = dict(d_model=32, row_len=1024, batch=2, copy_steps=2, sft_steps=3,
+             warmup_steps=2, sparse_steps=2, short=0.5, copy_weight=5.0,
+             episodes=2, budgets=(640,), seed=0, **TASK)
 
 
 def chats():
@@ -83,9 +100,10 @@ def chats():
   return chat, Chat(SmolLM2(keep_reasoning=True), tokenizer=chat.tok)
 
 
-def model_config(d_model: int, vocab: int, rope: int = 8) -> ModelConfig:
+def model_config(d_model: int, vocab: int, rope: int = 8,
+                 layers: int = 2) -> ModelConfig:
   return ModelConfig(
-      vocab_size=vocab, d_model=d_model, n_layers=2, n_heads=4,
+      vocab_size=vocab, d_model=d_model, n_layers=layers, n_heads=4,
       q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
       qk_rope_head_dim=rope, v_head_dim=16, d_ff=4 * d_model, attn_q_chunk=64,
       indexer=IndexerConfig(n_heads=4, head_dim=32, rope_dim=16, topk=TOPK,
@@ -110,18 +128,64 @@ def views(chat, keep, ep):
   return out
 
 
-def rows(chat, keep, rng, n_rows: int, row_len: int):
+def copy_mask(ids, mask):
+  """The generated positions that copy from the context: (keys, values),
+  the key's characters after its ``k`` (in reasoning and calls), and the
+  final value (at the start of the reasoning before the answer, and the
+  answer); the rest is template."""
+  ids, mask = np.asarray(ids), np.asarray(mask, bool)
+  keys, values = np.zeros(len(ids), bool), np.zeros(len(ids), bool)
+  text = "".join(chr(i) if i < 128 else "\x00" for i in ids)
+  for m in re.finditer(r"(?<=[^a-z]k)[0-9]+", text):
+    keys[m.start():m.end()] = True
+  gen = np.flatnonzero(mask)
+  for run in np.split(gen, np.flatnonzero(np.diff(gen) > 1) + 1):
+    msg = text[run[0]:run[-1] + 1] if len(run) else ""
+    if "<tool_call>" in msg or "</think>\n\n" not in msg:
+      continue
+    a = run[0] + msg.rindex("</think>\n\n") + len("</think>\n\n")
+    values[a:run[-1]] = True   # the end token is template
+    m = re.search(r"<think>\n(\S+) ", msg)
+    if m:
+      values[run[0] + m.start(1):run[0] + m.end(1)] = True
+  return keys & mask, values & mask
+
+
+def window(ids, mask, start_id, rng):
+  """A short sample cut from (ids, mask): one generated message picked at
+  random, with only the message before it (a user message or a tool
+  result) as its context."""
+  ids, mask = np.asarray(ids), np.asarray(mask, bool)
+  gen = np.flatnonzero(mask)
+  runs = np.split(gen, np.flatnonzero(np.diff(gen) > 1) + 1)
+  run = runs[rng.integers(len(runs))]
+  opens = np.flatnonzero(ids[:run[0]] == start_id)
+  a = opens[-2] if len(opens) > 1 else 0
+  m = np.zeros(run[-1] + 1 - a, bool)
+  m[run[0] - a:] = True
+  return ids[a:run[-1] + 1], m
+
+
+def rows(chat, keep, rng, n_rows: int, row_len: int, task=None,
+         short: float = 0.0):
   """Samples packed into rows: inputs, targets, weights (generated targets),
+  copy and answer (the generated targets copied from the context:
+  ``copy_mask``'s key characters and final-value characters),
   segment ids, positions; samples longer than a row are skipped."""
   arr = {k: np.zeros((n_rows, row_len), np.int32)
          for k in ("inputs", "targets", "segment_ids", "positions")}
   arr["weights"] = np.zeros((n_rows, row_len), np.float32)
+  arr["copy"] = np.zeros((n_rows, row_len), np.float32)
+  arr["answer"] = np.zeros((n_rows, row_len), np.float32)
   r, col, seg, pending = 0, 0, 1, []
   while r < n_rows:
     if not pending:
-      pending = views(chat, keep, A.make_episode(rng, TURNS, HOPS))
+      pending = views(chat, keep, A.make_episode(rng, TURNS, HOPS,
+                                                 **(task or {})))
       rng.shuffle(pending)
     ids, mask = pending.pop()
+    if short and rng.random() < short:
+      ids, mask = window(ids, mask, chat.tok.id_of("<|im_start|>"), rng)
     n = len(ids) - 1
     if n > row_len:
       continue
@@ -133,6 +197,9 @@ def rows(chat, keep, rng, n_rows: int, row_len: int):
     arr["inputs"][r, sl] = ids[:-1]
     arr["targets"][r, sl] = ids[1:]
     arr["weights"][r, sl] = mask[1:]
+    keys, values = copy_mask(ids, mask)
+    arr["copy"][r, sl] = keys[1:]
+    arr["answer"][r, sl] = values[1:]
     arr["segment_ids"][r, sl] = seg
     arr["positions"][r, sl] = np.arange(n)
     col, seg = col + n, seg + 1
@@ -149,9 +216,12 @@ def phase_mode(cfg, kind):
                           indexer_loss=kind == "warmup")
 
 
-def train(params, cfg, kind, steps, lr, data, log):
-  """sft: LM loss; warmup: indexer KL, only the indexer moves; sparse: LM
-  loss + indexer KL (the indexer's inputs are detached in dsax.dsa)."""
+def train(params, cfg, kind, steps, lr, data, log, copy_weight=1.0):
+  """sft: LM loss; copy: LM loss on the copied characters (``copy_mask``)
+  only; warmup: indexer KL, only the indexer moves; sparse: LM loss +
+  indexer KL (the indexer's inputs are detached in dsax.dsa). sft and
+  sparse weigh the copied characters ``copy_weight`` times a template
+  token; ``lm`` in the log is the plain mean over generated tokens."""
   mode = phase_mode(cfg, kind)
   tx = optax.adam(optax.linear_schedule(lr, lr, 1) if steps < 10 else
                   optax.warmup_constant_schedule(0.0, lr, 10))
@@ -163,13 +233,23 @@ def train(params, cfg, kind, steps, lr, data, log):
     lp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
     nll = -jnp.take_along_axis(lp, b["targets"][..., None], -1)[..., 0]
     lm = jnp.sum(nll * b["weights"]) / jnp.maximum(jnp.sum(b["weights"]), 1)
-    kl = jnp.sum(aux.indexer_kl) if kind != "sft" else 0.0
-    loss = kl if kind == "warmup" else lm + kl
-    return loss, (lm, kl)
+    # Diagnostics: the loss on copied characters and on the template.
+    def mean(w):
+      return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1)
+    cp = jnp.stack([mean(b["copy"]), mean(b["answer"])])
+    tm = mean(b["weights"] - b["copy"] - b["answer"])
+    kl = (jnp.sum(aux.indexer_kl) if kind in ("warmup", "sparse") else
+          0.0)
+    w = b["weights"] + (copy_weight - 1.0) * (b["copy"] + b["answer"])
+    if kind == "copy":
+      w = b["copy"] + b["answer"]
+    loss = kl if kind == "warmup" else mean(w) + kl
+    return loss, (lm, kl, cp, tm)
 
   @jax.jit
   def step(p, opt, b):
-    (loss, (lm, kl)), g = jax.value_and_grad(loss_fn, has_aux=True)(p, b)
+    (loss, (lm, kl, cp, tm)), g = jax.value_and_grad(loss_fn,
+                                                     has_aux=True)(p, b)
     if kind == "warmup":
       g = {k: (v if k == "layers" else jax.tree.map(jnp.zeros_like, v))
            for k, v in g.items()}
@@ -177,13 +257,15 @@ def train(params, cfg, kind, steps, lr, data, log):
                          jax.tree.map(jnp.zeros_like, v))
                      for k, v in g["layers"].items()}
     upd, opt = tx.update(g, opt, p)
-    return optax.apply_updates(p, upd), opt, lm, kl
+    return optax.apply_updates(p, upd), opt, lm, kl, cp, tm
 
   t0 = time.time()
   for s in range(steps):
-    params, opt, lm, kl = step(params, opt, data(s))
+    params, opt, lm, kl, cp, tm = step(params, opt, data(s))
     if s % 25 == 0 or s == steps - 1:
-      log(f"{kind} step {s}: lm {float(lm):.4f} kl {float(kl):.4f} "
+      log(f"{kind} step {s}: lm {float(lm):.4f} (key {float(cp[0]):.3f} "
+          f"value {float(cp[1]):.3f} template {float(tm):.4f}) "
+          f"kl {float(kl):.4f} "
           f"({time.time() - t0:.0f}s)")
   return params
 
@@ -218,11 +300,14 @@ def run(opts: dict, workdir: str, log=print, eval_only: bool = False,
   it) and evaluates."""
   chat, keep = chats()
   cfg = model_config(opts["d_model"], chat.tok.vocab_size,
-                     opts.get("rope", 8))
+                     opts.get("rope", 8), opts.get("layers", 2))
   rng = np.random.default_rng(opts["seed"])
+  task = {k: opts[k] for k in ("n_keys", "value_len", "letters")
+          if k in opts}
 
-  def data(_):
-    return rows(chat, keep, rng, opts["batch"], opts["row_len"])
+  def data(short):
+    return lambda _: rows(chat, keep, rng, opts["batch"], opts["row_len"],
+                          task, short)
 
   saved = os.path.join(workdir, "params.npz")
   if eval_only:
@@ -234,21 +319,28 @@ def run(opts: dict, workdir: str, log=print, eval_only: bool = False,
                                if k.startswith("dsa/")})
   else:
     params = P.init_params(cfg, jax.random.PRNGKey(opts["seed"]))
+    short, cw = opts.get("short", 0.0), opts.get("copy_weight", 1.0)
     if resume:   # more SFT from a previous run's dense model (fresh Adam)
       with np.load(saved) as f:
         params = train_lib.unflatten({k[6:]: jnp.asarray(v)
                                       for k, v in f.items()
                                       if k.startswith("dense/")})
       rng = np.random.default_rng([opts["seed"], 1])
-    dense = train(params, cfg, "sft", opts["sft_steps"], 3e-3, data, log)
-    dsa = train(dense, cfg, "warmup", opts["warmup_steps"], 3e-3, data, log)
-    dsa = train(dsa, cfg, "sparse", opts["sparse_steps"], 3e-4, data, log)
+    elif opts.get("copy_steps"):   # the copy curriculum (module docstring)
+      params = train(params, cfg, "copy", opts["copy_steps"], 3e-3,
+                     data(1.0), log)
+    dense = train(params, cfg, "sft", opts["sft_steps"], 3e-3, data(short),
+                  log, cw)
+    dsa = train(dense, cfg, "warmup", opts["warmup_steps"], 3e-3, data(short),
+                log)
+    dsa = train(dsa, cfg, "sparse", opts["sparse_steps"], 3e-4, data(short),
+                log, cw)
     os.makedirs(workdir, exist_ok=True)
     np.savez(saved, **{f"{name}/{k}": np.asarray(v)
                        for name, p in (("dense", dense), ("dsa", dsa))
                        for k, v in train_lib.flatten(p).items()})
   eval_rng = np.random.default_rng([opts["seed"], 7])
-  episodes = [A.make_episode(eval_rng, TURNS, HOPS)
+  episodes = [A.make_episode(eval_rng, TURNS, HOPS, **task)
               for _ in range(opts["episodes"])]
   out = []
   for name, p, mode in (("oracle", dense, AttentionMode.of(cfg)),
@@ -323,12 +415,15 @@ def main(argv=None):
   ap.add_argument("--sft-steps", type=int, default=None)
   ap.add_argument("--rope", type=int, default=None,
                   help="qk_rope_head_dim (default 8)")
+  ap.add_argument("--copy-steps", type=int, default=None)
   args = ap.parse_args(argv)
   opts = dict(QUICK if args.quick else FULL)
   if args.sft_steps is not None:
     opts["sft_steps"] = args.sft_steps
   if args.rope is not None:
     opts["rope"] = args.rope
+  if args.copy_steps is not None:
+    opts["copy_steps"] = args.copy_steps
   t0 = time.time()
   out = run(opts, args.workdir, eval_only=args.eval_only,
             resume=args.resume)

@@ -74,6 +74,23 @@ def test_episode_and_trace():
     A.AgentConfig(policy="keep")
 
 
+def test_episode_letters_and_short_keys():
+  """The experiment's task: keys k0..k9, one upper-case letter per value;
+  the trace's reasoning opens with what the last message ended with."""
+  ep = A.make_episode(np.random.default_rng(1), turns=3, hops=2, n_keys=10,
+                      value_len=1, letters=A.UPPER)
+  assert all(len(k) == 2 and k[0] == "k" and k[1].isdigit()
+             for k in ep.store)
+  assert all(len(a) == 1 and a in A.UPPER for a in ep.answers)
+  conv = A.trace(ep)
+  for prev, m in zip(conv, conv[1:]):
+    if isinstance(m, Assistant):
+      assert m.reasoning.split()[0] == prev.content.split()[-1]
+  assert A.oracle(conv[:-1]) == conv[-1]
+  with pytest.raises(A.AgentError, match="letters"):
+    A.make_episode(np.random.default_rng(0), letters="abk")
+
+
 def check_segments(chat, traj):
   """Each segment is the prefix of its user turn's sample (what follows
   is prompt: the reply's line break), with the same generated mask;

@@ -5,11 +5,14 @@ training samples, and context-budget policies.
 Environment (``PointerStore``): a key-value store whose values are either
 another key or a final value, and one tool, ``get(key)``. A question names
 a start key; its answer is the final value at the end of the key's pointer
-chain (``hops`` lookups). Final values are random letters that occur
-nowhere but in the store, so the answer reaches the model only through tool
-results. An ``Episode`` asks ``turns`` such questions, one per user turn,
-over one store. ``trace(episode)`` is the scripted solver's conversation
-(supervised traces; reasoning is a short plan before each call).
+chain (``hops`` lookups). Final values are random letters (``letters``:
+lower case, or ``UPPER`` so that no value character occurs in the chat
+template) that occur nowhere but in the store, so the answer reaches the
+model only through tool results. An ``Episode`` asks ``turns`` such
+questions, one per user turn, over one store. ``trace(episode)`` is the
+scripted solver's conversation (supervised traces; reasoning is a short
+plan before each call and before the answer, each opening with the key or
+value just read: ``plan``, ``settle``).
 
 Sampler (``AgentSampler``): B rows, one episode each, stepped together one
 token per row and step by a jitted decode step vmapped over rows, so each
@@ -75,6 +78,7 @@ GET = ToolSpec("get", "the value stored under a key", {
     "required": ["key"]})
 SYSTEM = "Answer with the value at the end of the chain; call get(key)."
 LETTERS = "abcdefghijmnopqrstuvwxyz"   # final values: no 'k', no digits
+UPPER = "BCDEFGHIJKLMNOPQRSTUVWXYZ"   # no 'A' (the system prompt's)
 
 
 class AgentError(ValueError):
@@ -114,17 +118,24 @@ class PointerStore:
 
 
 def make_episode(rng: np.random.Generator, turns: int = 3, hops: int = 2,
-                 n_keys: int = 100, value_len: int = 4) -> Episode:
+                 n_keys: int = 100, value_len: int = 4,
+                 letters: str = LETTERS) -> Episode:
   """A random store of ``turns`` disjoint chains of ``hops`` lookups (keys
-  ``k00`` .. ``k{n_keys-1}``), plus distractor keys holding other values."""
+  ``k00`` .. ``k{n_keys-1}``), plus distractor keys holding other values
+  (``value_len`` characters drawn from ``letters``)."""
   if turns * hops > n_keys or hops < 1 or turns < 1:
     raise AgentError(f"make_episode needs 1 <= turns * hops <= n_keys, got "
                      f"turns={turns} hops={hops} n_keys={n_keys}")
+  if not letters or "k" in letters or any(c.isdigit() or c.isspace()
+                                          for c in letters):
+    raise AgentError(f"make_episode: letters must be non-empty, without "
+                     f"'k', digits or spaces (values must not look like "
+                     f"keys), got {letters!r}")
   width = len(str(n_keys - 1))
   keys = [f"k{i:0{width}d}" for i in rng.permutation(n_keys)]
 
   def value():
-    return "".join(rng.choice(list(LETTERS), value_len))
+    return "".join(rng.choice(list(letters), value_len))
 
   store, starts, answers = {}, [], []
   for u in range(turns):
@@ -144,6 +155,12 @@ def plan(key: str) -> str:
   return f"{key} may point on; look it up"
 
 
+def settle(value: str) -> str:
+  """The scripted reasoning before the answer. Like ``plan`` it opens with
+  what the last message ended with, so one copy rule writes both."""
+  return f"{value} is a value, not a key: done"
+
+
 def trace(ep: Episode, tools_in_system: bool = False) -> list:
   """The scripted solver's conversation: per question, one ``get`` per hop
   (reasoning: ``plan``), then the answer (reasoning: where it was read)."""
@@ -157,7 +174,7 @@ def trace(ep: Episode, tools_in_system: bool = False) -> list:
       conv.append(Assistant(reasoning=plan(key), tool_calls=(call,)))
       conv.append(ToolResult(env(call)))
       key = conv[-1].content
-    conv.append(Assistant(content=key, reasoning="a value, not a key: done"))
+    conv.append(Assistant(content=key, reasoning=settle(key)))
   return conv
 
 
@@ -171,7 +188,7 @@ def oracle(ctx: Sequence) -> Assistant:
   if key.startswith("k"):
     return Assistant(reasoning=plan(key),
                      tool_calls=(ToolCall("get", {"key": key}),))
-  return Assistant(content=key, reasoning="a value, not a key: done")
+  return Assistant(content=key, reasoning=settle(key))
 
 
 def answer_of(reply: Assistant) -> str:
