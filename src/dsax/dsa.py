@@ -561,11 +561,13 @@ def _gate(fam, a, proj, cfg, q_kl, rows_kl, idx_BTK, valid_BTK, indexer):
 
 # Short contexts: sparse attention as dense attention under the selection's
 # key mask (the layer MaxText writes), which is cheaper on a CPU than
-# gathering k rows per query when S <= MASKED_RATIO * k (measured by
-# experiments/bench_attention.py: the "masked" variant against "sparse");
-# MASKED_MAX_KEYS bounds its [B, N, T, S] f32 scores. The jnp reference
-# only: the kernels always gather. AttentionMode.sparse_way forces either.
-MASKED_RATIO = 4
+# gathering k rows per query when S <= MASKED_RATIO * k. Measured by
+# experiments/bench_attention.py (variants "masked" and "gather", one
+# MLA + indexer layer, d 1024, k 256, f32, 2 cores): T 512 masked 385 ms,
+# gather 442; T 1024 masked 1350, gather 963. MASKED_MAX_KEYS bounds its
+# [B, N, T, S] f32 scores. The jnp reference only: the kernels always
+# gather. AttentionMode.sparse_way forces either.
+MASKED_RATIO = 2
 MASKED_MAX_KEYS = 2048
 
 
