@@ -135,6 +135,14 @@ def data_file(n: int = TRAIN_PROBLEMS, digits: int = DIGITS, ops: str = OPS,
   return path
 
 
+def data_config(path: str, test: bool) -> DataConfig:
+  """One problem per document from ``path``, bytes, rows of 128 (64 for the
+  smoke test), batch 16 (4)."""
+  return DataConfig(source="files", paths=(path,), tokenizer="bytes",
+                    seq_len=64 if test else 128,
+                    batch_size=4 if test else 16, val_fraction=0.02)
+
+
 def model_config(d_model: int = 96, n_layers: int = 2) -> ModelConfig:
   return ModelConfig(
       vocab_size=256, d_model=d_model, n_layers=n_layers, n_heads=4,
@@ -192,10 +200,7 @@ def get_config(arg=None) -> ExperimentConfig:
     raise ConfigError(f"grpo_arith: ARG must be one of {variants}, "
                       f"got {arg!r}")
   test = arg == "test"
-  data = DataConfig(source="files",
-                    paths=(data_file(400 if test else TRAIN_PROBLEMS),),
-                    tokenizer="bytes", seq_len=64 if test else 128,
-                    batch_size=4 if test else 16, val_fraction=0.02)
+  data = data_config(data_file(400 if test else TRAIN_PROBLEMS), test)
   model = model_config(32 if test else 96)
   if test:  # the ``both`` chain, a few steps of each phase
     rl = dataclasses.replace(RL, prompts=2, group_size=2, eval_prompts=8)

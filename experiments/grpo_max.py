@@ -47,8 +47,8 @@ import os
 
 import numpy as np
 
-from dsax.config import (ConfigError, DataConfig, EvalConfig,
-                         ExperimentConfig, OptimConfig, PhaseConfig, RLConfig)
+from dsax.config import (ConfigError, EvalConfig, ExperimentConfig,
+                         OptimConfig, PhaseConfig, RLConfig)
 
 from experiments import grpo_arith
 
@@ -150,10 +150,8 @@ def get_config(arg=None) -> ExperimentConfig:
     raise ConfigError(f"grpo_max: ARG must be one of {variants}, "
                       f"got {arg!r}")
   test = arg == "test"
-  data = DataConfig(source="files",
-                    paths=(data_file(400 if test else TRAIN_PROBLEMS),),
-                    tokenizer="bytes", seq_len=64 if test else 128,
-                    batch_size=4 if test else 16, val_fraction=0.02)
+  data = grpo_arith.data_config(
+      data_file(400 if test else TRAIN_PROBLEMS), test)
   if test:
     rl = dataclasses.replace(RL, prompts=2, group_size=2, eval_prompts=8,
                              eval_samples=2)
