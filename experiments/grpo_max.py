@@ -24,6 +24,9 @@ its own base):
           training, index replay on). Prompts are 10 bytes, so the answer
           digit's query sees 4 of its 11 keys, fewer than the 6 digits: the
           indexer has to keep the large ones.
+  ablate  one DSA grpo phase of ABLATE_STEPS from the seed-0 ``both``
+          run's sparse phase: the stabiliser sweep's base
+          (experiments/grpo_max_ablation.py)
   test    the same chain with a handful of steps on a width-32 model (the
           smoke test, tests/test_grpo_max.py)
 
@@ -66,6 +69,11 @@ PRETRAIN_STEPS, WARMUP_STEPS, SPARSE_STEPS, GRPO_STEPS = 1000, 60, 60, 200
 # to keep the large ones.
 TOPK = 4
 GRPO_LR, GRPO_WARMUP = 3e-4, 10
+# The stabiliser sweep (experiments/grpo_max_ablation.py): ABLATE_STEPS of
+# DSA GRPO from the seed-0 run's sparse phase.
+ABLATE_STEPS = 50
+ABLATE_FROM = os.path.join(ROOT, "work", "grpo_max", "both_s0", "phases",
+                           "sparse")
 EVAL_SAMPLES = 8
 RL = RLConfig(task="digit_max", digits=DIGITS, prompts=16,
               group_size=8, max_new_tokens=3, temperature=1.0,
@@ -145,7 +153,7 @@ def model_config(d_model: int):
 
 
 def get_config(arg=None) -> ExperimentConfig:
-  variants = ("both", "test")
+  variants = ("both", "ablate", "test")
   if arg not in variants:
     raise ConfigError(f"grpo_max: ARG must be one of {variants}, "
                       f"got {arg!r}")
@@ -156,6 +164,10 @@ def get_config(arg=None) -> ExperimentConfig:
     rl = dataclasses.replace(RL, prompts=2, group_size=2, eval_prompts=8,
                              eval_samples=2)
     ph = phases(4, 2, 2, 2, rl)
+  elif arg == "ablate":  # one DSA grpo phase from seed 0's sparse phase
+    grpo_sparse = phases(0, 0, 0, ABLATE_STEPS)[-1]
+    ph = (dataclasses.replace(grpo_sparse, name="grpo",
+                              init_from=ABLATE_FROM),)
   else:
     ph = phases(PRETRAIN_STEPS, WARMUP_STEPS, SPARSE_STEPS, GRPO_STEPS)
   return ExperimentConfig(

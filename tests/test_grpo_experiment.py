@@ -81,19 +81,25 @@ def test_the_paired_table_reads_grpo_heldout_output(tmp_path):
   assert lines[-1] == "| dsa | 0 | rerun | 0.200 | +0.100 (0.040) | +2.5 | +0.250 |"
 
 
+@pytest.mark.parametrize("sweep_file,module", [
+    ("grpo_ablation.py", "grpo_arith"), ("grpo_max_ablation.py", "grpo_max")])
 def test_the_ablation_sweep_loads_and_switches_one_stabiliser_at_a_time(
-    data_dir):
-  """experiments/grpo_ablation.py: six runs on grpo_arith's ``ablate``
-  variant; each run's stabilisers resolve as the docstring says (all on,
-  each of the four off alone, all four off), with top_p 0.9 and 4 updates
-  per batch in every run."""
-  from dsax import config, sweep  # pylint: disable=import-outside-toplevel
-  sw = sweep.load_sweep(os.path.join(ROOT, "experiments", "grpo_ablation.py"))
-  assert sw.config == "experiments/grpo_arith.py:ablate"
+    sweep_file, module, tmp_path, monkeypatch):
+  """experiments/grpo_ablation.py (grpo_max_ablation.py): six runs on the
+  experiment's ``ablate`` variant; each run's stabilisers resolve as the
+  docstring says (all on, each of the four off alone, all four off), with
+  top_p 0.9 and 4 updates per batch in every run."""
+  # pylint: disable=import-outside-toplevel
+  import importlib
+  from dsax import config, sweep
+  mod = importlib.import_module(f"experiments.{module}")
+  monkeypatch.setattr(mod, "DATA_DIR", str(tmp_path / "data"))
+  sw = sweep.load_sweep(os.path.join(ROOT, "experiments", sweep_file))
+  assert sw.config == f"experiments/{module}.py:ablate"
   names = ("unbiased_kl", "seq_mask", "keep_sampling_mask", "index_replay")
   offs = []
   for _, overrides in sw.runs:
-    cfg = config.override(grpo_arith.get_config("ablate"), overrides)
+    cfg = config.override(mod.get_config("ablate"), overrides)
     (grpo,) = cfg.phases
     assert grpo.rl.top_p == 0.9 and grpo.rl.epochs == 4
     assert grpo.rl.attention == "sparse" and grpo.rl.keep_routing
