@@ -94,6 +94,10 @@ def test_the_ablation_sweep_loads_and_switches_one_stabiliser_at_a_time(
   from dsax import config, sweep
   mod = importlib.import_module(f"experiments.{module}")
   monkeypatch.setattr(mod, "DATA_DIR", str(tmp_path / "data"))
+  # The base run's phase directory (made by the experiment's ``both`` run;
+  # absent on a fresh checkout): init_from must name a directory.
+  (tmp_path / "sparse").mkdir()
+  monkeypatch.setattr(mod, "ABLATE_FROM", str(tmp_path / "sparse"))
   sw = sweep.load_sweep(os.path.join(ROOT, "experiments", sweep_file))
   assert sw.config == f"experiments/{module}.py:ablate"
   names = ("unbiased_kl", "seq_mask", "keep_sampling_mask", "index_replay")
