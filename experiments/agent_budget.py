@@ -55,8 +55,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
-import functools
 import json
 import os
 import re
@@ -128,6 +126,12 @@ def views(chat, keep, ep):
   return out
 
 
+def runs(mask) -> list[np.ndarray]:
+  """The generated messages: runs of consecutive positions of ``mask``."""
+  gen = np.flatnonzero(mask)
+  return np.split(gen, np.flatnonzero(np.diff(gen) > 1) + 1)
+
+
 def copy_mask(ids, mask):
   """The generated positions that copy from the context: (keys, values),
   the key's characters after its ``k`` (in reasoning and calls), and the
@@ -138,8 +142,7 @@ def copy_mask(ids, mask):
   text = "".join(chr(i) if i < 128 else "\x00" for i in ids)
   for m in re.finditer(r"(?<=[^a-z]k)[0-9]+", text):
     keys[m.start():m.end()] = True
-  gen = np.flatnonzero(mask)
-  for run in np.split(gen, np.flatnonzero(np.diff(gen) > 1) + 1):
+  for run in runs(mask):
     msg = text[run[0]:run[-1] + 1] if len(run) else ""
     if "<tool_call>" in msg or "</think>\n\n" not in msg:
       continue
@@ -156,9 +159,8 @@ def window(ids, mask, start_id, rng):
   random, with only the message before it (a user message or a tool
   result) as its context."""
   ids, mask = np.asarray(ids), np.asarray(mask, bool)
-  gen = np.flatnonzero(mask)
-  runs = np.split(gen, np.flatnonzero(np.diff(gen) > 1) + 1)
-  run = runs[rng.integers(len(runs))]
+  messages = runs(mask)
+  run = messages[rng.integers(len(messages))]
   opens = np.flatnonzero(ids[:run[0]] == start_id)
   a = opens[-2] if len(opens) > 1 else 0
   m = np.zeros(run[-1] + 1 - a, bool)
@@ -169,14 +171,14 @@ def window(ids, mask, start_id, rng):
 def rows(chat, keep, rng, n_rows: int, row_len: int, task=None,
          short: float = 0.0):
   """Samples packed into rows: inputs, targets, weights (generated targets),
-  copy and answer (the generated targets copied from the context:
+  keys and values (the generated targets copied from the context:
   ``copy_mask``'s key characters and final-value characters),
   segment ids, positions; samples longer than a row are skipped."""
   arr = {k: np.zeros((n_rows, row_len), np.int32)
          for k in ("inputs", "targets", "segment_ids", "positions")}
   arr["weights"] = np.zeros((n_rows, row_len), np.float32)
-  arr["copy"] = np.zeros((n_rows, row_len), np.float32)
-  arr["answer"] = np.zeros((n_rows, row_len), np.float32)
+  arr["keys"] = np.zeros((n_rows, row_len), np.float32)
+  arr["values"] = np.zeros((n_rows, row_len), np.float32)
   r, col, seg, pending = 0, 0, 1, []
   while r < n_rows:
     if not pending:
@@ -198,8 +200,8 @@ def rows(chat, keep, rng, n_rows: int, row_len: int, task=None,
     arr["targets"][r, sl] = ids[1:]
     arr["weights"][r, sl] = mask[1:]
     keys, values = copy_mask(ids, mask)
-    arr["copy"][r, sl] = keys[1:]
-    arr["answer"][r, sl] = values[1:]
+    arr["keys"][r, sl] = keys[1:]
+    arr["values"][r, sl] = values[1:]
     arr["segment_ids"][r, sl] = seg
     arr["positions"][r, sl] = np.arange(n)
     col, seg = col + n, seg + 1
@@ -232,17 +234,17 @@ def train(params, cfg, kind, steps, lr, data, log, copy_weight=1.0):
                                 mode=mode, positions_BT=b["positions"])
     lp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
     nll = -jnp.take_along_axis(lp, b["targets"][..., None], -1)[..., 0]
-    lm = jnp.sum(nll * b["weights"]) / jnp.maximum(jnp.sum(b["weights"]), 1)
-    # Diagnostics: the loss on copied characters and on the template.
     def mean(w):
       return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1)
-    cp = jnp.stack([mean(b["copy"]), mean(b["answer"])])
-    tm = mean(b["weights"] - b["copy"] - b["answer"])
+    lm = mean(b["weights"])
+    # Diagnostics: the loss on copied characters and on the template.
+    cp = jnp.stack([mean(b["keys"]), mean(b["values"])])
+    tm = mean(b["weights"] - b["keys"] - b["values"])
     kl = (jnp.sum(aux.indexer_kl) if kind in ("warmup", "sparse") else
           0.0)
-    w = b["weights"] + (copy_weight - 1.0) * (b["copy"] + b["answer"])
+    w = b["weights"] + (copy_weight - 1.0) * (b["keys"] + b["values"])
     if kind == "copy":
-      w = b["copy"] + b["answer"]
+      w = b["keys"] + b["values"]
     loss = kl if kind == "warmup" else mean(w) + kl
     return loss, (lm, kl, cp, tm)
 

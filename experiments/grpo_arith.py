@@ -94,45 +94,63 @@ RL = RLConfig(task="arithmetic", digits=DIGITS, ops=OPS, reverse=REVERSE,
               eval_samples=EVAL_SAMPLES)
 
 
-def heldout_lines(seeds=HELDOUT_SEEDS, n: int = EVAL_PROMPTS,
-                  digits: int = DIGITS, ops: str = OPS,
-                  reverse: bool = REVERSE) -> set[str]:
-  """The prompts the grpo phases score eval_reward on (dsax.rl.trainer
-  draws them from default_rng([seed, HELDOUT_STREAM]))."""
-  from dsax.rl import rewards, trainer  # pylint: disable=import-outside-toplevel
+def heldout_prompts(draw, seeds=HELDOUT_SEEDS,
+                    n: int = EVAL_PROMPTS) -> set[str]:
+  """The prompts the grpo phases score on for each seed: ``n`` problems
+  ``draw(rng)`` from default_rng([seed, HELDOUT_STREAM]), as
+  dsax.rl.trainer draws them."""
+  from dsax.rl import trainer  # pylint: disable=import-outside-toplevel
   out = set()
   for seed in seeds:
     rng = np.random.default_rng([seed, trainer.HELDOUT_STREAM])
-    out.update(rewards.arithmetic(rng, digits, ops, reverse).prompt
-               for _ in range(n))
+    out.update(draw(rng).prompt for _ in range(n))
   return out
 
 
-def data_file(n: int = TRAIN_PROBLEMS, digits: int = DIGITS, ops: str = OPS,
-              data_dir: str | None = None, reverse: bool = REVERSE) -> str:
-  """A JSONL of ``n`` problems with their answers, one document each
-  ("Q: 47+85= 132\\n"), drawn with seed 12345 and without the held-out
-  prompts; written once (atomically), then reused."""
-  from dsax.rl import rewards  # pylint: disable=import-outside-toplevel
-  name = f"arith_d{digits}_{''.join('asm'['+-*'.index(o)] for o in ops)}" \
-         f"{'_rev' if reverse else ''}_{n}.jsonl"
-  data_dir = data_dir or DATA_DIR
-  path = os.path.join(data_dir, name)
+def problem_file(path: str, n: int, draw, held: set[str], text=None) -> str:
+  """``path``: a JSONL of ``n`` problems ``draw(rng)`` (seed 12345), one
+  document each, skipping the prompts in ``held``; the document is
+  ``text(problem, rng)``, by default the prompt, its answer and a newline.
+  Written once (atomically), then reused."""
   if os.path.isfile(path):
     return path
-  os.makedirs(data_dir, exist_ok=True)
-  held = heldout_lines(digits=digits, ops=ops, reverse=reverse)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
   rng = np.random.default_rng(12345)
   lines = []
   while len(lines) < n:
-    p = rewards.arithmetic(rng, digits, ops, reverse)
-    if p.prompt not in held:
-      lines.append(json.dumps({"text": p.prompt + p.data["answer"] + "\n"}))
+    p = draw(rng)
+    if p.prompt in held:
+      continue
+    doc = text(p, rng) if text else p.prompt + p.data["answer"] + "\n"
+    lines.append(json.dumps({"text": doc}))
   tmp = f"{path}.{os.getpid()}.tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
   os.replace(tmp, path)
   return path
+
+
+def _arith(digits: int, ops: str, reverse: bool):
+  from dsax.rl import rewards  # pylint: disable=import-outside-toplevel
+  return lambda rng: rewards.arithmetic(rng, digits, ops, reverse)
+
+
+def heldout_lines(seeds=HELDOUT_SEEDS, n: int = EVAL_PROMPTS,
+                  digits: int = DIGITS, ops: str = OPS,
+                  reverse: bool = REVERSE) -> set[str]:
+  """The arithmetic prompts the grpo phases score eval_reward on."""
+  return heldout_prompts(_arith(digits, ops, reverse), seeds, n)
+
+
+def data_file(n: int = TRAIN_PROBLEMS, digits: int = DIGITS, ops: str = OPS,
+              data_dir: str | None = None, reverse: bool = REVERSE) -> str:
+  """A JSONL of ``n`` problems with their answers, one document each
+  ("Q: 47+85= 132\\n"), without the held-out prompts."""
+  name = f"arith_d{digits}_{''.join('asm'['+-*'.index(o)] for o in ops)}" \
+         f"{'_rev' if reverse else ''}_{n}.jsonl"
+  return problem_file(os.path.join(data_dir or DATA_DIR, name), n,
+                      _arith(digits, ops, reverse),
+                      heldout_lines(digits=digits, ops=ops, reverse=reverse))
 
 
 def data_config(path: str, test: bool) -> DataConfig:

@@ -45,10 +45,7 @@ heads, indexer 4 x 32) with top-4 selection.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-
-import numpy as np
 
 from dsax.config import (ConfigError, EvalConfig, ExperimentConfig,
                          OptimConfig, PhaseConfig, RLConfig)
@@ -81,45 +78,32 @@ RL = RLConfig(task="digit_max", digits=DIGITS, prompts=16,
               eval_samples=EVAL_SAMPLES)
 
 
+def _draw(digits: int):
+  from dsax.rl import rewards  # pylint: disable=import-outside-toplevel
+  return lambda rng: rewards.digit_max(rng, digits)
+
+
 def heldout_lines(seeds=HELDOUT_SEEDS, n: int = EVAL_PROMPTS,
                   digits: int = DIGITS) -> set[str]:
-  """The prompts the grpo phases score on (dsax.rl.trainer draws them from
-  default_rng([seed, HELDOUT_STREAM]))."""
-  from dsax.rl import rewards, trainer  # pylint: disable=import-outside-toplevel
-  out = set()
-  for seed in seeds:
-    rng = np.random.default_rng([seed, trainer.HELDOUT_STREAM])
-    out.update(rewards.digit_max(rng, digits).prompt for _ in range(n))
-  return out
+  """The prompts the grpo phases score on."""
+  return grpo_arith.heldout_prompts(_draw(digits), seeds, n)
 
 
 def data_file(n: int = TRAIN_PROBLEMS, share: float = MAX_SHARE,
               digits: int = DIGITS, data_dir: str | None = None) -> str:
   """A JSONL of ``n`` digit strings, one document each: ``M: 382719= 9\\n``
   (the largest) with probability ``share``, else ``M: 382719= 1\\n`` (the
-  smallest); drawn with seed 12345 and without the held-out prompts;
-  written once (atomically)."""
-  from dsax.rl import rewards  # pylint: disable=import-outside-toplevel
-  data_dir = data_dir or DATA_DIR
-  path = os.path.join(data_dir, f"max_d{digits}_p{share:g}_{n}.jsonl")
-  if os.path.isfile(path):
-    return path
-  os.makedirs(data_dir, exist_ok=True)
-  held = heldout_lines(digits=digits)
-  rng = np.random.default_rng(12345)
-  lines = []
-  while len(lines) < n:
-    p = rewards.digit_max(rng, digits)
-    if p.prompt in held:
-      continue
+  smallest); without the held-out prompts (grpo_arith.problem_file)."""
+
+  def text(p, rng):
     answer = p.data["answer"] if rng.random() < share else \
         " " + min(p.prompt[3:-1])
-    lines.append(json.dumps({"text": p.prompt + answer + "\n"}))
-  tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write("\n".join(lines) + "\n")
-  os.replace(tmp, path)
-  return path
+    return p.prompt + answer + "\n"
+
+  path = os.path.join(data_dir or DATA_DIR,
+                      f"max_d{digits}_p{share:g}_{n}.jsonl")
+  return grpo_arith.problem_file(path, n, _draw(digits),
+                                 heldout_lines(digits=digits), text)
 
 
 def phases(pretrain: int, warmup: int, sparse: int, grpo: int,

@@ -2,7 +2,7 @@
 
 For each ``both_s<seed>`` run under WORKDIR, the greedy answers of the four
 saved policies (pretrain and grpo_dense with dense attention; sparse and
-grpo_sparse with top-8 DSA) to that seed's held-out prompts, exactly as a
+grpo_sparse with top-4 DSA) to that seed's held-out prompts, exactly as a
 grpo phase draws them. Pooled over seeds, per policy: the share of answers
 that are the largest digit, the smallest, or another digit, and the
 accuracy by the largest digit's value (9, 8, 7, <= 6). It separates
@@ -52,11 +52,13 @@ def answers(run_dir: str, seed: int, variant: str = "both"
   mesh = S.make_mesh(cfg.mesh)
   abstract = train.abstract_params(cfg, mesh)
   tok = Tokenizer("bytes")
+  # Both grpo phases draw the same held-out problems (one task, one seed).
+  dense = phases["grpo_dense"]
+  probs = trainer.problems(dense, tok, np.random.default_rng(
+      [seed, trainer.HELDOUT_STREAM]), dense.rl.eval_prompts)
   out = {}
   for name, saved, as_phase in POLICIES:
     phase = phases[as_phase]
-    probs = trainer.problems(phase, tok, np.random.default_rng(
-        [seed, trainer.HELDOUT_STREAM]), phase.rl.eval_prompts)
     params = checkpoint.load_params(
         os.path.join(run_dir, "phases", saved), abstract)
     rcfg = trainer.rollout_config(phase, tok, greedy=True)

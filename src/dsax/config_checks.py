@@ -187,8 +187,10 @@ def run(cfg: Any) -> None:
 
 def rl(r: Any, key: str) -> None:
   """Values of a grpo phase's ``rl`` group (config.RLConfig)."""
-  from dsax import tasks  # pylint: disable=import-outside-toplevel
-  names = ("arithmetic", "digit_max") + tuple(tasks.TASKS)
+  # pylint: disable=import-outside-toplevel
+  from dsax import tasks
+  from dsax.rl import rewards
+  names = rewards.GENERATED + tuple(tasks.TASKS)
   if r.task not in names:
     raise ConfigError(f"{key}.task={r.task!r} must be one of {names}")
   if not r.ops or set(r.ops) - set("+-*"):

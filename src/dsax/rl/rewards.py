@@ -33,6 +33,9 @@ import numpy as np
 from dsax import tasks
 
 Reward = Callable[[str, str, Mapping[str, Any]], float]
+# The tasks generated here rather than by dsax.tasks; every prompt of one
+# setting has one length.
+GENERATED = ("arithmetic", "digit_max")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -143,15 +143,11 @@ def problems(phase: PhaseConfig, tok, rng: np.random.Generator,
   return [rewards.retrieval(rng, r.task, r.length, count) for _ in range(n)]
 
 
-# Tasks whose prompts of one setting all have one length (no padding to 64).
-SHORT_TASKS = ("arithmetic", "digit_max")
-
-
 def prompt_tokens(phase: PhaseConfig, tok, probs) -> jax.Array:
   """int32 [O, P], left-padded with token 0 (retrieval: P a multiple of
   64, so prompts of varying length share few compiled programs)."""
   out_OT = rewards.batch_prompts([tok.encode(p.prompt) for p in probs], 0)
-  if phase.rl.task not in SHORT_TASKS:
+  if phase.rl.task not in rewards.GENERATED:
     pad = -out_OT.shape[1] % 64
     out_OT = np.pad(out_OT, ((0, 0), (pad, 0)))
   return jnp.asarray(out_OT)
