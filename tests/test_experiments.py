@@ -121,3 +121,40 @@ def test_smollm2_check_parses_and_names_a_missing_model(tmp_path):
                        capture_output=True, text=True, timeout=300)
   assert out.returncode != 0
   assert "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+def test_bench_util_compiles_times_and_sizes_programs(capsys):
+  """experiments/bench_util.py: compile_all's first outputs are the
+  programs' outputs, its peak covers at least the arguments and outputs,
+  and interleaved times every program."""
+  import jax
+  import jax.numpy as jnp
+  import bench_util
+  x = jnp.ones((256, 256), jnp.float32)
+  fns = {"double": jax.jit(lambda a: a * 2), "mm": jax.jit(lambda a: a @ a)}
+  compiled, peaks, first = bench_util.compile_all(fns, x)
+  np.testing.assert_allclose(first["double"], 2 * np.ones((256, 256)))
+  np.testing.assert_allclose(first["mm"], 256 * np.ones((256, 256)))
+  for n in fns:   # one [256, 256] f32 argument and output: 0.25 MiB each
+    assert peaks[n] >= 0.5 - 1e-6, (n, peaks[n])
+  times = bench_util.interleaved(compiled, (x,), reps=2)
+  assert set(times) == set(fns) and all(t > 0 for t in times.values())
+  out = capsys.readouterr().out
+  assert "rep 1: double" in out and "cpus=" in bench_util.machine()
+
+
+def test_smollm2_page_cells_and_ratios():
+  """experiments/smollm2_page.py (its page is written end to end by
+  tests/test_smollm2_experiment.py): a passkey cell carries the Wilson
+  interval, and the NLL ratio by position skips empty buckets."""
+  sys.path.insert(0, ROOT)
+  from experiments import smollm2_page
+  from dsax.evals import rows
+  lo, hi = rows.wilson(3, 4)
+  assert smollm2_page._cell((3, 4)) == f"3/4 [{lo:.2f}, {hi:.2f}]"
+
+  def ev(losses):
+    return {"heldout": {"prose": {"by_position": {"loss": losses}}}}
+  got = smollm2_page._ratios(ev([2.0, None, 3.0]), ev([1.0, 1.0, 0.0]),
+                             "prose")
+  assert got == [2.0, None, None]
