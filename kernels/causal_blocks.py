@@ -509,14 +509,111 @@ def _warmup_kl_bwd(scale, block, res, g_BT):
 _warmup_kl.defvjp(_warmup_kl_fwd, _warmup_kl_bwd)
 
 
-def warmup_kl(q_parts, k_parts, lse_BTN, q_I_BTIJ, k_I_BSJ, w_BTI,
-              scale: float, segment_ids_BT=None, block: int = 256, *,
-              q_index_T=None, k_segment_ids_BS=None):
-  """The DSA dense warm-up KL_BT (f32) of causal self-attention given by
-  its score parts and the lse that ``attention`` returned, against the
-  indexer logits of (q_I, k_I, w), over the lower-triangle blocks. q, k and
-  lse are detached: the gradient reaches q_I, k_I, w only. A query shard:
-  ``q_index_T`` and ``k_segment_ids_BS`` as in ``attention``."""
+# --------------------------------------------- warm-up KL, one fused pass
+
+
+def _indexer_lse(blk, ib, grid: _Grid, bsz: int):
+  """[n,B,b] logsumexp of the indexer logits over each query's causal
+  in-segment keys: the indexer side alone (no attention scores)."""
+  def row(i, buf):
+    _, seg_i, pos_i = _rows(blk, i)
+    q_i_BTIJ, w_BTI = _at(ib[0], i), _at(ib[2], i)
+
+    def col(j, carry):
+      m_BT, l_BT = carry
+      mask_BTS = _mask(i, j, seg_i, _at(blk.seg_k, j), pos_i, grid)
+      logits_BTS = jnp.where(
+          mask_BTS, indexer_logits(q_i_BTIJ, _at(ib[1], j), w_BTI), NEG_INF)
+      m_new = jnp.maximum(m_BT, jnp.max(logits_BTS, axis=-1))
+      return m_new, l_BT * jnp.exp(m_BT - m_new) + jnp.sum(
+          jnp.exp(logits_BTS - m_new[..., None]), axis=-1)
+
+    zero = jnp.zeros((bsz, grid.b), F32)
+    m_BT, l_BT = jax.lax.fori_loop(0, _at(blk.top, i) + 1, col,
+                                   (jnp.full_like(zero, NEG_INF), zero))
+    return _put(buf, m_BT + jnp.log(l_BT), i)
+
+  return jax.lax.fori_loop(0, grid.n, row, jnp.zeros((grid.n, bsz, grid.b),
+                                                      F32))
+
+
+def _kl_fused(qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT, seg_k_BS,
+              q_index_T, scale, block):
+  """(mean KL, its gradients w.r.t. q_I, k_I, w) in two passes: the
+  indexer's lse alone, then each tile once for the KL terms and the tile's
+  indexer-logits vjp of dKL/dI = softmax(I) - p (Z = 1: the lse is the
+  attention's over the same keys)."""
+  grid, kgrid = _grids(qs[0].shape[1], ks[0].shape[1], block)
+  blk = _blocked(qs, ks, seg_BT, seg_k_BS, q_index_T, grid, kgrid)
+  lse_b = _row_blocks(lse_BTN, grid)
+  ib = (_split(q_i_BTIJ, grid), _split(k_i_BSJ, kgrid), _split(w_BTI, grid))
+  bsz = qs[0].shape[0]
+  lse_i_b = _indexer_lse(blk, ib, grid, bsz)
+
+  def row(i, bufs):
+    rows = _kl_rows(blk, lse_b, ib, i)
+    lse_i_BT = _at(lse_i_b, i)
+
+    def col(j, carry):
+      z_BT, a_BT, dq, dw, dk_buf = carry
+      p_BTS, logits_BTS, mask_BTS, vjp = _kl_tile(rows, blk, ib, i, j, grid,
+                                                  scale)
+      terms = jax.scipy.special.xlogy(p_BTS, p_BTS) - p_BTS * logits_BTS
+      soft_BTS = jnp.exp(jnp.where(mask_BTS, logits_BTS, NEG_INF)
+                         - lse_i_BT[..., None])
+      dq_t, dk_t, dw_t = vjp(jnp.where(mask_BTS, soft_BTS - p_BTS, 0.0))
+      return (z_BT + jnp.sum(jnp.where(mask_BTS, p_BTS, 0.0), axis=-1),
+              a_BT + jnp.sum(jnp.where(mask_BTS, terms, 0.0), axis=-1),
+              dq + dq_t, dw + dw_t, _put(dk_buf, _at(dk_buf, j) + dk_t, j))
+
+    kl_buf, dq_buf, dk_buf, dw_buf = bufs
+    zero = jnp.zeros((bsz, grid.b), F32)
+    z_BT, a_BT, dq, dw, dk_buf = jax.lax.fori_loop(
+        0, _at(blk.top, i) + 1, col,
+        (zero, zero, jnp.zeros(ib[0].shape[1:], F32),
+         jnp.zeros(ib[2].shape[1:], F32), dk_buf))
+    z_BT = jnp.maximum(z_BT, 1e-30)
+    kl_BT = a_BT / z_BT - jnp.log(z_BT) + lse_i_BT
+    return (_put(kl_buf, kl_BT, i), _put(dq_buf, dq, i), dk_buf,
+            _put(dw_buf, dw, i))
+
+  bufs = (jnp.zeros((grid.n, bsz, grid.b), F32),) + tuple(
+      jnp.zeros(x.shape, F32) for x in ib)
+  kl_b, dq_b, dk_b, dw_b = jax.lax.fori_loop(0, grid.n, row, bufs)
+  n = bsz * grid.t   # the mean's count; padded query rows have dl = 0
+  grads = tuple(_join(d, g) / n for d, g in zip(
+      (dq_b, dk_b, dw_b), (grid, kgrid, grid)))
+  return jnp.mean(_join(kl_b, grid)), grads
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
+def _warmup_kl_mean(qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT,
+                    seg_k_BS, q_index_T, scale, block):
+  # Not differentiated (an evaluation): the one forward pass.
+  return jnp.mean(_kl_fwd_impl(qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI,
+                               seg_BT, seg_k_BS, q_index_T, scale, block)[0])
+
+
+def _warmup_kl_mean_fwd(qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT,
+                        seg_k_BS, q_index_T, scale, block):
+  kl, grads = _kl_fused(qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT,
+                        seg_k_BS, q_index_T, scale, block)
+  return kl, tuple(g.astype(x.dtype) for g, x in zip(
+      grads, (q_i_BTIJ, k_i_BSJ, w_BTI)))
+
+
+def _warmup_kl_mean_bwd(scale, block, grads, g):
+  del scale, block
+  return (None, None, None) + tuple(x * g.astype(x.dtype) for x in grads) + (
+      None, None, None)
+
+
+_warmup_kl_mean.defvjp(_warmup_kl_mean_fwd, _warmup_kl_mean_bwd)
+
+
+def _kl_args(q_parts, k_parts, lse_BTN, q_I_BTIJ, k_I_BSJ, w_BTI,
+             segment_ids_BT, q_index_T, k_segment_ids_BS):
+  """Checked, detached arguments of the warm-up KL ops."""
   qs, ks = tuple(q_parts), tuple(k_parts)
   b, t, n = qs[0].shape[:3]
   s = ks[0].shape[1] if ks and ks[0].ndim == 4 else t
@@ -532,5 +629,34 @@ def warmup_kl(q_parts, k_parts, lse_BTN, q_I_BTIJ, k_I_BSJ, w_BTI,
   seg_BT, seg_k_BS, q_index_T = _shard(q_index_T, k_segment_ids_BS,
                                        segment_ids_BT, b, t, s)
   qs, ks, lse_BTN = jax.lax.stop_gradient((qs, ks, lse_BTN))
-  return _warmup_kl(qs, ks, lse_BTN, q_I_BTIJ, k_I_BSJ, w_BTI, seg_BT,
-                    seg_k_BS, q_index_T, float(scale), int(block))
+  return (qs, ks, lse_BTN, q_I_BTIJ, k_I_BSJ, w_BTI, seg_BT, seg_k_BS,
+          q_index_T)
+
+
+def warmup_kl_mean(q_parts, k_parts, lse_BTN, q_I_BTIJ, k_I_BSJ, w_BTI,
+                   scale: float, segment_ids_BT=None, block: int = 256, *,
+                   q_index_T=None, k_segment_ids_BS=None):
+  """The mean over [B, T] of ``warmup_kl``, for training: under a gradient
+  its forward makes the indexer's lse in a pass of its own, then scores
+  each tile once for both the KL and its indexer gradient (kept as the
+  residual), so the attention scores are formed twice per step (the
+  attention's forward, this pass) instead of three times. Not
+  differentiated, it is ``warmup_kl``'s one pass. The gradient takes p as
+  normalised (Z = 1), which holds when ``lse_BTN`` is ``attention``'s over
+  the same queries, keys and segments."""
+  return _warmup_kl_mean(*_kl_args(
+      q_parts, k_parts, lse_BTN, q_I_BTIJ, k_I_BSJ, w_BTI, segment_ids_BT,
+      q_index_T, k_segment_ids_BS), float(scale), int(block))
+
+
+def warmup_kl(q_parts, k_parts, lse_BTN, q_I_BTIJ, k_I_BSJ, w_BTI,
+              scale: float, segment_ids_BT=None, block: int = 256, *,
+              q_index_T=None, k_segment_ids_BS=None):
+  """The DSA dense warm-up KL_BT (f32) of causal self-attention given by
+  its score parts and the lse that ``attention`` returned, against the
+  indexer logits of (q_I, k_I, w), over the lower-triangle blocks. q, k and
+  lse are detached: the gradient reaches q_I, k_I, w only. A query shard:
+  ``q_index_T`` and ``k_segment_ids_BS`` as in ``attention``."""
+  return _warmup_kl(*_kl_args(
+      q_parts, k_parts, lse_BTN, q_I_BTIJ, k_I_BSJ, w_BTI, segment_ids_BT,
+      q_index_T, k_segment_ids_BS), float(scale), int(block))

@@ -235,6 +235,21 @@ def test_warmup_kl_op_matches_the_chunked_reference():
   np.testing.assert_allclose(kl, kl_ref, rtol=1e-5, atol=1e-6)
   for a, b in zip(g, g_ref):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+  # The training op: the mean KL with its gradient made in the forward.
+  def fused(*a):
+    return causal_blocks.warmup_kl_mean(qs, ks, lse, *a, 0.4, SEG, block=8)
+
+  def mean_ref(*a):
+    return jnp.mean(ref(*a))
+
+  args = (q_i, k_i, w)
+  value, g = jax.jit(jax.value_and_grad(fused, (0, 1, 2)))(*args)
+  value_ref, g_ref = jax.jit(jax.value_and_grad(mean_ref, (0, 1, 2)))(*args)
+  np.testing.assert_allclose(value, value_ref, rtol=1e-5)
+  np.testing.assert_allclose(jax.jit(fused)(*args), value_ref, rtol=1e-5)
+  for a, b in zip(g, g_ref):
+    assert float(jnp.abs(b).max()) > 0
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("indexer_loss", [False, True])

@@ -448,14 +448,15 @@ def _dense(a, proj, mode, cfg, segment_ids_BT, indexer, given, shard=None):
     return fam.dense_attention(a, proj, cfg, segment_ids_BT)[0], {}
   if not mode.recall:
     # The warm-up: flash attention over the causal blocks gives (o, lse),
-    # then the KL in a second pass over the same blocks from that lse.
+    # then the KL and its indexer gradient in one more pass over the same
+    # blocks from that lse.
     qs, ks, v = fam.score_inputs(a, proj, cfg)
     scale = fam.softmax_scale(cfg)
     o_BTNE, lse_BTN = causal_blocks.attention(qs, ks, v, scale, segment_ids_BT,
                                               block=cfg.attn_q_chunk)
-    kl_BT = causal_blocks.warmup_kl(qs, ks, lse_BTN, *indexer, scale,
-                                    segment_ids_BT, block=cfg.attn_q_chunk)
-    return o_BTNE, {"indexer_kl": jnp.mean(kl_BT)}
+    kl = causal_blocks.warmup_kl_mean(qs, ks, lse_BTN, *indexer, scale,
+                                      segment_ids_BT, block=cfg.attn_q_chunk)
+    return o_BTNE, {"indexer_kl": kl}
   # Recall takes a top-k over each query's whole row: the chunk probe.
   q_i_BTIJ, k_i_BSJ, w_i_BTI = indexer
   probe = functools.partial(dense_probe, topk=mode.topk,
@@ -479,9 +480,9 @@ def _dense_shard(fam, a, proj, mode, cfg, segment_ids_BT, indexer, shard):
                                             block=shard.block, **at)
   if not mode.indexer_loss:
     return o_BTNE, {}
-  kl_BT = causal_blocks.warmup_kl(qs, ks, lse_BTN, *indexer, scale,
-                                  segment_ids_BT, block=shard.block, **at)
-  return o_BTNE, {"indexer_kl": jnp.mean(kl_BT)}
+  kl = causal_blocks.warmup_kl_mean(qs, ks, lse_BTN, *indexer, scale,
+                                    segment_ids_BT, block=shard.block, **at)
+  return o_BTNE, {"indexer_kl": kl}
 
 
 def _indexer_topk(q_i_BTIJ, k_i_BSJ, w_i_BTI, segment_ids_BT, *, topk, q_chunk,
