@@ -38,8 +38,9 @@ indexer a_i = 2 I J:
             (what the step does: the frozen trunk's forward without the
             head (no LM loss), the dense attention's forward, the indexer's
             projections forward + weight gradients (inputs detached), its
-            logits over every causal key forward + backward; the probe's
-            recompute of the scores in the backward is not counted)
+            logits over every causal key forward + backward; the KL
+            pass's second scoring of the attention and its indexer-only
+            lse pass, causal_blocks.warmup_kl_mean, are not counted)
   sparse    6 P T B + 3 a_s Sk B L + 4 P_I T B + a_i S1 B L
             + (3 a_i + a_t) Sk B L
             (the indexer's logits over every causal key for the top-k,

@@ -45,12 +45,18 @@ block i over j <= i, with I the indexer heads:
   I[t,s]  = sum_i w[t,i] relu(q_I[t,i] . k_I[s])
   Z = sum_s p,   A = sum_s p (log p - I),   lse_I = logsumexp_s I  (online)
   KL[t] = sum_s p~ (log p~ - log_softmax_s I) = A / Z - log Z + lse_I,
-  p~ = p / Z, over the causal in-segment keys. The attention side (q, k,
-  lse) is detached; the gradient reaches q_I, k_I, w through
-  dKL/dI[t,s] = softmax_s(I[t])[s] - p~[t,s]
-recomputed per tile in the backward (from the saved lse_I and Z) and fed to
-the indexer-logits vjp of the tile: dq_I, dw of query block i, dk_I of key
-block j (a [B,S]-long buffer). No T x S, no T x S x N.
+  p~ = p / Z, over the causal in-segment keys (Z = 1 when the lse is the
+  attention's over the same keys). The attention side (q, k, lse) is
+  detached; the gradient reaches q_I, k_I, w through
+  dKL/dI[t,s] = softmax_s(I[t])[s] - p~[t,s].
+Training (``warmup_kl_mean``, the mean over [B, T]) needs lse_I before any
+tile's gradient, so its forward runs two passes: the indexer logits alone
+for lse_I, then every tile once for p, the KL terms and the tile's
+indexer-logits vjp of softmax(I) - p (dq_I, dw of query block i, dk_I of key
+block j, a [B,S]-long buffer), kept as the residual the backward scales. The
+attention scores are formed twice per warm-up step (the attention's forward,
+this pass), not three times as a forward then a recomputing backward would.
+No T x S, no T x S x N.
 """
 
 from __future__ import annotations
@@ -417,13 +423,14 @@ def _kl_tile(rows, blk, ib, i, j, grid, scale):
 
 def _kl_fwd_impl(qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT,
                  seg_k_BS, q_index_T, scale, block):
+  """KL_BT in one pass: the values."""
   grid, kgrid = _grids(qs[0].shape[1], ks[0].shape[1], block)
   blk = _blocked(qs, ks, seg_BT, seg_k_BS, q_index_T, grid, kgrid)
   lse_b = _row_blocks(lse_BTN, grid)
   ib = (_split(q_i_BTIJ, grid), _split(k_i_BSJ, kgrid), _split(w_BTI, grid))
   bsz = qs[0].shape[0]
 
-  def row(i, bufs):
+  def row(i, kl_buf):
     rows = _kl_rows(blk, lse_b, ib, i)
 
     def col(j, carry):
@@ -443,70 +450,11 @@ def _kl_fwd_impl(qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT,
         0, _at(blk.top, i) + 1, col,
         (zero, zero, jnp.full_like(zero, NEG_INF), zero))
     z_BT = jnp.maximum(z_BT, 1e-30)
-    lse_i_BT = m_BT + jnp.log(l_BT)
-    kl_buf, lse_i_buf, z_buf = bufs
-    return (_put(kl_buf, a_BT / z_BT - jnp.log(z_BT) + lse_i_BT, i),
-            _put(lse_i_buf, lse_i_BT, i), _put(z_buf, z_BT, i))
+    return _put(kl_buf, a_BT / z_BT - jnp.log(z_BT) + m_BT + jnp.log(l_BT), i)
 
-  buf = jnp.zeros((grid.n, bsz, grid.b), F32)
-  kl_b, lse_i_b, z_b = jax.lax.fori_loop(0, grid.n, row, (buf, buf, buf))
-  return _join(kl_b, grid), (lse_i_b, z_b)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
-def _warmup_kl(qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT, seg_k_BS,
-               q_index_T, scale, block):
-  return _kl_fwd_impl(qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT,
-                      seg_k_BS, q_index_T, scale, block)[0]
-
-
-def _warmup_kl_fwd(qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT,
-                   seg_k_BS, q_index_T, scale, block):
-  kl_BT, rows = _kl_fwd_impl(qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI,
-                             seg_BT, seg_k_BS, q_index_T, scale, block)
-  return kl_BT, (qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT, seg_k_BS,
-                 q_index_T, rows)
-
-
-def _warmup_kl_bwd(scale, block, res, g_BT):
-  (qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT, seg_k_BS, q_index_T,
-   (lse_i_b, z_b)) = res
-  grid, kgrid = _grids(qs[0].shape[1], ks[0].shape[1], block)
-  blk = _blocked(qs, ks, seg_BT, seg_k_BS, q_index_T, grid, kgrid)
-  lse_b = _row_blocks(lse_BTN, grid)
-  ib = (_split(q_i_BTIJ, grid), _split(k_i_BSJ, kgrid), _split(w_BTI, grid))
-  g_b = _split(g_BT.astype(F32), grid)
-
-  def row(i, bufs):
-    rows = _kl_rows(blk, lse_b, ib, i)
-    lse_i_BT, z_BT, g_i_BT = _at(lse_i_b, i), _at(z_b, i), _at(g_b, i)
-
-    def col(j, carry):
-      dq, dw, dk_buf = carry
-      p_BTS, logits_BTS, mask_BTS, vjp = _kl_tile(rows, blk, ib, i, j, grid,
-                                                  scale)
-      soft_BTS = jnp.exp(jnp.where(mask_BTS, logits_BTS, NEG_INF)
-                         - lse_i_BT[..., None])
-      dl_BTS = jnp.where(mask_BTS, soft_BTS - p_BTS / z_BT[..., None],
-                         0.0) * g_i_BT[..., None]
-      dq_t, dk_t, dw_t = vjp(dl_BTS)
-      return dq + dq_t, dw + dw_t, _put(dk_buf, _at(dk_buf, j) + dk_t, j)
-
-    dq_buf, dk_buf, dw_buf = bufs
-    init = (jnp.zeros(ib[0].shape[1:], F32), jnp.zeros(ib[2].shape[1:], F32),
-            dk_buf)
-    dq, dw, dk_buf = jax.lax.fori_loop(0, _at(blk.top, i) + 1, col, init)
-    return _put(dq_buf, dq, i), dk_buf, _put(dw_buf, dw, i)
-
-  bufs = tuple(jnp.zeros(x.shape, F32) for x in ib)
-  dq_b, dk_b, dw_b = jax.lax.fori_loop(0, grid.n, row, bufs)
-  grads = tuple(_join(d, g).astype(x.dtype)
-                for d, g, x in zip((dq_b, dk_b, dw_b), (grid, kgrid, grid),
-                                   (q_i_BTIJ, k_i_BSJ, w_BTI)))
-  return (None, None, None) + grads + (None, None, None)
-
-
-_warmup_kl.defvjp(_warmup_kl_fwd, _warmup_kl_bwd)
+  kl_b = jax.lax.fori_loop(0, grid.n, row, jnp.zeros((grid.n, bsz, grid.b),
+                                                      F32))
+  return _join(kl_b, grid)
 
 
 # --------------------------------------------- warm-up KL, one fused pass
@@ -591,7 +539,7 @@ def _warmup_kl_mean(qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT,
                     seg_k_BS, q_index_T, scale, block):
   # Not differentiated (an evaluation): the one forward pass.
   return jnp.mean(_kl_fwd_impl(qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI,
-                               seg_BT, seg_k_BS, q_index_T, scale, block)[0])
+                               seg_BT, seg_k_BS, q_index_T, scale, block))
 
 
 def _warmup_kl_mean_fwd(qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT,
@@ -654,9 +602,10 @@ def warmup_kl(q_parts, k_parts, lse_BTN, q_I_BTIJ, k_I_BSJ, w_BTI,
               q_index_T=None, k_segment_ids_BS=None):
   """The DSA dense warm-up KL_BT (f32) of causal self-attention given by
   its score parts and the lse that ``attention`` returned, against the
-  indexer logits of (q_I, k_I, w), over the lower-triangle blocks. q, k and
-  lse are detached: the gradient reaches q_I, k_I, w only. A query shard:
-  ``q_index_T`` and ``k_segment_ids_BS`` as in ``attention``."""
-  return _warmup_kl(*_kl_args(
-      q_parts, k_parts, lse_BTN, q_I_BTIJ, k_I_BSJ, w_BTI, segment_ids_BT,
-      q_index_T, k_segment_ids_BS), float(scale), int(block))
+  indexer logits of (q_I, k_I, w), over the lower-triangle blocks: one
+  pass, values only (its loops have no reverse mode; train on
+  ``warmup_kl_mean``). A query shard: ``q_index_T`` and
+  ``k_segment_ids_BS`` as in ``attention``."""
+  args = _kl_args(q_parts, k_parts, lse_BTN, q_I_BTIJ, k_I_BSJ, w_BTI,
+                  segment_ids_BT, q_index_T, k_segment_ids_BS)
+  return _kl_fwd_impl(*args, float(scale), int(block))
