@@ -134,6 +134,20 @@ def _cell(hits_n) -> str:
   return f"{h}/{n} [{lo:.2f}, {hi:.2f}]"
 
 
+def kl_windows(kl: list[float], n: int = 8) -> list[tuple[int, int, float]]:
+  """(first step, last step, mean KL) of ``n`` equal windows of the warm-up
+  (the last takes the remainder): a batch-of-one KL is noisy per step, so
+  whether it has flattened shows in the window means."""
+  size = max(1, len(kl) // n)
+  out = []
+  for a in range(0, len(kl), size):
+    if len(out) == n - 1:
+      out.append((a + 1, len(kl), float(np.mean(kl[a:]))))
+      break
+    out.append((a + 1, min(a + size, len(kl)), float(np.mean(kl[a:a + size]))))
+  return out
+
+
 def _ratios(res: dict, ref: dict, text: str) -> list[float | None]:
   a = res["heldout"][text]["by_position"]["loss"]
   b = ref["heldout"][text]["by_position"]["loss"]
@@ -217,8 +231,11 @@ def plots(ev: dict, metrics: list[dict], out_dir: str, stem: str) -> list[str]:
   for m in sorted(metrics, key=lambda m: m["step"]):
     by.setdefault(m["phase"], []).append(m)
   if "warmup" in by:
-    w = by["warmup"]
-    a.plot(range(1, len(w) + 1), [m.get("indexer_kl") for m in w])
+    w = [m.get("indexer_kl") for m in by["warmup"]]
+    a.plot(range(1, len(w) + 1), w, lw=0.6, alpha=0.5, label="per step")
+    a.plot([(x + y) / 2 for x, y, _ in kl_windows(w)],
+           [m for _, _, m in kl_windows(w)], "k.-", label="window mean")
+    a.legend(fontsize=7)
   a.set(title="warm-up: indexer KL to dense", xlabel="step", ylabel="KL")
   for name, ms in by.items():
     if name != "warmup" and any("lm_loss" in m for m in ms):
@@ -289,8 +306,15 @@ def write(ev: dict, metrics: list[dict], out_dir: str, stem: str,
            f"{s['needle_seeds']} x {len(s['depths'])}. Intervals: Wilson "
            "95%.", ""]
   if kl:
+    win = kl_windows(kl)
     lines += [f"Warm-up KL: {kl[0]:.3f} at step 1, {kl[-1]:.3f} at step "
-              f"{len(kl)} (mean of the last 5: {np.mean(kl[-5:]):.3f}).", ""]
+              f"{len(kl)} (mean of the last 5: {np.mean(kl[-5:]):.3f}). "
+              "Mean per window of steps: " + ", ".join(
+                  f"{a}-{b} {m:.3f}" for a, b, m in win) + "."]
+    if len(win) > 1:
+      lines[-1] += (f" The last window is {1 - win[-1][2] / win[-2][2]:.1%} "
+                    "below the one before.")
+    lines.append("")
   if notes:
     lines += [notes.strip(), ""]
   lines += tables(ev) + [""]

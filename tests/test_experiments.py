@@ -158,3 +158,21 @@ def test_smollm2_page_cells_and_ratios():
   got = smollm2_page._ratios(ev([2.0, None, 3.0]), ev([1.0, 1.0, 0.0]),
                              "prose")
   assert got == [2.0, None, None]
+  # Warm-up KL windows: equal windows, the remainder in the last.
+  assert smollm2_page.kl_windows([1, 2, 3, 4, 5, 6, 7, 8], 4) == [
+      (1, 2, 1.5), (3, 4, 3.5), (5, 6, 5.5), (7, 8, 7.5)]
+  assert smollm2_page.kl_windows(list(range(10)), 3) == [
+      (1, 3, 1.0), (4, 6, 4.0), (7, 10, 7.5)]
+  assert smollm2_page.kl_windows([2.0], 8) == [(1, 1, 2.0)]
+
+
+def test_passkey_positions():
+  """experiments/passkey_selection.py (run end to end by
+  tests/test_smollm2_experiment.py): every prompt occurrence of the answer,
+  none in the answer itself."""
+  sys.path.insert(0, ROOT)
+  from experiments import passkey_selection
+  ids = np.array([5, 1, 2, 9, 1, 2, 7, 1, 2])
+  assert passkey_selection.passkey_positions(ids, 6, np.array([1, 2])) == [
+      1, 2, 4, 5]
+  assert passkey_selection.passkey_positions(ids, 6, np.array([3])) == []

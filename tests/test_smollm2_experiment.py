@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -96,10 +97,19 @@ def test_test_variant_runs_keeps_the_invariants_and_writes_the_page(
   for col in ("stdlib loss", "top-1 agree", "passkey 512",
               "needle (natural) 512", "NLL ratio", "recall"):
     assert col in page, col
+  assert "Mean per window of steps: 1-1 " in page
   for png in ("training", "position", "recall"):
     assert (out / f"smollm2_dsa_test_{png}.png").stat().st_size > 1000
   # The dense original agrees with itself on every token.
   assert "| dense original | " in page and "| 1.000 |" in page
+  # The passkey-selection diagnostic runs on the same run directory.
+  sys.path.insert(0, ROOT)
+  from experiments import passkey_selection
+  rows = passkey_selection.measure(str(run), "warmup", [512], (1.0,))
+  assert rows and rows[0]["tokens"] > 0
+  for r in rows:
+    assert len(r["indexer"]) == len(r["oracle"]) == cfg.model.n_layers
+    assert all(0 <= c <= r["tokens"] for c in r["indexer"] + r["oracle"])
   cached = sorted(os.listdir(run / "page"))
   stamp = {f: os.path.getmtime(run / "page" / f) for f in cached}
   assert exp.main(argv) == 0
