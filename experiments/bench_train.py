@@ -56,7 +56,9 @@ counted). The attention terms are bench_attention.py's.
 ``--breakdown`` also times each phase's forward alone (the loss value,
 jitted) and the head alone (unembed + LM loss forward), so a step splits
 into forward and backward + update, and the warm-up's forward into the
-trunk's and the probe's (warm-up fwd - (pretrain fwd - head fwd)).
+trunk's and the probe's (warm-up fwd - (pretrain fwd - head fwd)); and the
+pretrain step's parts, forward + backward each, timed alone (``part_fns``):
+one layer (and its attention sublayer), the head, the optimizer update.
 
 ``--compile-cache DIR`` runs under JAX's persistent compilation cache in
 DIR (``checkpoint.compilation_cache``, as a run does in <workdir>/cache/jax): a
@@ -258,6 +260,54 @@ def head_fn(cfg: C.ExperimentConfig):
   return jax.jit(fn)
 
 
+def part_fns(cfg: C.ExperimentConfig, params, batch) -> dict:
+  """The pretrain step's parts, forward + backward each, jitted with their
+  arguments: one layer (its first segment's first: attention sublayer,
+  output projection, feed-forward), that layer's attention alone (norm,
+  projections, dense core), the head (unembed + LM loss) and the update
+  of the pretrain phase's optimizer on every parameter."""
+  from dsax import dsa  # pylint: disable=import-outside-toplevel
+  from dsax.attention import AttentionMode  # pylint: disable=import-outside-toplevel
+  m = cfg.model
+  seg = model.layer_segments(params, m)[0]
+  p = jax.tree.map(lambda a: a[0], seg)
+  fam, mode = dsa.family(m), AttentionMode.of(m)
+  ang = fam.angles(model.default_positions(batch["inputs"]), m)
+  dtype = jnp.dtype(m.compute_dtype)
+  x = jax.random.normal(jax.random.PRNGKey(3), batch["inputs"].shape
+                        + (m.d_model,), jnp.float32).astype(dtype)
+
+  def attention(p, x):
+    h = model.attention_input(p, x, m)
+    o, _ = dsa.attend(p, h, fam.project(p["attn"], h, ang, m), mode, m)
+    return o
+
+  def layer(p, x):
+    return model.finish_layer(p, x, attention(p, x), m)[0]
+
+  def grad_of(f):
+    return jax.jit(jax.grad(lambda p, x: jnp.sum(
+        f(p, x).astype(jnp.float32) ** 2), (0, 1)))
+
+  def head(params, x):
+    return model.lm_loss(model.unembed(params, x, m), batch["targets"],
+                         batch["weights"])
+
+  phase = next(ph for ph in cfg.phases if ph.kind == "pretrain")
+  flat = train.flatten(params)
+  tx, _ = train.optimizer(phase, train.labels_for(phase, list(flat)))
+  grads = jax.tree.map(jnp.ones_like, flat)
+
+  def update(flat, opt, grads):
+    upd, opt = tx.update(grads, opt, flat)
+    return jax.tree.map(lambda a, u: a + u, flat, upd), opt
+
+  return {"layer f+b": (grad_of(layer), (p, x)),
+          "attn f+b": (grad_of(attention), (p, x)),
+          "head f+b": (jax.jit(jax.grad(head, (0, 1))), (params, x)),
+          "update": (jax.jit(update), (flat, tx.init(flat), grads))}
+
+
 def fmt(x: float, digits: int = 3) -> str:
   return "nan" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
@@ -345,6 +395,9 @@ def bench(args, cfg: C.ExperimentConfig) -> None:
     x_BTD = x_BTD.astype(jnp.dtype(m.compute_dtype))
     fwds["head fwd"] = (head_fn(cfg).lower(params, x_BTD, batch).compile(),
                         (params, x_BTD, batch))
+    if "pretrain" in phases:
+      for name, (fn, fargs) in part_fns(cfg, params, batch).items():
+        fwds[name] = (fn.lower(*fargs).compile(), fargs)
 
   if args.reps:
     times, mm_rates = time_rounds(args, runs, states, frozens, batch, fwds,
@@ -353,7 +406,7 @@ def bench(args, cfg: C.ExperimentConfig) -> None:
     times, mm_rates = {}, []
   rate = max([mm_flops / mm_first] + [mm_flops / s for s in mm_rates])
   report(args, phases, times, mm_rates, mm_flops, rate, flops, tokens,
-         compile_s, fwds)
+         compile_s, fwds, m.n_layers)
 
 
 def time_rounds(args, runs, states, frozens, batch, fwds, mm):
@@ -378,7 +431,7 @@ def time_rounds(args, runs, states, frozens, batch, fwds, mm):
 
 
 def report(args, phases, times, mm_times, mm_flops, rate, flops, tokens,
-           compile_s, fwds):
+           compile_s, fwds, n_layers):
   """The table, the ratios and the summary line."""
   med = {k: statistics.median(v) for k, v in times.items() if v}
   util = {}
@@ -409,6 +462,16 @@ def report(args, phases, times, mm_times, mm_flops, rate, flops, tokens,
           f"{trunk * 1e3:.1f} (pretrain fwd - head fwd) + probe "
           f"{(med['warmup fwd'] - trunk) * 1e3:.1f}; backward + update "
           f"{(med['warmup'] - med['warmup fwd']) * 1e3:.1f}")
+  if {"pretrain", "layer f+b", "attn f+b", "head f+b", "update"} <= set(med):
+    n = n_layers
+    parts = (n * med["layer f+b"] + med["head f+b"] + med["update"])
+    print(f"pretrain step parts (ms, each timed alone): {n} x layer "
+          f"{n * med['layer f+b'] * 1e3:.0f} (of which attention sublayer "
+          f"{n * med['attn f+b'] * 1e3:.0f}) + head "
+          f"{med['head f+b'] * 1e3:.0f} + update {med['update'] * 1e3:.0f} "
+          f"= {parts * 1e3:.0f}; the step {med['pretrain'] * 1e3:.0f} "
+          f"(the rest: embedding, final norm, the layer scan "
+          f"{(med['pretrain'] - parts) * 1e3:.0f})")
   ratio = (med["warmup"] / med["pretrain"]
            if {"warmup", "pretrain"} <= set(med) else float("nan"))
   print(f"summary: pretrain_util={fmt(util.get('pretrain', float('nan')))} "

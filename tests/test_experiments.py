@@ -48,6 +48,13 @@ def test_bench_train_runs_every_phase_kind(capsys):
     assert f"{kind:8s} phase" in out, out
   assert "GFLOP/s (best of 5)" in out and "warm-up breakdown (ms)" in out
   assert "step-time ratios (median): warmup/pretrain=" in out
+  parts = re.search(r"pretrain step parts \(ms, each timed alone\): (\d+) x "
+                    r"layer (\d+) \(of which attention sublayer (\d+)\) \+ "
+                    r"head (\d+) \+ update (\d+) = (\d+)", out)
+  assert parts, out
+  n, layer, attn, head, update, total = map(int, parts.groups())
+  assert n == 2 and min(layer, attn, head, update) >= 0  # ms, rounded
+  assert abs(layer + head + update - total) <= 2  # rounding of each term
   pretrain_util, ratio, sparse_util, compile_s = bench_summary(out)
   assert pretrain_util > 0 and sparse_util > 0 and ratio > 0
   assert compile_s > 0
