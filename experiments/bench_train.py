@@ -89,7 +89,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from dsax import config as C  # noqa: E402
 from dsax import model  # noqa: E402
 from dsax import params as P  # noqa: E402
-from dsax import checkpoint, sweep, train  # noqa: E402
+from dsax import checkpoint, lm_loss, sweep, train  # noqa: E402
 
 KINDS = ("pretrain", "warmup", "sparse")
 CACHE_HITS = [0]  # persistent compilation cache hits so far
@@ -264,7 +264,8 @@ def part_fns(cfg: C.ExperimentConfig, params, batch) -> dict:
   """The pretrain step's parts, forward + backward each, jitted with their
   arguments: one layer (its first segment's first: attention sublayer,
   output projection, feed-forward), that layer's attention alone (norm,
-  projections, dense core), the head (unembed + LM loss) and the update
+  projections, dense core), the head (final norm + the trainer's chunked
+  LM loss, ``dsax.lm_loss``) and the update
   of the pretrain phase's optimizer on every parameter."""
   from dsax import dsa  # pylint: disable=import-outside-toplevel
   from dsax.attention import AttentionMode  # pylint: disable=import-outside-toplevel
@@ -289,9 +290,9 @@ def part_fns(cfg: C.ExperimentConfig, params, batch) -> dict:
     return jax.jit(jax.grad(lambda p, x: jnp.sum(
         f(p, x).astype(jnp.float32) ** 2), (0, 1)))
 
-  def head(params, x):
-    return model.lm_loss(model.unembed(params, x, m), batch["targets"],
-                         batch["weights"])
+  def head(params, x):  # as the trainer does it: no [B, T, V] logits
+    return lm_loss.loss(params, model.final_hidden(params, x, m),
+                        batch["targets"], batch["weights"], m)
 
   phase = next(ph for ph in cfg.phases if ph.kind == "pretrain")
   flat = train.flatten(params)
@@ -470,7 +471,7 @@ def report(args, phases, times, mm_times, mm_flops, rate, flops, tokens,
           f"{n * med['attn f+b'] * 1e3:.0f}) + head "
           f"{med['head f+b'] * 1e3:.0f} + update {med['update'] * 1e3:.0f} "
           f"= {parts * 1e3:.0f}; the step {med['pretrain'] * 1e3:.0f} "
-          f"(the rest: embedding, final norm, the layer scan "
+          f"(the rest: embedding, the layer scan "
           f"{(med['pretrain'] - parts) * 1e3:.0f})")
   ratio = (med["warmup"] / med["pretrain"]
            if {"warmup", "pretrain"} <= set(med) else float("nan"))
