@@ -54,7 +54,8 @@ head; P_I = the indexer's. Backward = 2 x forward (3 x in all, remat not
 counted). The attention terms are bench_attention.py's.
 
 ``--breakdown`` also times each phase's forward alone (the loss value,
-jitted) and the head alone (unembed + LM loss forward), so a step splits
+jitted) and the head alone (final norm + the trainer's chunked LM loss,
+forward), so a step splits
 into forward and backward + update, and the warm-up's forward into the
 trunk's and the probe's (warm-up fwd - (pretrain fwd - head fwd)); and the
 pretrain step's parts, forward + backward each, timed alone (``part_fns``):
@@ -83,6 +84,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -252,12 +254,16 @@ def compile_timed(jitted, *args):
   return compiled, t1 - t0, time.perf_counter() - t1
 
 
+def head_loss(params, x_BTD, batch, m: C.ModelConfig):
+  """The output head alone, as the trainer runs it: the final norm and the
+  chunked LM loss (``dsax.lm_loss``, no [B, T, V] logits)."""
+  return lm_loss.loss(params, model.final_hidden(params, x_BTD, m),
+                      batch["targets"], batch["weights"], m)
+
+
 def head_fn(cfg: C.ExperimentConfig):
-  """The output head alone: unembed + LM loss of a hidden state."""
-  def fn(params, x_BTD, batch):
-    logits_BTV = model.unembed(params, x_BTD, cfg.model)
-    return model.lm_loss(logits_BTV, batch["targets"], batch["weights"])
-  return jax.jit(fn)
+  return jax.jit(lambda params, x_BTD, batch: head_loss(params, x_BTD, batch,
+                                                        cfg.model))
 
 
 def part_fns(cfg: C.ExperimentConfig, params, batch) -> dict:
@@ -290,9 +296,8 @@ def part_fns(cfg: C.ExperimentConfig, params, batch) -> dict:
     return jax.jit(jax.grad(lambda p, x: jnp.sum(
         f(p, x).astype(jnp.float32) ** 2), (0, 1)))
 
-  def head(params, x):  # as the trainer does it: no [B, T, V] logits
-    return lm_loss.loss(params, model.final_hidden(params, x, m),
-                        batch["targets"], batch["weights"], m)
+  def head(params, x):
+    return head_loss(params, x, batch, m)
 
   phase = next(ph for ph in cfg.phases if ph.kind == "pretrain")
   flat = train.flatten(params)
@@ -301,7 +306,7 @@ def part_fns(cfg: C.ExperimentConfig, params, batch) -> dict:
 
   def update(flat, opt, grads):
     upd, opt = tx.update(grads, opt, flat)
-    return jax.tree.map(lambda a, u: a + u, flat, upd), opt
+    return optax.apply_updates(flat, upd), opt
 
   return {"layer f+b": (grad_of(layer), (p, x)),
           "attn f+b": (grad_of(attention), (p, x)),

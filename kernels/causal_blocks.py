@@ -421,6 +421,26 @@ def _kl_tile(rows, blk, ib, i, j, grid, scale):
   return p_BTS, logits_BTS, mask_BTS, vjp
 
 
+def _lse_step(m_BT, l_BT, x_BTS):
+  """One key block of an online logsumexp over masked x (NEG_INF)."""
+  m_new = jnp.maximum(m_BT, jnp.max(x_BTS, axis=-1))
+  return m_new, l_BT * jnp.exp(m_BT - m_new) + jnp.sum(
+      jnp.exp(x_BTS - m_new[..., None]), axis=-1)
+
+
+def _kl_sums(z_BT, a_BT, p_BTS, logits_BTS, mask_BTS):
+  """One key block of Z = sum_s p and A = sum_s p (log p - I)."""
+  terms = jax.scipy.special.xlogy(p_BTS, p_BTS) - p_BTS * logits_BTS
+  return (z_BT + jnp.sum(jnp.where(mask_BTS, p_BTS, 0.0), axis=-1),
+          a_BT + jnp.sum(jnp.where(mask_BTS, terms, 0.0), axis=-1))
+
+
+def _kl_value(z_BT, a_BT, lse_i_BT):
+  """KL[t] = A / Z - log Z + lse_I."""
+  z_BT = jnp.maximum(z_BT, 1e-30)
+  return a_BT / z_BT - jnp.log(z_BT) + lse_i_BT
+
+
 def _kl_fwd_impl(qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT,
                  seg_k_BS, q_index_T, scale, block):
   """KL_BT in one pass: the values."""
@@ -437,20 +457,14 @@ def _kl_fwd_impl(qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT,
       z_BT, a_BT, m_BT, l_BT = carry
       p_BTS, logits_BTS, mask_BTS, _ = _kl_tile(rows, blk, ib, i, j, grid,
                                                 scale)
-      terms = jax.scipy.special.xlogy(p_BTS, p_BTS) - p_BTS * logits_BTS
-      masked_BTS = jnp.where(mask_BTS, logits_BTS, NEG_INF)
-      m_new = jnp.maximum(m_BT, jnp.max(masked_BTS, axis=-1))
-      return (z_BT + jnp.sum(jnp.where(mask_BTS, p_BTS, 0.0), axis=-1),
-              a_BT + jnp.sum(jnp.where(mask_BTS, terms, 0.0), axis=-1),
-              m_new, l_BT * jnp.exp(m_BT - m_new) + jnp.sum(
-                  jnp.exp(masked_BTS - m_new[..., None]), axis=-1))
+      return _kl_sums(z_BT, a_BT, p_BTS, logits_BTS, mask_BTS) + _lse_step(
+          m_BT, l_BT, jnp.where(mask_BTS, logits_BTS, NEG_INF))
 
     zero = jnp.zeros((bsz, grid.b), F32)
     z_BT, a_BT, m_BT, l_BT = jax.lax.fori_loop(
         0, _at(blk.top, i) + 1, col,
         (zero, zero, jnp.full_like(zero, NEG_INF), zero))
-    z_BT = jnp.maximum(z_BT, 1e-30)
-    return _put(kl_buf, a_BT / z_BT - jnp.log(z_BT) + m_BT + jnp.log(l_BT), i)
+    return _put(kl_buf, _kl_value(z_BT, a_BT, m_BT + jnp.log(l_BT)), i)
 
   kl_b = jax.lax.fori_loop(0, grid.n, row, jnp.zeros((grid.n, bsz, grid.b),
                                                       F32))
@@ -468,13 +482,9 @@ def _indexer_lse(blk, ib, grid: _Grid, bsz: int):
     q_i_BTIJ, w_BTI = _at(ib[0], i), _at(ib[2], i)
 
     def col(j, carry):
-      m_BT, l_BT = carry
       mask_BTS = _mask(i, j, seg_i, _at(blk.seg_k, j), pos_i, grid)
-      logits_BTS = jnp.where(
-          mask_BTS, indexer_logits(q_i_BTIJ, _at(ib[1], j), w_BTI), NEG_INF)
-      m_new = jnp.maximum(m_BT, jnp.max(logits_BTS, axis=-1))
-      return m_new, l_BT * jnp.exp(m_BT - m_new) + jnp.sum(
-          jnp.exp(logits_BTS - m_new[..., None]), axis=-1)
+      return _lse_step(*carry, jnp.where(
+          mask_BTS, indexer_logits(q_i_BTIJ, _at(ib[1], j), w_BTI), NEG_INF))
 
     zero = jnp.zeros((bsz, grid.b), F32)
     m_BT, l_BT = jax.lax.fori_loop(0, _at(blk.top, i) + 1, col,
@@ -506,13 +516,11 @@ def _kl_fused(qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT, seg_k_BS,
       z_BT, a_BT, dq, dw, dk_buf = carry
       p_BTS, logits_BTS, mask_BTS, vjp = _kl_tile(rows, blk, ib, i, j, grid,
                                                   scale)
-      terms = jax.scipy.special.xlogy(p_BTS, p_BTS) - p_BTS * logits_BTS
       soft_BTS = jnp.exp(jnp.where(mask_BTS, logits_BTS, NEG_INF)
                          - lse_i_BT[..., None])
       dq_t, dk_t, dw_t = vjp(jnp.where(mask_BTS, soft_BTS - p_BTS, 0.0))
-      return (z_BT + jnp.sum(jnp.where(mask_BTS, p_BTS, 0.0), axis=-1),
-              a_BT + jnp.sum(jnp.where(mask_BTS, terms, 0.0), axis=-1),
-              dq + dq_t, dw + dw_t, _put(dk_buf, _at(dk_buf, j) + dk_t, j))
+      return _kl_sums(z_BT, a_BT, p_BTS, logits_BTS, mask_BTS) + (
+          dq + dq_t, dw + dw_t, _put(dk_buf, _at(dk_buf, j) + dk_t, j))
 
     kl_buf, dq_buf, dk_buf, dw_buf = bufs
     zero = jnp.zeros((bsz, grid.b), F32)
@@ -520,9 +528,8 @@ def _kl_fused(qs, ks, lse_BTN, q_i_BTIJ, k_i_BSJ, w_BTI, seg_BT, seg_k_BS,
         0, _at(blk.top, i) + 1, col,
         (zero, zero, jnp.zeros(ib[0].shape[1:], F32),
          jnp.zeros(ib[2].shape[1:], F32), dk_buf))
-    z_BT = jnp.maximum(z_BT, 1e-30)
-    kl_BT = a_BT / z_BT - jnp.log(z_BT) + lse_i_BT
-    return (_put(kl_buf, kl_BT, i), _put(dq_buf, dq, i), dk_buf,
+    return (_put(kl_buf, _kl_value(z_BT, a_BT, lse_i_BT), i),
+            _put(dq_buf, dq, i), dk_buf,
             _put(dw_buf, dw, i))
 
   bufs = (jnp.zeros((grid.n, bsz, grid.b), F32),) + tuple(
